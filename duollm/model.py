@@ -1,0 +1,252 @@
+"""``DuoLLM``: a Llama-style decoder whose every FFN is a routed ``DuoFFN``.
+
+RMSNorm, rotary position embeddings, causal attention through SDPA, a KV cache for
+``generate``. Routing is an argument of ``forward``, never state of the model:
+
+* a ``(n_layers, B, T)`` integer tensor — one route per token per layer;
+* a ``(n_layers,)`` tensor or list — one route per layer for every token (a pattern);
+* a router — any callable ``router(layer, hidden) -> routes`` (or ``(routes, gate)``) with
+  ``hidden`` the ``(B, T, d_model)`` input of that layer's FFN and routes ``(B, T)``;
+* a named policy — ``"big"``, ``"small"``, ``"skip"`` or ``"random"`` (drawn per token and
+  layer from the config's ``p_skip, p_small, p_big``; pass ``generator=`` to seed it).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import DuoConfig
+from .modules import DuoFFN, RMSNorm
+from .reference import BIG, SKIP, SMALL
+
+POLICIES = {"skip": SKIP, "small": SMALL, "big": BIG}
+Routes = Union[str, torch.Tensor, Sequence[int], Callable]
+
+
+def rope_tables(head_dim: int, max_len: int, theta: float) -> torch.Tensor:
+    """(max_len, head_dim // 2, 2) cos/sin table, float32."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)  # (T, hd/2)
+    return torch.stack([angles.cos(), angles.sin()], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Rotate x (B, H, T, hd) by table (T, hd/2, 2), the rotate-half (Llama/HF) convention."""
+    half = x.shape[-1] // 2
+    x1, x2 = x.float()[..., :half], x.float()[..., half:]
+    cos, sin = table[..., 0], table[..., 1]  # (T, hd/2)
+    out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    return out.to(x.dtype)
+
+
+@dataclass
+class KVCache:
+    """Keys and values of every layer for ``generate``: (n_layers, B, H, max_len, head_dim)."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    pos: int = 0
+
+    @classmethod
+    def empty(cls, config: DuoConfig, batch: int, max_len: int, device, dtype) -> "KVCache":
+        shape = (config.n_layers, batch, config.n_heads, max_len, config.head_dim)
+        return cls(torch.zeros(shape, device=device, dtype=dtype),
+                   torch.zeros(shape, device=device, dtype=dtype))
+
+
+class Attention(nn.Module):
+    def __init__(self, config: DuoConfig):
+        super().__init__()
+        d = config.d_model
+        self.n_heads, self.head_dim = config.n_heads, config.head_dim
+        self.q_proj = nn.Linear(d, d, bias=False)
+        self.k_proj = nn.Linear(d, d, bias=False)
+        self.v_proj = nn.Linear(d, d, bias=False)
+        self.o_proj = nn.Linear(d, d, bias=False)
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, layer: int,
+                cache: Optional[KVCache]) -> torch.Tensor:
+        B, T, d = x.shape
+        q, k, v = (proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+                   for proj in (self.q_proj, self.k_proj, self.v_proj))  # (B, H, T, hd)
+        q, k = apply_rope(q, rope), apply_rope(k, rope)
+        if cache is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            start = cache.pos
+            cache.k[layer, :, :, start:start + T] = k
+            cache.v[layer, :, :, start:start + T] = v
+            k_all = cache.k[layer, :, :, :start + T]  # (B, H, start+T, hd)
+            v_all = cache.v[layer, :, :, :start + T]
+            q_pos = torch.arange(start, start + T, device=x.device)
+            k_pos = torch.arange(start + T, device=x.device)
+            mask = k_pos[None, :] <= q_pos[:, None]  # (T, start+T)
+            out = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, d))
+
+
+class Block(nn.Module):
+    def __init__(self, config: DuoConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.attn = Attention(config)
+        self.ffn_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.ffn = DuoFFN(config.d_model, config.d_big, config.d_small, skip=config.skip)
+
+
+class DuoLLM(nn.Module):
+    """Decoder-only LM with a ``DuoFFN`` in every layer. See the module docstring for routes."""
+
+    def __init__(self, config: DuoConfig):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.d_model, config.norm_eps)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.register_buffer(
+            "rope", rope_tables(config.head_dim, config.max_seq_len, config.rope_theta),
+            persistent=False)
+        self.apply(self._init_weights)
+        # GPT-2 style: shrink the projections that write into the residual stream.
+        for name, p in self.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * config.n_layers))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    # ------------------------------------------------------------------ routing
+
+    def resolve_routes(self, routes: Routes, B: int, T: int, device: torch.device,
+                       generator: Optional[torch.Generator] = None):
+        """Turn any accepted routes form into a per-layer list of (B, T) tensors or a router."""
+        L = self.config.n_layers
+        if callable(routes) and not isinstance(routes, torch.Tensor):
+            return routes
+        if isinstance(routes, str):
+            if routes == "random":
+                return self.random_routes(B, T, device, generator)
+            if routes not in POLICIES:
+                raise ValueError(f"routes: unknown policy {routes!r}; expected one of "
+                                 f"{sorted(POLICIES) + ['random']}")
+            return torch.full((L, B, T), POLICIES[routes], dtype=torch.int64, device=device)
+        if isinstance(routes, (list, tuple)):
+            routes = torch.tensor(routes, dtype=torch.int64)
+        if not isinstance(routes, torch.Tensor):
+            raise TypeError(f"routes: expected a policy name, a tensor, a per-layer list or a "
+                            f"router, got {type(routes).__name__}")
+        if routes.shape == (L,):
+            return routes.to(device).view(L, 1, 1).expand(L, B, T)
+        if routes.shape != (L, B, T):
+            raise ValueError(f"routes: expected shape ({L},) or ({L}, {B}, {T}) for tokens of "
+                             f"shape ({B}, {T}), got {tuple(routes.shape)}")
+        return routes.to(device)
+
+    def random_routes(self, B: int, T: int, device: torch.device,
+                      generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """(n_layers, B, T) routes drawn from the config's ``p_skip, p_small, p_big``."""
+        c = self.config
+        probs = torch.tensor([c.p_skip, c.p_small, c.p_big])
+        draws = torch.multinomial(probs, c.n_layers * B * T, replacement=True,
+                                  generator=generator)
+        return draws.view(c.n_layers, B, T).to(device)
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(self, tokens: torch.Tensor, routes: Routes = "big", *,
+                cache: Optional[KVCache] = None, generator: Optional[torch.Generator] = None,
+                backend: Optional[str] = None, return_hidden: bool = False):
+        """Logits (B, T, vocab_size) for tokens (B, T) under ``routes`` (see module docstring).
+
+        With ``cache``, ``tokens`` continue the cached sequence and the cache advances.
+        ``return_hidden=True`` also returns the list of each FFN's (B, T, d) input.
+        """
+        if not isinstance(tokens, torch.Tensor) or tokens.dtype not in (torch.int32,
+                                                                        torch.int64):
+            raise TypeError("tokens: expected an int32/int64 tensor of shape (B, T)")
+        if tokens.dim() != 2:
+            raise ValueError(f"tokens: expected shape (B, T), got {tuple(tokens.shape)}")
+        B, T = tokens.shape
+        start = cache.pos if cache is not None else 0
+        if start + T > self.config.max_seq_len:
+            raise ValueError(f"tokens: sequence of {start + T} exceeds max_seq_len "
+                             f"{self.config.max_seq_len}")
+        if tokens.numel() and (int(tokens.min()) < 0 or
+                               int(tokens.max()) >= self.config.vocab_size):
+            raise ValueError(f"tokens: ids must lie in [0, {self.config.vocab_size})")
+        plan = self.resolve_routes(routes, B, T, tokens.device, generator)
+        rope = self.rope[start:start + T]
+        h = self.embed(tokens)  # (B, T, d)
+        hidden: List[torch.Tensor] = []
+        for i, layer in enumerate(self.layers):
+            h = h + layer.attn(layer.attn_norm(h), rope, i, cache)
+            x = layer.ffn_norm(h)
+            hidden.append(x)
+            gate = None
+            if isinstance(plan, torch.Tensor):
+                r = plan[i]
+            else:
+                r = plan(i, x)
+                if isinstance(r, tuple):
+                    r, gate = r
+            h = layer.ffn(x, r, residual=h, gate=gate, backend=backend)
+        if cache is not None:
+            cache.pos += T
+        logits = self.lm_head(self.norm(h))
+        return (logits, hidden) if return_hidden else logits
+
+    def token_losses(self, tokens: torch.Tensor, routes: Routes = "big", **kw) -> torch.Tensor:
+        """Next-token cross-entropy of each position, (B, T-1), predicting ``tokens[:, 1:]``."""
+        logits = self(tokens[:, :-1], routes if not isinstance(routes, torch.Tensor)
+                      or routes.dim() != 3 else routes[:, :, :-1], **kw)
+        return F.cross_entropy(logits.float().transpose(1, 2), tokens[:, 1:], reduction="none")
+
+    @torch.no_grad()
+    def generate(self, tokens: torch.Tensor, max_new_tokens: int, routes: Routes = "big", *,
+                 temperature: float = 0.0, top_k: Optional[int] = None,
+                 use_cache: bool = True, generator: Optional[torch.Generator] = None,
+                 backend: Optional[str] = None) -> torch.Tensor:
+        """Extend tokens (B, T) by ``max_new_tokens``; greedy when ``temperature == 0``.
+
+        ``routes`` must be a policy, a per-layer pattern or a router (a full per-token tensor
+        cannot cover tokens not yet generated).
+        """
+        if isinstance(routes, torch.Tensor) and routes.dim() == 3:
+            raise ValueError("routes: generate takes a policy, a (n_layers,) pattern or a "
+                             "router, not a per-token tensor")
+        if tokens.shape[1] + max_new_tokens > self.config.max_seq_len:
+            raise ValueError(f"max_new_tokens: {tokens.shape[1]} + {max_new_tokens} exceeds "
+                             f"max_seq_len {self.config.max_seq_len}")
+        B = tokens.shape[0]
+        cache = None
+        if use_cache:
+            cache = KVCache.empty(self.config, B, tokens.shape[1] + max_new_tokens,
+                                  tokens.device, self.embed.weight.dtype)
+        out, step_in = tokens, tokens
+        for _ in range(max_new_tokens):
+            logits = self(step_in if use_cache else out, routes, cache=cache,
+                          generator=generator, backend=backend)[:, -1].float()  # (B, V)
+            if temperature == 0:
+                nxt = logits.argmax(-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                nxt = torch.multinomial(F.softmax(logits, -1), 1, generator=generator)
+            out = torch.cat([out, nxt], dim=1)
+            step_in = nxt
+        return out
