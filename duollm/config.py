@@ -44,8 +44,12 @@ class DuoConfig:
         for name in ("n_layers", "d_model", "n_heads", "vocab_size", "d_big", "d_small",
                      "max_seq_len"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name}: expected a positive int, got {value!r}")
+        for name in ("rope_theta", "norm_eps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise ValueError(f"{name}: expected a positive number, got {value!r}")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads "
                              f"({self.n_heads})")
@@ -110,9 +114,11 @@ class DuoConfig:
     def flops_per_token(self, p_big: float = 1.0, p_small: float = 0.0,
                         seq_len: int | None = None) -> float:
         """Expected forward FLOPs per token of the whole model (attention at ``seq_len``)."""
-        d, T = self.d_model, seq_len or self.max_seq_len
+        d = self.d_model
+        T = self.max_seq_len if seq_len is None else seq_len
         attn_proj = 2 * 4 * d * d
-        attn_scores = 2 * 2 * T * d  # QK^T and AV, averaged over a causal sequence ~ T/2 * 2
+        attn_scores = 2 * 2 * T * d  # QK^T and AV of one query against T keys
+        # Causal: a query sees T/2 keys on average, hence half of attn_scores.
         per_layer = attn_proj + attn_scores / 2 + self.ffn_flops_per_token(p_big, p_small)
         return self.n_layers * per_layer + 2 * d * self.vocab_size
 

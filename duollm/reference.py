@@ -66,10 +66,12 @@ def group_tokens(routes: torch.Tensor, num_paths: int) -> RouteGroups:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """RMSNorm over the last dim, computed in float32 and cast back (the Llama convention)."""
-    x32 = x.float()
-    y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return (y * weight.float()).to(x.dtype)
+    """RMSNorm over the last dim, computed in at least float32 and cast back (the Llama
+    convention); float64 stays float64 so that gradcheck and float64 references are exact."""
+    acc = torch.promote_types(x.dtype, torch.float32)
+    x_acc = x.to(acc)
+    y = x_acc * torch.rsqrt(x_acc.pow(2).mean(-1, keepdim=True) + eps)
+    return (y * weight.to(acc)).to(x.dtype)
 
 
 def gather(
@@ -159,7 +161,8 @@ def duo_ffn(
         if weights is None:
             continue
         mask = routes_N == p
-        y = swiglu_ffn(x[mask], *weights)
+        # Under autocast the GEMMs return a lower precision; the layer's output keeps x's dtype.
+        y = swiglu_ffn(x[mask], *weights).to(out.dtype)
         if gate is not None:
             y = y * gate[mask].unsqueeze(-1).to(y.dtype)
         out = out.index_put((mask,), y)
