@@ -1,0 +1,320 @@
+"""Random-routing training, stage 1 of the Duo-LLM study.
+
+Each step draws, for every token at every layer, a route from ``(p_skip, p_small, p_big)`` so
+the big and small FFNs learn to stand in for each other. AdamW with a linear warm-up and a
+cosine decay, gradient clipping, bf16 autocast on CUDA, periodic validation under fixed
+policies, atomic checkpoints and a bit-identical resume on the CPU.
+
+All randomness of a step (the batch offsets and the route draws) comes from one CPU
+``torch.Generator`` seeded with ``TrainConfig.seed``, whose state travels in checkpoints. Under
+``torchrun`` every rank draws the same global batch and the same global routes and trains on
+its own contiguous slice of both, so N ranks compute exactly the single-process step.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from . import distributed
+from .checkpoint import load_into, save_checkpoint
+from .config import DuoConfig
+from .data import TokenData, eval_batches, sample_batch
+from .model import DuoLLM
+
+_CKPT_RE = re.compile(r"^step_(\d+)$")
+
+
+@dataclass
+class TrainConfig:
+    """Knobs of ``train``. ``eval_every=0`` validates only at the end; ``checkpoint_every=0``
+    saves only the final checkpoint (when ``out_dir`` is set)."""
+
+    steps: int = 200
+    batch_size: int = 16       # global batch (split across ranks under torchrun)
+    seq_len: int = 128
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup: int = 20
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0     # 0 disables clipping
+    p_big: float = 0.5
+    p_small: float = 0.5
+    p_skip: float = 0.0
+    eval_every: int = 50
+    eval_batches: int = 8
+    seed: int = 0
+    device: str = "cpu"
+    amp: Optional[bool] = None  # None: bf16 autocast on CUDA only
+    out_dir: Optional[str] = None
+    checkpoint_every: int = 0
+    resume: bool = False
+    backend: Optional[str] = None
+    progress: bool = True
+    keep_checkpoints: int = 2  # the newest checkpoints kept in out_dir
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "seq_len", "eval_batches", "keep_checkpoints"):
+            _check_int(name, getattr(self, name), low=1)
+        for name in ("warmup", "eval_every", "checkpoint_every", "seed"):
+            _check_int(name, getattr(self, name), low=0)
+        for name in ("lr", "min_lr", "weight_decay", "grad_clip"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name}: expected a finite number >= 0, got {value!r}")
+        if self.lr <= 0 or self.min_lr > self.lr:
+            raise ValueError(f"lr, min_lr: expected 0 <= min_lr <= lr and lr > 0, got "
+                             f"lr={self.lr}, min_lr={self.min_lr}")
+        probs = (self.p_skip, self.p_small, self.p_big)
+        if min(probs) < 0 or abs(sum(probs) - 1.0) > 1e-6:
+            raise ValueError(f"p_skip, p_small, p_big: expected non-negative probabilities "
+                             f"summing to 1, got {probs}")
+        try:
+            torch.device(self.device)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"device: expected a torch device such as 'cpu' or 'cuda:0', "
+                             f"got {self.device!r}") from None
+        if (self.checkpoint_every or self.resume) and not self.out_dir:
+            raise ValueError("out_dir: checkpoint_every and resume need an out_dir")
+
+
+def _check_int(name: str, value, low: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")
+
+
+@dataclass
+class TrainResult:
+    """``history``: one dict per validation, ``{"step", "train_loss", "val": {policy: loss},
+    "tokens_per_s", "lr"}``, where ``train_loss`` is the mean training loss (random routing,
+    global batch) over the steps since the previous validation. ``val_loss``: the final
+    validation loss per policy (``"big"``, ``"small"``, ``"random"``), nats per token."""
+
+    model: DuoLLM
+    history: List[Dict] = field(default_factory=list)
+    val_loss: Dict[str, float] = field(default_factory=dict)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate of (0-based) ``step``: linear warm-up to ``lr``, cosine to ``min_lr``."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    span = max(1, cfg.steps - cfg.warmup)
+    progress = min(1.0, (step - cfg.warmup) / span)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model: DuoLLM, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW; weight decay only on the matrices of attention and FFNs (not norms, embeddings)."""
+    embed = {id(model.embed.weight), id(model.lm_head.weight)}
+    decay, no_decay = [], []
+    for p in model.parameters():  # parameters() yields a tied tensor once
+        (decay if p.dim() >= 2 and id(p) not in embed else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
+
+
+def _autocast(device: torch.device, amp: Optional[bool]):
+    enabled = device.type == "cuda" if amp is None else bool(amp)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+@torch.no_grad()
+def evaluate(model: DuoLLM, data: TokenData, seq_len: int, batch_size: int, n_batches: int,
+             policies: Sequence[str] = ("big", "small", "random"), seed: int = 0,
+             backend: Optional[str] = None, amp: Optional[bool] = None) -> Dict[str, float]:
+    """Mean next-token cross-entropy on ``data.val`` under each routing policy.
+
+    Uses the fixed windows of ``eval_batches`` (each ``(batch_size, seq_len + 1)``); the
+    ``"random"`` policy draws its routes from a generator seeded with ``seed`` afresh for
+    every call, so values from different calls (and checkpoints) are comparable.
+    Returns: ``{policy: loss}`` in nats per token.
+    """
+    model = getattr(model, "module", model)  # unwrap DistributedDataParallel
+    device = next(model.parameters()).device
+    batches = eval_batches(data.val, batch_size, seq_len, n_batches)
+    was_training = model.training
+    model.eval()
+    out = {}
+    try:
+        for policy in policies:
+            gen = torch.Generator().manual_seed(seed)
+            total = 0.0
+            for batch in batches:
+                batch = batch.to(device)
+                routes = policy
+                if policy == "random":
+                    routes = model.random_routes(batch.shape[0], seq_len, device, gen)
+                with _autocast(device, amp):
+                    logits = model(batch[:, :-1], routes, backend=backend)  # (B, T, V)
+                loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
+                total += loss.item()
+            out[policy] = total / len(batches)
+    finally:
+        model.train(was_training)
+    return out
+
+
+def latest_checkpoint(out_dir: str) -> Optional[str]:
+    """The ``out_dir/step_N`` checkpoint with the largest N, or None."""
+    if not out_dir or not os.path.isdir(out_dir):
+        return None
+    steps = [(int(m.group(1)), e) for e in os.listdir(out_dir)
+             if (m := _CKPT_RE.match(e)) and os.path.isfile(os.path.join(out_dir, e,
+                                                                          "meta.json"))]
+    return os.path.join(out_dir, max(steps)[1]) if steps else None
+
+
+def _save(out_dir: str, model, optimizer, step: int, gen, cfg, history, data_name) -> None:
+    extra = {"train_config": dataclasses.asdict(cfg), "history": history, "data": data_name}
+    save_checkpoint(os.path.join(out_dir, f"step_{step:07d}"), model, optimizer, step=step,
+                    extra=extra, generator=gen)
+    old = sorted(int(m.group(1)) for e in os.listdir(out_dir) if (m := _CKPT_RE.match(e)))
+    for s in old[:-cfg.keep_checkpoints]:
+        shutil.rmtree(os.path.join(out_dir, f"step_{s:07d}"), ignore_errors=True)
+
+
+def _training_config(model_config: DuoConfig, cfg: TrainConfig) -> DuoConfig:
+    # The model's "random" policy means the mix it was trained with.
+    return dataclasses.replace(model_config, p_skip=cfg.p_skip, p_small=cfg.p_small,
+                               p_big=cfg.p_big)
+
+
+def train(model_config: DuoConfig, data: TokenData, cfg: TrainConfig,
+          model: Optional[DuoLLM] = None) -> TrainResult:
+    """Train a ``DuoLLM`` with random routing on ``data.train``; validate on ``data.val``.
+
+    Args:
+      model_config: the model's shape; its route probabilities are replaced by ``cfg``'s.
+      data: token streams; ``data.vocab_size`` must equal ``model_config.vocab_size``.
+      cfg: the training knobs.
+      model: train this model instead of a fresh one (its config must match the shape).
+    Returns: a ``TrainResult`` with the trained model (unwrapped, on ``cfg.device``).
+
+    With ``cfg.resume`` training continues from the newest ``cfg.out_dir/step_N``
+    checkpoint (weights, optimizer, generator and RNG states, history), bit-identically on the
+    CPU when ``cfg`` is unchanged; a larger ``steps`` stretches the remaining cosine schedule.
+    Under ``torchrun`` (``WORLD_SIZE > 1``) the process group is joined here (unless the
+    caller already did) and left at the end; rank 0 alone prints and writes checkpoints.
+    """
+    if not isinstance(cfg, TrainConfig):
+        raise TypeError(f"cfg: expected a TrainConfig, got {type(cfg).__name__}")
+    if data.vocab_size != model_config.vocab_size:
+        raise ValueError(f"data: vocab_size {data.vocab_size} differs from the model's "
+                         f"{model_config.vocab_size}")
+    if cfg.seq_len > model_config.max_seq_len:
+        raise ValueError(f"seq_len: {cfg.seq_len} exceeds the model's max_seq_len "
+                         f"{model_config.max_seq_len}")
+    config = _training_config(model_config, cfg)
+    info = distributed.init(cfg.device)
+    try:
+        return _train(config, data, cfg, model, info)
+    finally:
+        distributed.shutdown(info)
+
+
+def _train(config: DuoConfig, data: TokenData, cfg: TrainConfig, model: Optional[DuoLLM],
+           info: distributed.DistInfo) -> TrainResult:
+    device = torch.device(info.device)
+    rows = distributed.rank_slice(info, cfg.batch_size)
+    if model is None:
+        torch.manual_seed(cfg.seed)  # the same initial weights on every rank and every run
+        model = DuoLLM(config)
+    elif _training_config(model.config, cfg) != config:  # equal up to the route mix
+        raise ValueError(f"model: its config {model.config} differs from model_config")
+    model.config = config
+    model.to(device).train()
+    optimizer = make_optimizer(model, cfg)
+    gen = torch.Generator().manual_seed(cfg.seed)  # batches and routes, CPU for determinism
+    step, history = 0, []
+    ckpt = latest_checkpoint(cfg.out_dir) if cfg.resume else None
+    if ckpt is not None:
+        state = load_into(ckpt, model, optimizer, generator=gen, restore_rng=True,
+                          device=device)
+        step, history = state["step"], state["extra"].get("history", [])
+    # Paths that get no tokens leave their weights without gradients under some backends.
+    unused = min(cfg.p_small, cfg.p_big) == 0
+    ddp = distributed.wrap(model, info, find_unused_parameters=unused)
+    log = tqdm.write if cfg.progress and info.is_main else (lambda *_: None)
+    if ckpt is not None:
+        log(f"resumed from {ckpt} at step {step}")
+    bar = tqdm(total=cfg.steps, initial=step, unit="step", dynamic_ncols=True,
+               disable=not (cfg.progress and info.is_main and sys.stderr.isatty()))
+    tokens_per_step = cfg.batch_size * cfg.seq_len
+    loss_sum, loss_n, last_saved = torch.zeros((), device=device), 0, step
+    # Throughput counts training only: the clock restarts after each validation and the time
+    # spent saving checkpoints is subtracted. (.item() below syncs CUDA before reading it.)
+    t_mark, t_pause = time.perf_counter(), 0.0
+
+    def tokens_per_s() -> float:
+        return tokens_per_step * loss_n / max(time.perf_counter() - t_mark - t_pause, 1e-9)
+
+    def validate() -> Dict[str, float]:
+        return evaluate(model, data, cfg.seq_len, cfg.batch_size, cfg.eval_batches,
+                        seed=cfg.seed, backend=cfg.backend, amp=cfg.amp)
+
+    while step < cfg.steps:
+        lr = lr_at(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        # Every rank draws the global batch and routes, then keeps its rows: the same draws
+        # (and generator state) as a single process.
+        batch = sample_batch(data.train, cfg.batch_size, cfg.seq_len, gen)  # (B, T+1)
+        routes = model.random_routes(cfg.batch_size, cfg.seq_len, torch.device("cpu"),
+                                     gen)  # (L, B, T)
+        batch, routes = batch[rows].to(device), routes[:, rows].to(device)
+        with _autocast(device, cfg.amp):
+            logits = ddp(batch[:, :-1], routes, backend=cfg.backend)  # (b, T, V)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        step += 1
+        loss_sum += loss.detach()
+        loss_n += 1
+        if not bar.disable and (step % 10 == 0 or step == cfg.steps):
+            bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{tokens_per_s():.0f}")
+        bar.update(1)
+        if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
+            train_loss = distributed.mean_across(info, loss_sum / loss_n).item()
+            if not math.isfinite(train_loss):
+                raise FloatingPointError(f"training diverged: mean loss {train_loss} before "
+                                         f"step {step}; lower lr (now {cfg.lr}) or use "
+                                         f"amp=False")
+            speed = tokens_per_s()
+            val = validate()
+            history.append({"step": step, "train_loss": train_loss, "val": val,
+                            "tokens_per_s": speed, "lr": lr})
+            log(f"step {step:>6}  train {train_loss:.4f}  " + "  ".join(
+                f"val/{k} {v:.4f}" for k, v in val.items()))
+            loss_sum, loss_n = torch.zeros((), device=device), 0
+            t_mark, t_pause = time.perf_counter(), 0.0
+        if cfg.out_dir and ((cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
+                            or step == cfg.steps):
+            t_save = time.perf_counter()
+            if info.is_main:
+                _save(cfg.out_dir, model, optimizer, step, gen, cfg, history, data.name)
+            distributed.barrier(info)
+            last_saved = step
+            t_pause += time.perf_counter() - t_save
+    bar.close()
+    if history and history[-1]["step"] == step:
+        val_loss = dict(history[-1]["val"])
+    else:  # resumed at (or past) the last step: nothing trained, validate what was loaded
+        val_loss = validate()
+    if cfg.out_dir and last_saved != step and info.is_main:
+        _save(cfg.out_dir, model, optimizer, step, gen, cfg, history, data.name)
+    return TrainResult(model=model, history=history, val_loss=val_loss)
