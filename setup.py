@@ -37,8 +37,9 @@ def cuda_extension():
         return None
     ext = CUDAExtension(
         "duollm._C", sources,
-        extra_compile_args={"cxx": ["-O3", "-std=c++17"],
-                            "nvcc": ["-O3", "-std=c++17", "--use_fast_math",
+        # No -std flag: torch's extension builder picks the standard its headers need.
+        extra_compile_args={"cxx": ["-O3"],
+                            "nvcc": ["-O3", "--use_fast_math",
                                      "-gencode=arch=compute_90,code=sm_90"]})
     return ext, BuildExtension
 
