@@ -22,6 +22,7 @@ from torch import nn
 
 from .config import DuoConfig
 from .modules import DuoFFN, RMSNorm
+from .ops import route_checks_enabled
 from .reference import BIG, SKIP, SMALL
 
 POLICIES = {"skip": SKIP, "small": SMALL, "big": BIG}
@@ -144,7 +145,8 @@ class DuoLLM(nn.Module):
                                  f"{sorted(POLICIES) + ['random']}")
             return torch.full((L, B, T), POLICIES[routes], dtype=torch.int64, device=device)
         if isinstance(routes, (list, tuple)):
-            routes = torch.tensor(routes, dtype=torch.int64)
+            # No dtype forced: a float pattern must fail the integer check, not be truncated.
+            routes = torch.tensor(routes)
         if not isinstance(routes, torch.Tensor):
             raise TypeError(f"routes: expected a policy name, a tensor, a per-layer list or a "
                             f"router, got {type(routes).__name__}")
@@ -160,8 +162,10 @@ class DuoLLM(nn.Module):
         """(n_layers, B, T) routes drawn from the config's ``p_skip, p_small, p_big``."""
         c = self.config
         probs = torch.tensor([c.p_skip, c.p_small, c.p_big])
-        draws = torch.multinomial(probs, c.n_layers * B * T, replacement=True,
-                                  generator=generator)
+        n = c.n_layers * B * T
+        if n == 0:  # multinomial refuses to draw zero samples
+            return torch.empty((c.n_layers, B, T), dtype=torch.int64, device=device)
+        draws = torch.multinomial(probs, n, replacement=True, generator=generator)
         return draws.view(c.n_layers, B, T).to(device)
 
     # ------------------------------------------------------------------ forward
@@ -184,8 +188,11 @@ class DuoLLM(nn.Module):
         if start + T > self.config.max_seq_len:
             raise ValueError(f"tokens: sequence of {start + T} exceeds max_seq_len "
                              f"{self.config.max_seq_len}")
-        if tokens.numel() and (int(tokens.min()) < 0 or
-                               int(tokens.max()) >= self.config.vocab_size):
+        if cache is not None and (cache.k.shape[1] != B or start + T > cache.k.shape[3]):
+            raise ValueError(f"cache: holds batch {cache.k.shape[1]} and {cache.k.shape[3]} "
+                             f"positions, tokens need batch {B} and {start + T} positions")
+        if tokens.numel() and tokens.device.type != "meta" and route_checks_enabled() and (
+                int(tokens.min()) < 0 or int(tokens.max()) >= self.config.vocab_size):
             raise ValueError(f"tokens: ids must lie in [0, {self.config.vocab_size})")
         plan = self.resolve_routes(routes, B, T, tokens.device, generator)
         rope = self.rope[start:start + T]
@@ -227,14 +234,25 @@ class DuoLLM(nn.Module):
         if isinstance(routes, torch.Tensor) and routes.dim() == 3:
             raise ValueError("routes: generate takes a policy, a (n_layers,) pattern or a "
                              "router, not a per-token tensor")
+        if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2:
+            raise ValueError("tokens: expected an integer tensor of shape (B, T)")
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens: expected a non-negative int, got "
+                             f"{max_new_tokens!r}")
+        if tokens.shape[1] == 0 and max_new_tokens > 0:
+            raise ValueError("tokens: generate needs a prompt of at least one token")
         if tokens.shape[1] + max_new_tokens > self.config.max_seq_len:
             raise ValueError(f"max_new_tokens: {tokens.shape[1]} + {max_new_tokens} exceeds "
                              f"max_seq_len {self.config.max_seq_len}")
         B = tokens.shape[0]
         cache = None
         if use_cache:
+            # Under autocast the keys and values come out in the autocast dtype: store that.
+            dtype = self.embed.weight.dtype
+            if torch.is_autocast_enabled(tokens.device.type):
+                dtype = torch.get_autocast_dtype(tokens.device.type)
             cache = KVCache.empty(self.config, B, tokens.shape[1] + max_new_tokens,
-                                  tokens.device, self.embed.weight.dtype)
+                                  tokens.device, dtype)
         out, step_in = tokens, tokens
         for _ in range(max_new_tokens):
             logits = self(step_in if use_cache else out, routes, cache=cache,

@@ -19,13 +19,14 @@ import contextlib
 import contextvars
 import importlib
 import importlib.util
+import operator
 import os
+import sys
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, Optional, Sequence, Tuple
 
 import torch
 
-from . import reference
 from .reference import FFNWeights, RouteGroups
 
 OPS = ("group_tokens", "gather", "scatter_combine", "swiglu_ffn", "duo_ffn")
@@ -53,7 +54,9 @@ class Backend:
     check: Callable[[Optional[torch.device]], Optional[str]]
 
     def load(self):
-        return importlib.import_module(self.module)
+        # sys.modules first: dynamo cannot trace import_module, and this keeps
+        # torch.compile(fullgraph=True) of code calling duollm.ops free of graph breaks.
+        return sys.modules.get(self.module) or importlib.import_module(self.module)
 
 
 def _triton_interpreting() -> bool:
@@ -98,7 +101,7 @@ def register_backend(name: str, module: str,
     _BACKENDS[name] = Backend(name, module, check)
 
 
-register_backend("torch", "duollm.reference", _check_torch)
+register_backend("torch", "duollm.torch_backend", _check_torch)
 register_backend("triton", "duollm.kernels", _check_triton)
 register_backend("cuda", "duollm.cuda_backend", _check_cuda)
 
@@ -207,7 +210,7 @@ def check_routes(routes, num_paths: int, shape: Optional[torch.Size] = None,
         raise ValueError(f"{name}: on {routes.device}, but x is on {device}")
     if not isinstance(num_paths, int) or num_paths < 1:
         raise ValueError(f"num_paths: expected a positive int, got {num_paths!r}")
-    if routes.numel() and route_checks_enabled():
+    if routes.numel() and routes.device.type != "meta" and route_checks_enabled():
         lo, hi = int(routes.min()), int(routes.max())
         if lo < 0 or hi >= num_paths:
             raise ValueError(f"{name}: values must lie in [0, {num_paths}), found "
@@ -250,11 +253,12 @@ def _check_weights(name: str, weights, x: torch.Tensor) -> int:
     return width
 
 
-def _check_like_rows(name: str, t, x: torch.Tensor, shape: Tuple[int, ...]) -> None:
+def _check_like_rows(name: str, t, x: torch.Tensor, shape: Tuple[int, ...],
+                     ref_name: str = "x", same_dtype: bool = False) -> None:
     if t is None:
         return
     _check_tensor(name, t)
-    _check_same(name, t, x, "x", dtype=False)
+    _check_same(name, t, x, ref_name, dtype=same_dtype)
     if tuple(t.shape) != shape:
         raise ValueError(f"{name}: expected shape {shape}, got {tuple(t.shape)}")
 
@@ -290,14 +294,19 @@ def scatter_combine(y: torch.Tensor, groups: RouteGroups,
                     backend: Optional[str] = None) -> torch.Tensor:
     """``out[t] = residual[t] + gate[t] * y[inv[t]]``, skip-path tokens get ``residual[t]``.
 
-    Args: y (N, d) in grouped order; residual (N, d) token order; gate (N,); skip_paths ints.
+    Args: y (N, d) in grouped order; residual (N, d) token order, y's dtype; gate (N,), any
+    float dtype (cast to y's); skip_paths ints.
     """
     _check_tensor("y", y)
     _check_rows("y", y)
     _check_groups(groups, y.shape[0], y.device)
-    _check_like_rows("residual", residual, y, tuple(y.shape))
-    _check_like_rows("gate", gate, y, (y.shape[0],))
-    skip_paths = tuple(int(p) for p in skip_paths)
+    # The output has y's dtype, so a residual of another dtype would be silently rounded.
+    _check_like_rows("residual", residual, y, tuple(y.shape), "y", same_dtype=True)
+    _check_like_rows("gate", gate, y, (y.shape[0],), "y")
+    try:  # operator.index: an int (or integer 0-d tensor), never a truncated float
+        skip_paths = tuple(operator.index(p) for p in skip_paths)
+    except TypeError:
+        raise TypeError(f"skip_paths: expected a sequence of ints, got {skip_paths!r}") from None
     for p in skip_paths:
         if not 0 <= p < groups.num_paths:
             raise ValueError(f"skip_paths: {p} is not a path index in [0, {groups.num_paths})")
@@ -322,22 +331,26 @@ def duo_ffn(x: torch.Tensor, routes: torch.Tensor, params: Sequence[Optional[FFN
       x: (..., d) FFN input.
       routes: x.shape[:-1], integer path per token in ``[0, len(params))``.
       params: one ``(w_gate, w_up, w_down)`` per path, or None for a skip path.
-      residual: x.shape or None.  gate: x.shape[:-1] or None.
+      residual: x.shape and x's dtype, or None.
+      gate: x.shape[:-1], any float dtype (cast to x's), or None.
     Returns: x.shape, dtype of x.
     """
     _check_tensor("x", x)
     if x.dim() < 1:
         raise ValueError("x: expected shape (..., d), got a scalar")
-    if not isinstance(params, (tuple, list)) or not params:
-        raise TypeError("params: expected a non-empty sequence of (w_gate, w_up, w_down) "
-                        "or None per path")
+    if not isinstance(params, (tuple, list)):
+        raise TypeError(f"params: expected a sequence of (w_gate, w_up, w_down) or None per "
+                        f"path, got {type(params).__name__}")
+    if not params:
+        raise ValueError("params: expected at least one path, got an empty sequence")
     lead, d = x.shape[:-1], x.shape[-1]
     check_routes(routes, len(params), shape=lead, device=x.device)
     x_ND = x.reshape(-1, d)
     for p, weights in enumerate(params):
         if weights is not None:
             _check_weights(f"params[{p}]", weights, x_ND)
-    _check_like_rows("residual", residual, x, tuple(x.shape))
+    # The output has x's dtype, so a residual of another dtype would be silently rounded.
+    _check_like_rows("residual", residual, x, tuple(x.shape), same_dtype=True)
     _check_like_rows("gate", gate, x, tuple(lead))
     fn = resolve("duo_ffn", x.device, backend)
     out = fn(x_ND, routes.reshape(-1), tuple(params),
