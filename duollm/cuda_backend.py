@@ -32,6 +32,7 @@ except ImportError as exc:  # fail loudly (STYLE 10): say what is missing and wh
 
 _NS = "duollm_cuda"
 _MAX_SKIP_PATH = 63  # the skip set travels to the kernel as a 64-bit mask over paths
+_MAX_PATHS = 1024  # csrc/duollm.cuh kMaxPaths
 
 
 # --------------------------------------------------------------------------- group_tokens
@@ -62,6 +63,12 @@ def group_tokens(routes: Tensor, num_paths: int) -> RouteGroups:
     A route outside ``[0, P)`` (only possible where ``duollm.ops`` cannot check, e.g. under
     graph capture) is never written out of bounds: such tokens sort after every path.
     """
+    # Checked here as well as in _C: on the H100 build (torch 2.11+cu130) this one
+    # TORCH_CHECK_VALUE in _C.group_tokens crashed the process instead of raising (the same
+    # macro elsewhere raised as expected); a Python check never reaches it.
+    if not 1 <= int(num_paths) <= _MAX_PATHS:
+        raise ValueError(f"num_paths: the cuda backend supports 1 to {_MAX_PATHS} paths, "
+                         f"got {num_paths}")
     perm, inv, counts, offsets, routes_N = _group_tokens_op(routes.reshape(-1).contiguous(),
                                                             int(num_paths))
     return RouteGroups(perm, inv, counts, offsets, routes_N)

@@ -59,6 +59,16 @@ class Backend:
         return sys.modules.get(self.module) or importlib.import_module(self.module)
 
 
+def _installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+# What is installed cannot change within a process; looking it up once here also keeps
+# find_spec (which dynamo refuses to trace) out of torch.compile'd code.
+_HAS_TRITON = _installed("triton")
+_HAS_CUDA_EXT = _installed("duollm._C")
+
+
 def _triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -68,7 +78,7 @@ def _check_torch(device: Optional[torch.device]) -> Optional[str]:
 
 
 def _check_triton(device: Optional[torch.device]) -> Optional[str]:
-    if importlib.util.find_spec("triton") is None:
+    if not _HAS_TRITON:
         return "the triton package is not installed (pip install triton)"
     if _triton_interpreting():
         return None
@@ -83,7 +93,7 @@ def _check_triton(device: Optional[torch.device]) -> Optional[str]:
 def _check_cuda(device: Optional[torch.device]) -> Optional[str]:
     if not torch.cuda.is_available():
         return "no CUDA GPU is visible to torch"
-    if importlib.util.find_spec("duollm._C") is None:
+    if not _HAS_CUDA_EXT:
         return ("the CUDA extension duollm._C is not built; reinstall on a machine with CUDA "
                 "torch and nvcc (pip install --no-build-isolation -e .) without "
                 "DUOLLM_SKIP_CUDA_BUILD=1")

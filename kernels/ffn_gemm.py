@@ -171,8 +171,8 @@ def _gateup_fwd_kernel(
             a = a.to(ACC)
             bg = bg.to(ACC)
             bu = bu.to(ACC)
-        acc_g = tl.dot(a, bg, acc_g, input_precision=PREC)
-        acc_u = tl.dot(a, bu, acc_u, input_precision=PREC)
+        acc_g = tl.dot(a, bg, acc_g, input_precision=PREC, out_dtype=ACC)
+        acc_u = tl.dot(a, bu, acc_u, input_precision=PREC, out_dtype=ACC)
     h = acc_g * tl.sigmoid(acc_g) * acc_u
     row = (start + i).to(tl.int64)
     tl.store(h_ptr + row[:, None] * stride_h + ws[None, :], h.to(h_ptr.dtype.element_ty),
@@ -231,14 +231,14 @@ def _down_kernel(
         if UPCAST:
             a1 = a1.to(ACC)
             b1 = b1.to(ACC)
-        acc = tl.dot(a1, b1, acc, input_precision=PREC)
+        acc = tl.dot(a1, b1, acc, input_precision=PREC, out_dtype=ACC)
         if DX:
             a2 = tl.load(a2_ptr + row[:, None] * stride_h + k[None, :], mask=amask, other=0.0)
             b2 = tl.load(b2_ptr + k[:, None] * d + cols[None, :], mask=bmask, other=0.0)
             if UPCAST:
                 a2 = a2.to(ACC)
                 b2 = b2.to(ACC)
-            acc = tl.dot(a2, b2, acc, input_precision=PREC)
+            acc = tl.dot(a2, b2, acc, input_precision=PREC, out_dtype=ACC)
     omask = rmask[:, None] & cmask[None, :]
     optrs = tok[:, None] * d + cols[None, :]
     if not DX:
@@ -312,9 +312,9 @@ def _gateup_bwd_kernel(
             bg = bg.to(ACC)
             bu = bu.to(ACC)
             bd = bd.to(ACC)
-        acc_g = tl.dot(a, bg, acc_g, input_precision=PREC)
-        acc_u = tl.dot(a, bu, acc_u, input_precision=PREC)
-        acc_d = tl.dot(e, bd, acc_d, input_precision=PREC)
+        acc_g = tl.dot(a, bg, acc_g, input_precision=PREC, out_dtype=ACC)
+        acc_u = tl.dot(a, bu, acc_u, input_precision=PREC, out_dtype=ACC)
+        acc_d = tl.dot(e, bd, acc_d, input_precision=PREC, out_dtype=ACC)
     sg = tl.sigmoid(acc_g)
     silu = acc_g * sg
     h = silu * acc_u
@@ -412,28 +412,28 @@ def _wgrad_kernel(
         if UPCAST:
             a1 = a1.to(ACC)
             b = b.to(ACC)
-        acc1 = tl.dot(a1, b, acc1, input_precision=PREC)
+        acc1 = tl.dot(a1, b, acc1, input_precision=PREC, out_dtype=ACC)
         if SPLIT:  # the workspace operand's low part: one more product per accumulator
             if A_TOK:
                 blo = tl.load(blo_ptr + b_off, mask=bmask, other=0.0)
                 if UPCAST:
                     blo = blo.to(ACC)
-                acc1 = tl.dot(a1, blo, acc1, input_precision=PREC)
+                acc1 = tl.dot(a1, blo, acc1, input_precision=PREC, out_dtype=ACC)
             else:
                 a1lo = tl.load(a1lo_ptr + a_off, mask=amask, other=0.0)
                 if UPCAST:
                     a1lo = a1lo.to(ACC)
-                acc1 = tl.dot(a1lo, b, acc1, input_precision=PREC)
+                acc1 = tl.dot(a1lo, b, acc1, input_precision=PREC, out_dtype=ACC)
         if TWO:
             a2 = tl.load(a2_ptr + a_off, mask=amask, other=0.0)
             if UPCAST:
                 a2 = a2.to(ACC)
-            acc2 = tl.dot(a2, b, acc2, input_precision=PREC)
+            acc2 = tl.dot(a2, b, acc2, input_precision=PREC, out_dtype=ACC)
             if SPLIT:
                 a2lo = tl.load(a2lo_ptr + a_off, mask=amask, other=0.0)
                 if UPCAST:
                     a2lo = a2lo.to(ACC)
-                acc2 = tl.dot(a2lo, b, acc2, input_precision=PREC)
+                acc2 = tl.dot(a2lo, b, acc2, input_precision=PREC, out_dtype=ACC)
     poff = O + split.to(tl.int64) * Ma * Nb + ms[:, None].to(tl.int64) * Nb + ns[None, :]
     pmask = mmask[:, None] & nmask[None, :]
     tl.store(p1_ptr + poff, acc1, mask=pmask)

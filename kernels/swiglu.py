@@ -65,8 +65,8 @@ def _swiglu_fused_fwd_kernel(
         if UPCAST:
             wg = wg.to(ACC)
             wu = wu.to(ACC)
-        g = tl.dot(x, wg, input_precision=PREC)
-        u = tl.dot(x, wu, input_precision=PREC)
+        g = tl.dot(x, wg, input_precision=PREC, out_dtype=ACC)
+        u = tl.dot(x, wu, input_precision=PREC, out_dtype=ACC)
         h = g * tl.sigmoid(g) * u  # (BM, BW) fp32; never written to memory
         wd = tl.load(wd_ptr + cols[None, :] * W + ws[:, None],
                      mask=wmask[:, None] & cmask[None, :], other=0.0)  # (BW, BD)
@@ -74,7 +74,7 @@ def _swiglu_fused_fwd_kernel(
             wd = wd.to(ACC)
         else:
             h = h.to(wd.dtype)
-        acc = tl.dot(h, wd, acc, input_precision=PREC)
+        acc = tl.dot(h, wd, acc, input_precision=PREC, out_dtype=ACC)
     tl.store(out_ptr + rows64[:, None] * d + cols[None, :],
              acc.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
 

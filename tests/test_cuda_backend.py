@@ -402,9 +402,13 @@ def test_cuda_graph_capture(cb):
     routes.copy_(_routes(n, "random", seed=13))
     graph.replay()
     torch.cuda.synchronize()
+    # The replay must give exactly what an eager call on the new routes gives (bf16 rounding
+    # of the fused kernels differs from the reference's, so eager is the exact yardstick) ...
+    assert torch.equal(out, layer())
+    # ... and that answer must be the new routes' one, within bf16 rounding of the reference.
     groups = reference.group_tokens(routes, 3)
     want = reference.scatter_combine(reference.gather(x, groups, w) * 2, groups, res, gate, SKIP)
-    torch.testing.assert_close(out, want)
+    torch.testing.assert_close(out.float(), want.float(), atol=0.05, rtol=0.02)
 
 
 def test_int64_row_offsets(cb):

@@ -12,6 +12,9 @@ from duollm import ops, reference
 
 grouping = importlib.import_module("duollm.kernels.grouping")
 
+# Module level, not the `device` fixture: hypothesis tests cannot take function-scoped fixtures.
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
 
 def _assert_valid_groups(groups, routes_N, num_paths):
     """The RouteGroups contract, checked from first principles."""
@@ -40,7 +43,7 @@ def _assert_valid_groups(groups, routes_N, num_paths):
        block_n=st.sampled_from([None, 32, 128]), data=st.data())
 def test_group_tokens_is_a_stable_counting_sort(n, num_paths, block_n, data):
     values = data.draw(st.lists(st.integers(0, num_paths - 1), min_size=n, max_size=n))
-    routes = torch.tensor(values, dtype=torch.int64)
+    routes = torch.tensor(values, dtype=torch.int64, device=DEVICE)
     groups = reference.RouteGroups(*grouping.group_tokens_fwd(routes, num_paths, block_n))
     _assert_valid_groups(groups, routes, num_paths)
     assert torch.equal(groups.perm, torch.sort(routes, stable=True).indices)
@@ -91,7 +94,7 @@ def test_out_of_range_routes_stay_in_bounds(block_n, device):
 
 
 def test_num_paths_limit():
-    routes = torch.zeros(4, dtype=torch.int64)
+    routes = torch.zeros(4, dtype=torch.int64, device=DEVICE)
     assert grouping.group_tokens(routes, grouping.MAX_PATHS).counts[0] == 4
     with pytest.raises(ValueError, match="num_paths"):
         grouping.group_tokens_fwd(routes, grouping.MAX_PATHS + 1)

