@@ -1,0 +1,131 @@
+"""duollm.routers: trained and imitation routers, calibration, baselines, agreement."""
+import pytest
+import torch
+
+from duollm import BIG, SKIP, SMALL, DuoConfig, DuoLLM
+from duollm.oracle import Exactly, pattern_losses, search
+from duollm.routers import (LinearRouter, agreement, best_random_pattern, calibrate,
+                            fixed_pattern, random_patterns, random_token_routes,
+                            route_and_loss, soft_forward, train_router,
+                            train_supervised_router)
+
+BUDGET_TOL = 0.05  # |realised - target| big fraction after training / calibration
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    cfg = DuoConfig(n_layers=2, d_model=32, n_heads=2, vocab_size=32, d_big=64, d_small=8,
+                    max_seq_len=64)
+    m = DuoLLM(cfg).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, 0.2)
+    return m
+
+
+@pytest.fixture(scope="module")
+def stream():
+    # a learnable stream: a fixed random cycle of 40 ids
+    gen = torch.Generator().manual_seed(0)
+    cycle = torch.randint(0, 32, (40,), generator=gen)
+    return cycle.repeat(100)
+
+
+def test_router_interface_and_modes(model):
+    r = LinearRouter(model.config)
+    x = torch.randn(2, 5, 32)
+    assert r(0, x).shape == (2, 5) and r(0, x).dtype == torch.int64
+    r.mode = "threshold"
+    r.threshold = -1.0  # zero logits: score 0 > -1 -> all big
+    assert (r(1, x) == BIG).all()
+    r.threshold = 1.0
+    assert (r(1, x) == SMALL).all()
+    r3 = LinearRouter(model.config, (SKIP, SMALL, BIG))
+    assert set(r3(0, x).unique().tolist()) <= {SKIP, SMALL, BIG}
+    with pytest.raises(ValueError, match="paths"):
+        LinearRouter(model.config, (SMALL, SMALL))
+    with pytest.raises(ValueError, match="mode"):
+        LinearRouter(model.config, mode="soft")
+    logits = model(torch.zeros(1, 4, dtype=torch.long), r)
+    assert logits.shape == (1, 4, 32)
+
+
+def _objective(model, router, tokens, target, penalty=10.0):
+    with torch.no_grad():
+        lm, usage = soft_forward(model, router, tokens, tau=1.0)
+    return float(lm + penalty * (usage.mean() - target) ** 2), float(usage.mean())
+
+
+def test_train_router_lowers_objective_and_meets_budget(model, stream):
+    target = 0.3
+    kw = dict(target_big=target, batch_size=8, seq_len=24, lr=3e-2, tau_start=1.0,
+              tau_end=1.0, seed=0)
+    start, _ = train_router(model, stream, steps=0, **kw)  # the initial router
+    router, hist = train_router(model, stream, steps=40, **kw)
+    assert len(hist) == 40
+    tokens = torch.stack([stream[i:i + 25] for i in range(0, 400, 25)])  # fixed batch
+    before, _ = _objective(model, start, tokens, target)
+    after, usage = _objective(model, router, tokens, target)
+    assert after < before
+    assert abs(usage - target) < BUDGET_TOL
+    assert all(p.requires_grad for p in model.parameters())  # unfrozen afterwards
+    tokens = torch.stack([stream[i:i + 25] for i in range(0, 200, 25)])
+    realised = calibrate(model, router, tokens, target)
+    assert abs(realised - target) < BUDGET_TOL
+    losses, routes = route_and_loss(model, router, tokens)
+    assert routes.shape == (2, 8, 24) and losses.shape == (8, 24)
+    assert abs(float((routes == BIG).float().mean()) - realised) < 1e-6
+
+
+def test_soft_forward_matches_hard_forward_at_one_hot(model):
+    tokens = torch.randint(0, 32, (2, 9))
+    r = LinearRouter(model.config)
+    with torch.no_grad():
+        for p in r.proj:
+            p.bias.copy_(torch.tensor([0.0, 50.0]))  # certainly BIG
+        loss, usage = soft_forward(model, r, tokens, tau=1.0)
+    want = model.token_losses(tokens, "big").mean()
+    torch.testing.assert_close(loss, want, atol=1e-5, rtol=0)
+    assert torch.allclose(usage, torch.ones(2))
+
+
+def test_supervised_router_imitates_oracle(model, stream):
+    tokens = torch.stack([stream[i:i + 17] for i in range(0, 400, 40)])
+    oracle = search(model, tokens, Exactly(1), "token")
+    router, hist = train_supervised_router(model, tokens, oracle.routes, steps=60)
+    assert hist[-1]["ce"] < hist[0]["ce"]
+    assert hist[-1]["accuracy"] >= hist[0]["accuracy"]
+    calibrate(model, router, tokens, 0.5)
+    _, routes = route_and_loss(model, router, tokens)
+    agree = agreement(routes, oracle.routes)
+    assert agree.shape == (2,) and ((agree >= 0) & (agree <= 1)).all()
+
+
+def test_baselines(model):
+    assert fixed_pattern(4, "first", 1) == [BIG, SMALL, SMALL, SMALL]
+    assert fixed_pattern(4, "last", 2) == [SMALL, SMALL, BIG, BIG]
+    assert fixed_pattern(3, "big") == [BIG] * 3 and fixed_pattern(3, "small") == [SMALL] * 3
+    pats = random_patterns(6, 2, 50)
+    assert pats.shape == (50, 6) and ((pats == BIG).sum(1) == 2).all()
+    tr = random_token_routes(5, 3, 7, 2)
+    assert tr.shape == (5, 3, 7) and ((tr == BIG).sum(0) == 2).all()
+    tokens = torch.randint(0, 32, (3, 10))
+    pattern, loss, n = best_random_pattern(model, tokens, 1, n=20)
+    assert n == 2 and sum(p == BIG for p in pattern) == 1
+    table = pattern_losses(model, tokens, "sequence")
+    assert float(table.select(Exactly(1)).loss.mean()) <= loss + 1e-5
+
+
+def test_agreement():
+    a = torch.tensor([[[2, 1, 1, 2]], [[1, 1, 1, 1]]])
+    b = torch.tensor([[[2, 2, 1, 2, 2]], [[2, 2, 2, 2, 2]]])  # longer time axis is trimmed
+    torch.testing.assert_close(agreement(a, b), torch.tensor([0.75, 0.0]))
