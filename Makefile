@@ -42,7 +42,7 @@ $(VENV)/.duollm-installed: setup.py
 	touch $@
 
 demo: $(READY)
-	$(PY) -m duollm study $(DEMO_ARGS)
+	$(PY) -m duollm study --out runs/demo $(DEMO_ARGS)
 
 test: $(READY)
 	$(PY) -m pytest $(PYTEST_ARGS)

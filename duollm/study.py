@@ -65,7 +65,9 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
                              "a UTF-8 text file")
     parser.add_argument("--steps", type=int, default=None,
                         help="random-routing training steps (default 300; 20 with --quick)")
-    parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
+    parser.add_argument("--device", default="auto",
+                        help="torch device: cpu, cuda, or auto (cuda when a GPU is visible, "
+                             "the default)")
     parser.add_argument("--out", default=None, help="output folder (default runs/<name>)")
     parser.add_argument("--budgets", default=None,
                         help="comma-separated big-layer counts k for the routers and the "
@@ -90,8 +92,11 @@ def run_cli(args: argparse.Namespace) -> int:
             budgets = [int(b) for b in args.budgets.split(",") if b.strip()]
         except ValueError:
             raise SystemExit(f"--budgets: expected comma-separated ints, got {args.budgets!r}")
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     results = run_study(preset=args.preset, data=args.data, steps=args.steps,
-                        device=args.device, out=args.out, budgets=budgets,
+                        device=device, out=args.out, budgets=budgets,
                         router_steps=args.router_steps, n_random=args.n_random,
                         oracle_batch=args.oracle_batch, seed=args.seed, quick=args.quick,
                         progress=not args.no_progress)
