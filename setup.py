@@ -9,7 +9,7 @@ import os
 import shutil
 import sys
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -54,7 +54,7 @@ setup(
     if os.path.exists(os.path.join(ROOT, "README.md")) else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["duollm", "duollm.kernels"],
+    packages=find_packages(include=["duollm", "duollm.*"]) + ["duollm.kernels"],
     package_dir={"duollm": "duollm", "duollm.kernels": "kernels"},
     install_requires=["torch>=2.3", "numpy", "safetensors", "tqdm", "matplotlib"],
     extras_require={

@@ -2,7 +2,9 @@
 
 Backends (DESIGN section 3):
 
-* ``"torch"``  — ``duollm.reference``: plain PyTorch, runs anywhere (CPU default).
+* ``"torch"``  — ``duollm.torch_backend``: plain PyTorch tuned for speed (sorted grouping,
+  matmuls on contiguous slices), runs anywhere (CPU default); checked against
+  ``duollm.reference``, the specification.
 * ``"triton"`` — ``duollm.kernels``: Triton kernels (a CUDA GPU, or the interpreter when
   ``TRITON_INTERPRET=1``).
 * ``"cuda"``   — ``duollm._C``: the compiled CUDA extension.

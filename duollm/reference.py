@@ -1,8 +1,8 @@
 """The specification of every duollm op, in plain PyTorch.
 
 Each function here is short, obvious and differentiable through ordinary autograd. It is
-the torch backend, and it is what every kernel test and benchmark compares against. Speed
-is not a goal of this file; clarity is.
+what every backend (the tuned torch backend included), test and benchmark is compared
+against. Speed is not a goal of this file; clarity is.
 
 Conventions (DESIGN sections 2 and 3):
 

@@ -1,0 +1,52 @@
+"""``duollm bench``: what adaptive compute really buys (DESIGN section 6).
+
+Subcommands (``duollm bench <cmd> --help``):
+
+* ``speedup`` — the routed layer's realised vs ideal speedup over the dense big FFN, per
+  backend, baseline, shape, token count and route mix (``duollm.bench.speedup``).
+* ``decode``  — decode latency (1, 16, 64 tokens) of the routed layer and of a whole model
+  step with a KV cache, eager and in a CUDA graph, against the dense layer/model.
+* ``model``   — DuoLLM forward and training-step throughput per mix; oracle patterns/s.
+* ``report``  — a Markdown table from any set of result files or folders.
+
+Every measuring command writes ``<kind>-<dtype>-<stamp>.csv/.json`` and PNG plots under
+``--out`` (default ``benchmarks/results/<device-slug>/``). ``python -m duollm.bench ...`` is the
+same program without the rest of the CLI.
+"""
+from __future__ import annotations
+
+import argparse
+
+__all__ = ["add_cli", "run_cli"]
+
+_COMMANDS = {
+    "speedup": ("duollm.bench.speedup", "realised vs ideal speedup of the routed layer"),
+    "decode": ("duollm.bench.decode", "decode latency: routed layer and model step, eager "
+                                      "and CUDA graph"),
+    "model": ("duollm.bench.model_bench", "model forward/training throughput per mix, oracle "
+                                          "patterns/s"),
+    "report": ("duollm.bench.report", "Markdown tables from result files or folders"),
+}
+
+
+def add_cli(parser: argparse.ArgumentParser) -> None:
+    """Add the ``bench`` subcommands to ``parser`` (the ``duollm bench`` parser)."""
+    import importlib
+
+    sub = parser.add_subparsers(dest="bench_command", metavar="{" + ",".join(_COMMANDS) + "}")
+    sub.required = True
+    for name, (module, text) in _COMMANDS.items():
+        p = sub.add_parser(name, help=text, description=text)
+        importlib.import_module(module).add_args(p)
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    """Run the parsed ``duollm bench`` command; returns the exit status."""
+    import importlib
+
+    module = importlib.import_module(_COMMANDS[args.bench_command][0])
+    try:
+        return int(module.run(args) or 0)
+    except ValueError as e:  # bad arguments: say which, no traceback
+        print(f"duollm bench {args.bench_command}: error: {e}")
+        return 2
