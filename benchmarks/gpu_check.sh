@@ -35,16 +35,21 @@ if [ "$PHASE" = tests ]; then
 fi
 
 if [ "$PHASE" = bench ]; then
+  # Every step is time-boxed so the results are always packed inside a 10-minute call.
+  echo "== study and bench smoke tests on the GPU machine"
+  timeout 90 "$PY" -m pytest -q -p no:cacheprovider tests/test_study.py tests/test_bench.py \
+    >"$OUT_DIR/smoke.log" 2>&1 || status=1
+  grep -E "^(FAILED|ERROR)" "$OUT_DIR/smoke.log" | head; tail -1 "$OUT_DIR/smoke.log"
   name=$("$PY" -c "import torch; print(torch.cuda.get_device_name().split()[1].lower())")
   RES=benchmarks/results/$name
   mkdir -p "$RES"
   echo "== kernel microbenchmarks -> $RES"
-  timeout 200 "$PY" benchmarks/ops/bench_kernels.py --out "$RES" >"$RES/kernels.log" 2>&1 \
+  timeout 120 "$PY" benchmarks/ops/bench_kernels.py --out "$RES" >"$RES/kernels.log" 2>&1 \
     || status=1
   tail -45 "$RES/kernels.log"
-  echo "== speedup sweep and decode latency -> $RES"
-  bash benchmarks/gpu_sweep.sh "$RES" >"$RES/sweep.log" 2>&1 || status=1
-  tail -60 "$RES/sweep.log"
+  echo "== speedup sweep and decode latency -> $RES (most important rows first)"
+  timeout 300 bash benchmarks/gpu_sweep.sh "$RES" >"$RES/sweep.log" 2>&1 || status=1
+  tail -50 "$RES/sweep.log"
   tar czf "$OUT_DIR/results.tgz" "$RES"
 fi
 exit $status

@@ -108,7 +108,8 @@ def token_difficulty(model: DuoLLM, tokens: torch.Tensor, budgets: Sequence = (1
         loss_big=loss_big.cpu(),
         loss_oracle={k: v.cpu() for k, v in oracle.items() if k in
                      [budget_name(b) for b in budgets]},
-        difficulty=(loss_small - oracle[ref]).cpu(), reference=ref,
+        # The oracle table may live on the CPU while the model runs on a GPU.
+        difficulty=loss_small.cpu() - oracle[ref].cpu(), reference=ref,
         kind=None if kinds is None else kinds[:, 1:].reshape(-1).cpu(),
         oracle_big_layers=big_layers)
 

@@ -223,7 +223,8 @@ def _log_row(row: Dict, log) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    device = resolve_device(args.device)
+    # --quick is the CPU smoke sweep: without an explicit --device it stays on the CPU.
+    device = resolve_device("cpu" if args.quick and args.device is None else args.device)
     dkind = device.type
     if args.quick:
         if dkind != "cpu":
