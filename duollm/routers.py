@@ -235,6 +235,7 @@ def train_supervised_router(model: DuoLLM, tokens: torch.Tensor, oracle_routes: 
     """
     torch.manual_seed(seed)
     router = LinearRouter(model.config, (SMALL, BIG)).to(model.embed.weight.device)
+    oracle_routes = oracle_routes.to(tokens.device)  # oracle results live on the CPU
     with torch.no_grad():
         _, hidden = model(tokens[:, :-1], oracle_routes[:, :, :-1], return_hidden=True)
     X = torch.stack([h.detach() for h in hidden])  # (L, B, T-1, d)

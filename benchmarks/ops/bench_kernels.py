@@ -29,7 +29,6 @@ import json
 import math
 import os
 import platform
-import subprocess
 import sys
 import time
 import traceback
@@ -54,12 +53,8 @@ def _fail(msg: str) -> None:
 
 
 def _git_sha() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              cwd=os.path.dirname(os.path.abspath(__file__)),
-                              timeout=10).stdout.strip() or "unknown"
-    except Exception:  # noqa: BLE001 - metadata only
-        return "unknown"
+    from duollm.bench.results import git_sha
+    return git_sha()
 
 
 class Rotor:

@@ -38,13 +38,15 @@ def add_device_args(p: argparse.ArgumentParser) -> None:
 
 
 def resolve_device(spec: Optional[str]) -> torch.device:
-    if spec is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(spec)
+    device = torch.device(spec if spec is not None else
+                          "cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device: cuda requested but no CUDA GPU is visible to torch")
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"--device: expected cpu or cuda[:N], got {spec!r}")
+    if device.type == "cuda" and device.index is None:
+        # torch 2.11's set_device and friends refuse an index-less CUDA device.
+        device = torch.device("cuda", torch.cuda.current_device())
     return device
 
 

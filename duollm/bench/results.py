@@ -57,6 +57,9 @@ def _version(dist: str) -> str:
 
 
 def git_sha() -> str:
+    """The commit measured; ``DUOLLM_GIT_SHA`` names it where the tree travels without .git."""
+    if os.environ.get("DUOLLM_GIT_SHA"):
+        return os.environ["DUOLLM_GIT_SHA"]
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
                              text=True, timeout=10).stdout.strip()

@@ -224,7 +224,9 @@ def _log_row(row: Dict, log) -> None:
 
 def run(args: argparse.Namespace) -> int:
     # --quick is the CPU smoke sweep: without an explicit --device it stays on the CPU.
-    device = resolve_device("cpu" if args.quick and args.device is None else args.device)
+    if args.quick and args.device is None:
+        args.device = "cpu"  # setup_run below resolves the device from args as well
+    device = resolve_device(args.device)
     dkind = device.type
     if args.quick:
         if dkind != "cpu":
