@@ -321,8 +321,9 @@ def run_study(preset: Optional[str] = None, data="default", steps: Optional[int]
             "supervised_accuracy": sup_hist[-1]["accuracy"],
             "supervised_agreement": agreement(s_routes, oracle_tok_routes[k]).tolist(),
         }
-        o_big = (oracle_tok_routes[k][:, :, :-1] == BIG).float().mean((1, 2))
-        r_big = (routes == BIG).float().mean((1, 2))
+        # Oracle results live on the CPU, router routes on the model's device.
+        o_big = (oracle_tok_routes[k][:, :, :-1] == BIG).float().mean((1, 2)).cpu()
+        r_big = (routes == BIG).float().mean((1, 2)).cpu()
         entry["chance_agreement"] = (o_big * r_big + (1 - o_big) * (1 - r_big)).tolist()
         routers[k] = entry
         usage_layer["router"][k] = r_big.tolist()
