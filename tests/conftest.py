@@ -23,6 +23,13 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Every test starts on one thread, whatever the previous one set (e.g. `--threads`)."""
+    torch.set_num_threads(1)
+    yield
+
+
 @pytest.fixture
 def device():
     """The device kernel tests run on: CUDA when present, else the CPU (interpreter)."""

@@ -10,15 +10,6 @@ from duollm import DuoConfig, DuoLLM
 from duollm.checkpoint import load_checkpoint, load_into, read_meta, save_checkpoint
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The models here are tiny: a second intra-op thread gains little and, on a shared
-    # machine, costs many-fold in OpenMP barrier waits.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _model(seed=0, **overrides):
     torch.manual_seed(seed)

@@ -6,21 +6,11 @@ import sys
 import types
 
 import pytest
-import torch
 
 from duollm import cli
 
 _real_find_spec = importlib.util.find_spec
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The models here are tiny: a second intra-op thread gains little and, on a shared
-    # machine, costs many-fold in OpenMP barrier waits.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _run(capsys, *argv):

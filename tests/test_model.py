@@ -8,15 +8,6 @@ from duollm import BIG, SKIP, SMALL, DuoConfig, DuoLLM, KVCache
 L, B, T, V = 4, 2, 10, 256
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The model's tensors are tiny: on a busy machine, intra-op threads cost far more in
-    # contention than they give (seen: 25x slower with 2 threads on 2 shared cores).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def model():

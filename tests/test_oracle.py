@@ -14,14 +14,6 @@ L, B, T = 3, 2, 10
 ATOL = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny matmuls: one thread avoids OpenMP overhead on a busy 2-core machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _tiny(n_layers=L, d=32, seed=0, skip=True):
     torch.manual_seed(seed)

@@ -12,13 +12,6 @@ from duollm.routers import (LinearRouter, agreement, best_random_pattern, calibr
 BUDGET_TOL = 0.05  # |realised - target| big fraction after training / calibration
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def model():

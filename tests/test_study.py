@@ -3,18 +3,8 @@ import csv
 import json
 import os
 
-import pytest
-import torch
-
 from duollm.report import PLOTS
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_study_quick_writes_the_whole_report(tmp_path, capsys):

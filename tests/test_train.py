@@ -15,15 +15,6 @@ from duollm.train import (TrainConfig, evaluate, latest_checkpoint, lr_at, make_
                           train)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The models here are tiny: a second intra-op thread gains little and, on a shared
-    # machine, costs many-fold in OpenMP barrier waits.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 TINY = DuoConfig.from_name("tiny", n_layers=2)
 
