@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from duollm import ops, reference
+from gradients import leaves, run_with_grads
 from tolerance import ATOL, assert_close_to_ref, dtypes_for
 
 pytestmark = pytest.mark.gpu
@@ -50,17 +51,6 @@ def _randn(*shape, dtype=torch.float32, seed=0, scale=1.0):
     return (scale * torch.randn(*shape, generator=g, dtype=torch.float64)).to(CUDA, dtype)
 
 
-def _leaves(*tensors):
-    return [None if t is None else t.detach().clone().requires_grad_() for t in tensors]
-
-
-def _run(fn, inputs, dout):
-    """Output and input gradients of ``fn(*inputs)`` (None inputs stay None)."""
-    out = fn(*inputs)
-    out.backward(dout)
-    return out.detach(), [None if t is None else t.grad for t in inputs]
-
-
 def _assert_close_tensorwise(out, ref64, same, name):
     """STYLE 3's budget taken over the whole tensor: the kernel's worst error is at most twice
     torch's worst error (plus atol). For long reductions over rounded low-precision
@@ -82,10 +72,10 @@ def _check(kernel_fn, ref_fn, inputs, dout, names, tensorwise=()):
     """Kernel vs the reference in float64 from the same inputs, with torch's same-dtype budget
     (element by element, or over the whole tensor for the gradients named in ``tensorwise``);
     every gradient too."""
-    out, grads = _run(kernel_fn, _leaves(*inputs), dout)
-    ref, ref_grads = _run(ref_fn, _leaves(*[None if t is None else t.double() for t in inputs]),
+    out, grads = run_with_grads(kernel_fn, leaves(*inputs), dout)
+    ref, ref_grads = run_with_grads(ref_fn, leaves(*[None if t is None else t.double() for t in inputs]),
                           dout.double())
-    same, same_grads = _run(ref_fn, _leaves(*inputs), dout)
+    same, same_grads = run_with_grads(ref_fn, leaves(*inputs), dout)
     assert out.dtype == same.dtype, f"out dtype {out.dtype} != {same.dtype}"
     assert_close_to_ref(out, ref, same, "out")
     for name, g, rg, sg in zip(names, grads, ref_grads, same_grads):
@@ -335,8 +325,8 @@ def test_deterministic(cb):
         h = ops.gather(x, groups, w, backend="cuda")
         return ops.scatter_combine(h, groups, res, gate, SKIP, backend="cuda")
 
-    a, ga = _run(layer, _leaves(x, w, res, gate), dout)
-    b, gb = _run(layer, _leaves(x, w, res, gate), dout)
+    a, ga = run_with_grads(layer, leaves(x, w, res, gate), dout)
+    b, gb = run_with_grads(layer, leaves(x, w, res, gate), dout)
     assert torch.equal(a, b) and all(torch.equal(u, v) for u, v in zip(ga, gb))
 
 
@@ -372,8 +362,8 @@ def test_torch_compile_fullgraph(cb):
         return ops.scatter_combine(h, groups, res, gate, SKIP, backend="cuda")
 
     torch._dynamo.reset()
-    a, ga = _run(torch.compile(layer, fullgraph=True), _leaves(x, w, res, gate), dout)
-    b, gb = _run(layer, _leaves(x, w, res, gate), dout)
+    a, ga = run_with_grads(torch.compile(layer, fullgraph=True), leaves(x, w, res, gate), dout)
+    b, gb = run_with_grads(layer, leaves(x, w, res, gate), dout)
     torch.testing.assert_close(a, b)
     for u, v in zip(ga, gb):
         torch.testing.assert_close(u, v)

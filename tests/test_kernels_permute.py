@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from duollm import ops, reference
+from gradients import leaves, run_with_grads
 from tolerance import assert_close_to_ref, dtypes_for
 
 grouping = importlib.import_module("duollm.kernels.grouping")
@@ -30,23 +31,12 @@ def _routes(n, mix, device, seed=0):
     return r.to(torch.int8).to(device)
 
 
-def _leaves(*tensors):
-    return [None if t is None else t.detach().clone().requires_grad_() for t in tensors]
-
-
-def _run(fn, inputs, dout):
-    """Output and input gradients of ``fn(*inputs)`` (None inputs stay None)."""
-    out = fn(*inputs)
-    out.backward(dout)
-    return out.detach(), [None if t is None else t.grad for t in inputs]
-
-
 def _check_against_reference(kernel_fn, ref_fn, inputs, dout, names):
     """Kernel vs reference in float64 from the same inputs, with torch's same-dtype budget."""
-    out, grads = _run(kernel_fn, _leaves(*inputs), dout)
-    ref, ref_grads = _run(ref_fn, _leaves(*[None if t is None else t.double() for t in inputs]),
+    out, grads = run_with_grads(kernel_fn, leaves(*inputs), dout)
+    ref, ref_grads = run_with_grads(ref_fn, leaves(*[None if t is None else t.double() for t in inputs]),
                           dout.double())
-    same, same_grads = _run(ref_fn, _leaves(*inputs), dout)
+    same, same_grads = run_with_grads(ref_fn, leaves(*inputs), dout)
     assert out.dtype == same.dtype
     assert_close_to_ref(out, ref, same, "out")
     for name, g, rg, sg in zip(names, grads, ref_grads, same_grads):
@@ -85,10 +75,10 @@ def test_gather_rmsnorm_loop_over_d(d, block_d, device):
     w = (1 + 0.5 * torch.randn(d, generator=g)).to(device)
     out = permute.gather_fwd(x, groups.perm, w, 1e-6, block_d=block_d)
     dx, dw = permute.gather_norm_bwd(dy, x, groups.inv, w, 1e-6, block_d=block_d)
-    x64, w64 = _leaves(x.double(), w.double())
+    x64, w64 = leaves(x.double(), w.double())
     ref = reference.gather(x64, groups, w64)
     ref.backward(dy.double())
-    xs, ws = _leaves(x, w)
+    xs, ws = leaves(x, w)
     same = reference.gather(xs, groups, ws)
     same.backward(dy)
     assert_close_to_ref(out, ref.detach(), same.detach(), "out")
@@ -205,8 +195,8 @@ def test_deterministic(device):
     def layer(x, w, res, gate):
         return permute.scatter_combine(permute.gather(x, groups, w), groups, res, gate, SKIP)
 
-    a, ga = _run(layer, _leaves(x, w, res, gate), dout)
-    b, gb = _run(layer, _leaves(x, w, res, gate), dout)
+    a, ga = run_with_grads(layer, leaves(x, w, res, gate), dout)
+    b, gb = run_with_grads(layer, leaves(x, w, res, gate), dout)
     assert torch.equal(a, b) and all(torch.equal(u, v) for u, v in zip(ga, gb))
 
 
@@ -250,8 +240,8 @@ def test_torch_compile_fullgraph(device):
 
     torch._dynamo.reset()
     compiled = torch.compile(layer, fullgraph=True)
-    a, ga = _run(compiled, _leaves(x, w, res, gate), dout)
-    b, gb = _run(layer, _leaves(x, w, res, gate), dout)
+    a, ga = run_with_grads(compiled, leaves(x, w, res, gate), dout)
+    b, gb = run_with_grads(layer, leaves(x, w, res, gate), dout)
     assert torch.equal(a, b) and all(torch.equal(u, v) for u, v in zip(ga, gb))
 
 
