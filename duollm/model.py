@@ -191,9 +191,10 @@ class DuoLLM(nn.Module):
         if cache is not None and (cache.k.shape[1] != B or start + T > cache.k.shape[3]):
             raise ValueError(f"cache: holds batch {cache.k.shape[1]} and {cache.k.shape[3]} "
                              f"positions, tokens need batch {B} and {start + T} positions")
-        if tokens.numel() and tokens.device.type != "meta" and route_checks_enabled() and (
-                int(tokens.min()) < 0 or int(tokens.max()) >= self.config.vocab_size):
-            raise ValueError(f"tokens: ids must lie in [0, {self.config.vocab_size})")
+        if tokens.numel() and tokens.device.type != "meta" and route_checks_enabled():
+            lo, hi = torch.stack(torch.aminmax(tokens)).tolist()  # one host sync, not two
+            if lo < 0 or hi >= self.config.vocab_size:
+                raise ValueError(f"tokens: ids must lie in [0, {self.config.vocab_size})")
         plan = self.resolve_routes(routes, B, T, tokens.device, generator)
         rope = self.rope[start:start + T]
         h = self.embed(tokens)  # (B, T, d)

@@ -223,7 +223,7 @@ def check_routes(routes, num_paths: int, shape: Optional[torch.Size] = None,
     if not isinstance(num_paths, int) or num_paths < 1:
         raise ValueError(f"num_paths: expected a positive int, got {num_paths!r}")
     if routes.numel() and routes.device.type != "meta" and route_checks_enabled():
-        lo, hi = int(routes.min()), int(routes.max())
+        lo, hi = torch.stack(torch.aminmax(routes)).tolist()  # one host sync, not two
         if lo < 0 or hi >= num_paths:
             raise ValueError(f"{name}: values must lie in [0, {num_paths}), found "
                              f"{lo if lo < 0 else hi}")

@@ -127,11 +127,9 @@ def test_swiglu_bad_input_raises(device):
         ops.swiglu_ffn(x.long(), wg, wu, wd, backend="triton")
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("W", [640, 10240])
-def test_swiglu_paper_shape_bf16_gpu(W):
-    """The paper's widths in bf16 (d 2560), forward and all gradients."""
-    inputs, dy = _make(512, 2560, W, torch.bfloat16, torch.device("cuda"), seed=4)
+def _check_forward_and_grads(N, d, W, dtype, seed):
+    """swiglu_ffn on the GPU against the float64 reference: output and every gradient."""
+    inputs, dy = _make(N, d, W, dtype, torch.device("cuda"), seed=seed)
     leaves = [t.clone().requires_grad_() for t in inputs]
     y = swiglu.swiglu_ffn(*leaves)
     y.backward(dy)
@@ -139,20 +137,20 @@ def test_swiglu_paper_shape_bf16_gpu(W):
     assert_close_to_ref(y.detach(), y64, yd, "y")
     for name, leaf, r64, rd in zip(NAMES, leaves, g64, gd):
         assert_close_to_ref(leaf.grad, r64, rd, name)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("W", [640, 10240])
+def test_swiglu_paper_shape_bf16_gpu(W):
+    """The paper's widths in bf16 (d 2560), forward and all gradients."""
+    _check_forward_and_grads(512, 2560, W, torch.bfloat16, seed=4)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_swiglu_large_n_gpu(dtype):
     """N = 4096 takes the 128-row tile configurations (the CPU-sized tests never do)."""
-    inputs, dy = _make(4096, 256, 512, dtype, torch.device("cuda"), seed=8)
-    leaves = [t.clone().requires_grad_() for t in inputs]
-    y = swiglu.swiglu_ffn(*leaves)
-    y.backward(dy)
-    (y64, g64), (yd, gd) = _refs(inputs, dy)
-    assert_close_to_ref(y.detach(), y64, yd, "y")
-    for name, leaf, r64, rd in zip(NAMES, leaves, g64, gd):
-        assert_close_to_ref(leaf.grad, r64, rd, name)
+    _check_forward_and_grads(4096, 256, 512, dtype, seed=8)
 
 
 @pytest.mark.gpu
