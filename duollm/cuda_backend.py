@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import reference
 from .reference import FFNWeights, RouteGroups
 
 try:
@@ -236,19 +237,10 @@ def scatter_combine(y: Tensor, groups: RouteGroups, residual: Optional[Tensor] =
 # --------------------------------------------------------------------------- swiglu_ffn / duo_ffn
 
 
-def swiglu_ffn(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor) -> Tensor:
-    """SwiGLU FFN: ``(silu(x @ w_gate.T) * (x @ w_up.T)) @ w_down.T``.
-
-    Here that is three cuBLAS GEMMs through ``torch.matmul`` and torch's elementwise
-    silu/multiply, differentiated by ordinary autograd; no custom kernel (the fused
-    small-width kernel with the intermediate on chip is the triton backend's).
-
-    Args:
-      x: (N, d); w_gate, w_up: (width, d); w_down: (d, width).
-    Returns: (N, d).
-    """
-    h = F.silu(x @ w_gate.t()) * (x @ w_up.t())  # (N, width)
-    return h @ w_down.t()
+# SwiGLU here is three cuBLAS GEMMs through torch.matmul and torch's elementwise silu/multiply
+# with ordinary autograd: exactly the reference's expression, so it is the reference's function
+# (the fused small-width kernel with the intermediate on chip is the triton backend's).
+swiglu_ffn = reference.swiglu_ffn
 
 
 def _needs_grad(x: Tensor, params, residual, gate) -> bool:

@@ -39,7 +39,8 @@ def rope_tables(head_dim: int, max_len: int, theta: float) -> torch.Tensor:
 def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """Rotate x (B, H, T, hd) by table (T, hd/2, 2), the rotate-half (Llama/HF) convention."""
     half = x.shape[-1] // 2
-    x1, x2 = x.float()[..., :half], x.float()[..., half:]
+    xf = x.float()  # one copy, not one per half
+    x1, x2 = xf[..., :half], xf[..., half:]
     cos, sin = table[..., 0], table[..., 1]  # (T, hd/2)
     out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
     return out.to(x.dtype)
@@ -202,7 +203,8 @@ class DuoLLM(nn.Module):
         for i, layer in enumerate(self.layers):
             h = h + layer.attn(layer.attn_norm(h), rope, i, cache)
             x = layer.ffn_norm(h)
-            hidden.append(x)
+            if return_hidden:
+                hidden.append(x)
             gate = None
             if isinstance(plan, torch.Tensor):
                 r = plan[i]

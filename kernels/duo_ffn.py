@@ -53,7 +53,7 @@ def duo_ffn_fwd(x: torch.Tensor, routes: torch.Tensor, weights: Sequence[torch.T
                 widths: Sequence[int], residual: Optional[torch.Tensor],
                 gate: Optional[torch.Tensor]) -> torch.Tensor:
     """Forward launcher. x (N, d); routes (N,); weights: the routed paths' (w_gate, w_up,
-    w_down) flattened in route order; widths (P,) with 0 for skip paths; residual (N, d) or
+    w_down) flattened in route order; widths (P,) with -1 for skip paths; residual (N, d) or
     None; gate (N,) or None. Returns (N, d) in x's dtype."""
     x = x.contiguous()
     N, d = x.shape
