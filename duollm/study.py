@@ -235,8 +235,6 @@ def run_study(preset: Optional[str] = None, data="default", steps: Optional[int]
                                        .to(device)))
               for r in range(3)]
         curves["random_per_token"].append(sum(rt) / len(rt))
-    all_big = _mean(model.token_losses(val, "big"))
-    all_small = _mean(model.token_losses(val, "small"))
 
     usage_layer = {"oracle_token": {}, "oracle_sequence": {}}
     usage_pos = {"oracle_token_at_most": {}}
@@ -254,7 +252,7 @@ def run_study(preset: Optional[str] = None, data="default", steps: Optional[int]
 
     approx = {}
     for k in budgets:
-        exact = _mean(tok_tab.select(O.Exactly(k)).loss)
+        exact = curves["oracle_token_exactly"][k]
         for method, width in (("greedy", 1), ("beam", 4)):
             r = O.search(model, val, k, "token", method=method, beam_width=width)
             approx[f"{method}{width if method == 'beam' else ''}_k{k}"] = {
@@ -273,6 +271,8 @@ def run_study(preset: Optional[str] = None, data="default", steps: Optional[int]
     dtab = token_difficulty(model, val, budgets=diff_budgets, base="small",
                             kinds=val_kind, progress=progress)
     export_csv(os.path.join(out_dir, "difficulty.csv"), dtab)
+    # The difficulty table already holds every validation token's all-big and all-small loss.
+    all_big, all_small = _mean(dtab.loss_big), _mean(dtab.loss_small)
     corr = high_loss_correlation(dtab)
     by_kind = None
     if dtab.kind is not None:

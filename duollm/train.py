@@ -252,7 +252,7 @@ def _train(config: DuoConfig, data: TokenData, cfg: TrainConfig, model: Optional
     bar = tqdm(total=cfg.steps, initial=step, unit="step", dynamic_ncols=True,
                disable=not (cfg.progress and info.is_main and sys.stderr.isatty()))
     tokens_per_step = cfg.batch_size * cfg.seq_len
-    loss_sum, loss_n, last_saved = torch.zeros((), device=device), 0, step
+    loss_sum, loss_n = torch.zeros((), device=device), 0
     # Throughput counts training only: the clock restarts after each validation and the time
     # spent saving checkpoints is subtracted. (.item() below syncs CUDA before reading it.)
     t_mark, t_pause = time.perf_counter(), 0.0
@@ -308,13 +308,10 @@ def _train(config: DuoConfig, data: TokenData, cfg: TrainConfig, model: Optional
             if info.is_main:
                 _save(cfg.out_dir, model, optimizer, step, gen, cfg, history, data.name)
             distributed.barrier(info)
-            last_saved = step
             t_pause += time.perf_counter() - t_save
     bar.close()
     if history and history[-1]["step"] == step:
         val_loss = dict(history[-1]["val"])
     else:  # resumed at (or past) the last step: nothing trained, validate what was loaded
         val_loss = validate()
-    if cfg.out_dir and last_saved != step and info.is_main:
-        _save(cfg.out_dir, model, optimizer, step, gen, cfg, history, data.name)
     return TrainResult(model=model, history=history, val_loss=val_loss)

@@ -52,11 +52,6 @@ def _fail(msg: str) -> None:
     sys.exit(2)
 
 
-def _git_sha() -> str:
-    from duollm.bench.results import git_sha
-    return git_sha()
-
-
 class Rotor:
     """Calls ``fn(*inputs[i])`` with i cycling over the input sets."""
 
@@ -100,6 +95,7 @@ def main() -> None:
 
     import duollm.kernels as K
     from duollm import ops, reference
+    from duollm.bench.results import git_sha
 
     dev = torch.device("cuda")
     dtype = torch.bfloat16
@@ -265,7 +261,7 @@ def main() -> None:
     # ---------------------------------------------------------------- output
     os.makedirs(args.out, exist_ok=True)
     meta = dict(device=torch.cuda.get_device_name(dev), torch=torch.__version__,
-                triton=triton.__version__, cuda=torch.version.cuda, git_sha=_git_sha(),
+                triton=triton.__version__, cuda=torch.version.cuda, git_sha=git_sha(),
                 dtype=str(dtype), d_model=d, d_big=D_BIG, d_small=D_SMALL, n_layer=N,
                 python=platform.python_version(), rotated_input_sets=N_ROT,
                 timing="triton.testing.do_bench median, warmup 25 ms, rep 100 ms",

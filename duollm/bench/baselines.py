@@ -96,6 +96,3 @@ def sorted_routing(x: torch.Tensor, routes: torch.Tensor,
         yg = yg * gate.index_select(0, rows).to(yg.dtype).unsqueeze(-1)
     base = torch.zeros_like(x) if residual is None else residual
     return base.index_add(0, rows, yg)
-
-
-BASELINES = {"dense": dense_ffn, "naive": naive_routing, "sorted": sorted_routing}

@@ -72,9 +72,9 @@ def resolve_backends(spec: Optional[str], device: torch.device) -> Dict[str, Opt
     return {n: status[n] for n in names}
 
 
-def setup_run(args: argparse.Namespace) -> Dict:
-    """Apply the process-wide settings of a bench run; return what to record about them."""
-    device = resolve_device(args.device)
+def setup_run(args: argparse.Namespace, device: torch.device) -> Dict:
+    """Apply the process-wide settings of a bench run on ``device`` (already resolved);
+    return what to record about them."""
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if args.threads:

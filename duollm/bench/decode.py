@@ -77,7 +77,7 @@ def _capture(fn: Callable[[int], object]):
 
 
 def _time(fns: Dict[str, Callable[[int], object]], device, graphs: bool, repeats: int,
-          budget: float, log) -> Dict[tuple, Dict]:
+          budget: float) -> Dict[tuple, Dict]:
     """{(name, mode): {"stats": Stats} or {"error": str}} for every candidate and mode."""
     res: Dict[tuple, Dict] = {}
     ok = {}
@@ -174,7 +174,7 @@ def layer_rows(device, dtype, shape, mixes, tokens, backends, graphs, repeats, b
                                                                       backend=b))
             fns["sorted"] = routed(sorted_routing)  # host sync: its capture fails, so last
             with torch.inference_mode():
-                timed = _time(fns, device, graphs, repeats, budget, log)
+                timed = _time(fns, device, graphs, repeats, budget)
             rows += _rows(timed, dict(level="layer", shape=shape.name, d_model=shape.d_model,
                                       d_big=shape.d_big, d_small=shape.d_small, mix=mix.name,
                                       n_tokens=n), log)
@@ -210,7 +210,7 @@ def model_rows(device, dtype, config: DuoConfig, config_name: str, mixes, tokens
             for b in _sync_free_first(backends):
                 fns[b] = step(b, routes)
             with torch.inference_mode():
-                timed = _time(fns, device, graphs, repeats, budget, log)
+                timed = _time(fns, device, graphs, repeats, budget)
             rows += _rows(timed, dict(level="model", shape=config_name, mix=mix.name,
                                       n_tokens=n, context=context, n_layers=L), log)
         del cache
@@ -223,7 +223,7 @@ def model_rows(device, dtype, config: DuoConfig, config_name: str, mixes, tokens
 
 def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
-    settings = setup_run(args)
+    settings = setup_run(args, device)
     dtype = resolve_dtype(args.dtype, device)
     gpu = device.type == "cuda"
     shape = acc.parse_shape(args.shape or ("tiny" if args.quick else

@@ -5,7 +5,7 @@ Rows (``phase``):
 * ``forward`` — ``DuoLLM`` forward on ``(B, T)`` tokens without autograd, tokens/s;
 * ``train``   — one training step (forward, cross-entropy, backward, AdamW), tokens/s;
 * ``oracle``  — ``duollm.oracle.search`` (sequence granularity, exhaustive, exactly one big
-  layer per sequence), patterns evaluated per second (skipped with a note if unavailable).
+  layer per sequence), patterns evaluated per second.
 
 Mixes: ``big`` (all big), ``small``, ``random`` (the ``"random"`` policy, drawn per call from
 the config's probabilities, as in random-routing training) and fixed fractions such as
@@ -23,6 +23,7 @@ from typing import Dict, List
 import torch
 import torch.nn.functional as F
 
+from .. import oracle
 from ..config import DuoConfig
 from ..model import DuoLLM
 from . import accounting as acc
@@ -66,18 +67,12 @@ def _routes(model: DuoLLM, mix_spec: str, B: int, T: int, device, gen):
 def _oracle_row(model, device, B, T, seed) -> Dict:
     row = dict(phase="oracle", mix="exactly 1 big", impl="torch-autograd-free",
                batch_shape=f"{B}x{T}")
-    try:
-        from .. import oracle
-        search = oracle.search
-    except (ImportError, AttributeError) as e:
-        row["error"] = f"skipped: duollm.oracle.search unavailable ({e})"
-        return row
     gen = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, model.config.vocab_size, (B, T), generator=gen).to(device)
     try:
         with torch.inference_mode():
             t0 = time.perf_counter()
-            result = search(model, tokens, 1, granularity="sequence", method="exhaustive",
+            result = oracle.search(model, tokens, 1, granularity="sequence", method="exhaustive",
                             skip=False)
             elapsed = time.perf_counter() - t0
         row.update(Stats.of([elapsed]).as_dict())
@@ -90,7 +85,7 @@ def _oracle_row(model, device, B, T, seed) -> Dict:
 
 def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
-    settings = setup_run(args)
+    settings = setup_run(args, device)
     dtype = resolve_dtype(args.dtype, device)
     gpu = device.type == "cuda"
     name = args.config or ("tiny" if args.quick else "paper-1.4b" if gpu else "small")

@@ -224,14 +224,13 @@ def _log_row(row: Dict, log) -> None:
 
 def run(args: argparse.Namespace) -> int:
     # --quick is the CPU smoke sweep: without an explicit --device it stays on the CPU.
-    if args.quick and args.device is None:
-        args.device = "cpu"  # setup_run below resolves the device from args as well
-    device = resolve_device(args.device)
+    # --quick is the CPU smoke sweep: without an explicit --device it stays on the CPU.
+    device = resolve_device("cpu" if args.quick and args.device is None else args.device)
     dkind = device.type
     if args.quick:
         if dkind != "cpu":
             raise ValueError("--quick is the CPU smoke sweep; drop --device or use cpu")
-    settings = setup_run(args)
+    settings = setup_run(args, device)
     dtype = resolve_dtype(args.dtype, device)
     shapes = acc.parse_list(args.shapes or (QUICK["shapes"] if args.quick else
                                             ",".join(DEFAULT_SHAPES[dkind])),
