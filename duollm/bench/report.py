@@ -71,7 +71,7 @@ MODEL = [("device", "device", "text"), ("dtype", "dtype", "text"), ("config", "c
          ("phase", "phase", "text"), ("mix", "mix", "text"), ("impl", "impl", "text"),
          ("B x T", "batch_shape", "text"), ("median ms", "median_ms", "num"),
          ("tokens/s", "tokens_per_s", "num"), ("patterns/s", "patterns_per_s", "num"),
-         ("vs big", "vs_big", "num"), ("note", "error", "text")]
+         ("vs dense", "vs_dense", "num"), ("note", "error", "text")]
 
 
 def _decorate(env: Dict, r: Dict) -> Dict:
