@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence, Union
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -23,10 +23,7 @@ from torch import nn
 from .config import DuoConfig
 from .modules import DuoFFN, RMSNorm
 from .ops import route_checks_enabled
-from .reference import BIG, SKIP, SMALL
-
-POLICIES = {"skip": SKIP, "small": SMALL, "big": BIG}
-Routes = Union[str, torch.Tensor, Sequence[int], Callable]
+from .stack import POLICIES, Routes, layer_routes, random_routes, resolve_routes  # noqa: F401
 
 
 def rope_tables(head_dim: int, max_len: int, theta: float) -> torch.Tensor:
@@ -71,12 +68,22 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d, d, bias=False)
         self.o_proj = nn.Linear(d, d, bias=False)
 
+    def qkv(self, x: torch.Tensor, rope: torch.Tensor):
+        """Queries, keys and values of x (*lead, T, d), rotary applied: (*lead, H, T, hd)."""
+        lead, T = x.shape[:-2], x.shape[-2]
+        q, k, v = (proj(x).view(*lead, T, self.n_heads, self.head_dim).transpose(-3, -2)
+                   for proj in (self.q_proj, self.k_proj, self.v_proj))
+        return apply_rope(q, rope), apply_rope(k, rope), v
+
+    def out(self, o: torch.Tensor) -> torch.Tensor:
+        """The output projection of attention values o (*lead, H, T, hd) -> (*lead, T, d)."""
+        o = o.transpose(-3, -2)  # (*lead, T, H, hd)
+        return self.o_proj(o.reshape(*o.shape[:-2], self.n_heads * self.head_dim))
+
     def forward(self, x: torch.Tensor, rope: torch.Tensor, layer: int,
                 cache: Optional[KVCache]) -> torch.Tensor:
-        B, T, d = x.shape
-        q, k, v = (proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-                   for proj in (self.q_proj, self.k_proj, self.v_proj))  # (B, H, T, hd)
-        q, k = apply_rope(q, rope), apply_rope(k, rope)
+        T = x.shape[1]
+        q, k, v = self.qkv(x, rope)  # (B, H, T, hd)
         if cache is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
@@ -89,7 +96,7 @@ class Attention(nn.Module):
             k_pos = torch.arange(start + T, device=x.device)
             mask = k_pos[None, :] <= q_pos[:, None]  # (T, start+T)
             out = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, d))
+        return self.out(out)
 
 
 class Block(nn.Module):
@@ -99,6 +106,20 @@ class Block(nn.Module):
         self.attn = Attention(config)
         self.ffn_norm = RMSNorm(config.d_model, config.norm_eps)
         self.ffn = DuoFFN(config.d_model, config.d_big, config.d_small, skip=config.skip)
+
+    def forward(self, h: torch.Tensor, rope: torch.Tensor, layer: int,
+                cache: Optional[KVCache], plan, backend: Optional[str] = None,
+                hidden: Optional[List[torch.Tensor]] = None) -> torch.Tensor:
+        """One decoder layer on h (B, T, d); ``plan`` a resolved routes tensor or a router.
+
+        ``hidden``: a list the FFN's (B, T, d) input is appended to, when given.
+        """
+        h = h + self.attn(self.attn_norm(h), rope, layer, cache)
+        x = self.ffn_norm(h)
+        if hidden is not None:
+            hidden.append(x)
+        r, gate = layer_routes(plan, layer, x)
+        return self.ffn(x, r, residual=h, gate=gate, backend=backend)
 
 
 class DuoLLM(nn.Module):
@@ -134,40 +155,17 @@ class DuoLLM(nn.Module):
 
     def resolve_routes(self, routes: Routes, B: int, T: int, device: torch.device,
                        generator: Optional[torch.Generator] = None):
-        """Turn any accepted routes form into a per-layer list of (B, T) tensors or a router."""
-        L = self.config.n_layers
-        if callable(routes) and not isinstance(routes, torch.Tensor):
-            return routes
-        if isinstance(routes, str):
-            if routes == "random":
-                return self.random_routes(B, T, device, generator)
-            if routes not in POLICIES:
-                raise ValueError(f"routes: unknown policy {routes!r}; expected one of "
-                                 f"{sorted(POLICIES) + ['random']}")
-            return torch.full((L, B, T), POLICIES[routes], dtype=torch.int64, device=device)
-        if isinstance(routes, (list, tuple)):
-            # No dtype forced: a float pattern must fail the integer check, not be truncated.
-            routes = torch.tensor(routes)
-        if not isinstance(routes, torch.Tensor):
-            raise TypeError(f"routes: expected a policy name, a tensor, a per-layer list or a "
-                            f"router, got {type(routes).__name__}")
-        if routes.shape == (L,):
-            return routes.to(device).view(L, 1, 1).expand(L, B, T)
-        if routes.shape != (L, B, T):
-            raise ValueError(f"routes: expected shape ({L},) or ({L}, {B}, {T}) for tokens of "
-                             f"shape ({B}, {T}), got {tuple(routes.shape)}")
-        return routes.to(device)
+        """Turn any accepted routes form into an (n_layers, B, T) tensor or a router."""
+        c = self.config
+        return resolve_routes(routes, c.n_layers, B, T, device, generator,
+                              (c.p_skip, c.p_small, c.p_big))
 
     def random_routes(self, B: int, T: int, device: torch.device,
                       generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """(n_layers, B, T) routes drawn from the config's ``p_skip, p_small, p_big``."""
         c = self.config
-        probs = torch.tensor([c.p_skip, c.p_small, c.p_big])
-        n = c.n_layers * B * T
-        if n == 0:  # multinomial refuses to draw zero samples
-            return torch.empty((c.n_layers, B, T), dtype=torch.int64, device=device)
-        draws = torch.multinomial(probs, n, replacement=True, generator=generator)
-        return draws.view(c.n_layers, B, T).to(device)
+        return random_routes(c.n_layers, B, T, (c.p_skip, c.p_small, c.p_big), device,
+                             generator)
 
     # ------------------------------------------------------------------ forward
 
@@ -199,20 +197,9 @@ class DuoLLM(nn.Module):
         plan = self.resolve_routes(routes, B, T, tokens.device, generator)
         rope = self.rope[start:start + T]
         h = self.embed(tokens)  # (B, T, d)
-        hidden: List[torch.Tensor] = []
+        hidden: Optional[List[torch.Tensor]] = [] if return_hidden else None
         for i, layer in enumerate(self.layers):
-            h = h + layer.attn(layer.attn_norm(h), rope, i, cache)
-            x = layer.ffn_norm(h)
-            if return_hidden:
-                hidden.append(x)
-            gate = None
-            if isinstance(plan, torch.Tensor):
-                r = plan[i]
-            else:
-                r = plan(i, x)
-                if isinstance(r, tuple):
-                    r, gate = r
-            h = layer.ffn(x, r, residual=h, gate=gate, backend=backend)
+            h = layer(h, rope, i, cache, plan, backend, hidden)
         if cache is not None:
             cache.pos += T
         logits = self.lm_head(self.norm(h))
