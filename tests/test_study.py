@@ -3,7 +3,7 @@ import csv
 import json
 import os
 
-from duollm.report import PLOTS
+from duollm.study.report import PLOTS
 
 
 
