@@ -14,6 +14,9 @@ import platform
 import sys
 from typing import List, Optional
 
+from duollm.usage import (EXIT_INTERRUPTED, EXIT_USAGE, UsageError, add_threads_arg,
+                          apply_thread_rule, format_error)
+
 # Subcommands owned by other modules: name -> (module, help). Each module provides
 # ``add_cli(parser)`` (add its arguments) and ``run_cli(args) -> int``.
 EXTERNAL = {
@@ -83,17 +86,6 @@ _TRAIN_FLAGS = [
 ]
 
 
-# Below this width the CPU GEMMs are too small to split across threads profitably.
-_ONE_THREAD_D_MODEL = 128
-
-
-def _non_negative(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an int >= 0, got {value}")
-    return value
-
-
 def add_train_args(p: argparse.ArgumentParser) -> None:
     from duollm.config import DuoConfig
     from duollm.train import TrainConfig
@@ -120,11 +112,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    help="continue from the latest checkpoint in --out")
     p.add_argument("--no-progress", dest="progress", action="store_false",
                    help="no progress bar and no per-validation lines")
-    p.add_argument("--threads", type=_non_negative, default=None, metavar="N",
-                   help="CPU threads for torch, 0: torch's choice (default: 1 for d_model <= "
-                        f"{_ONE_THREAD_D_MODEL} on the CPU, whose ops are too small for "
-                        "threads to pay and which a busy machine slows many-fold through "
-                        "OpenMP barrier waits; torch's choice otherwise)")
+    add_threads_arg(p)
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -133,8 +121,6 @@ def run_train(args: argparse.Namespace) -> int:
     from duollm.data import load_data
     from duollm.train import TrainConfig, train
 
-    import torch
-
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     knobs = {k: v for k, v in vars(args).items() if k in fields}
     if knobs["min_lr"] is None:
@@ -142,12 +128,7 @@ def run_train(args: argparse.Namespace) -> int:
     cfg = TrainConfig(**knobs)
     data = load_data(args.data, val_fraction=args.val_fraction)
     model_config = DuoConfig.from_name(args.preset, vocab_size=data.vocab_size)
-    threads = args.threads
-    if threads is None and torch.device(cfg.device).type == "cpu" and \
-            model_config.d_model <= _ONE_THREAD_D_MODEL:
-        threads = 1
-    if threads:
-        torch.set_num_threads(threads)
+    apply_thread_rule(args.threads, cfg.device, model_config.d_model)
     main_rank = os.environ.get("RANK", "0") == "0"
     if main_rank:
         print(f"training {args.preset} ({model_config.param_count() / 1e6:.2f}M params) on "
@@ -205,6 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "compute: every FFN layer holds a big and a small FFN, and "
                                    "each token picks one (or skips) at each layer.")
     parser.add_argument("--version", action="version", version=f"duollm {__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        help="show a traceback for every error, user mistakes included")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     p = sub.add_parser("info", help="versions, devices and which op backends can run here",
                        description="Print the duollm, python, torch and triton versions, the "
@@ -224,11 +207,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _command_name(args: argparse.Namespace) -> str:
+    """``"train"``, ``"bench speedup"``, ...: how the user typed the command."""
+    parts = [getattr(args, "command", None)]
+    parts += [v for k, v in sorted(vars(args).items())
+              if k.endswith("_command") and k != "command" and isinstance(v, str)]
+    return " ".join(p for p in parts if p)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-    """Entry point of the ``duollm`` console script; returns the exit status."""
+    """Entry point of the ``duollm`` console script; returns the exit status.
+
+    A ``UsageError`` (a user mistake) prints ``duollm <command>: error: <option>: <message>``
+    to stderr and returns 2; Ctrl-C returns 130 with one line. Any other exception is a bug
+    and propagates with its traceback. ``--debug`` lets every exception propagate.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "func", None) is None:
         parser.print_help()
-        return 2
-    return int(args.func(args) or 0)
+        return EXIT_USAGE
+    try:
+        return int(args.func(args) or 0)
+    except UsageError as e:
+        if args.debug:
+            raise
+        print(format_error(_command_name(args), e), file=sys.stderr, flush=True)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        # Commands that can lose work (train) catch Ctrl-C themselves and say how to resume.
+        print(f"\nduollm {_command_name(args)}: interrupted", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
