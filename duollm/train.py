@@ -247,8 +247,8 @@ def _train(config: DuoConfig, data: TokenData, cfg: TrainConfig, model: Optional
     unused = min(cfg.p_small, cfg.p_big) == 0
     ddp = distributed.wrap(model, info, find_unused_parameters=unused)
     log = tqdm.write if cfg.progress and info.is_main else (lambda *_: None)
-    if ckpt is not None:
-        log(f"resumed from {ckpt} at step {step}")
+    if ckpt is not None and info.is_main:  # said even with progress off: it changes the run
+        print(f"resumed from {ckpt} at step {step}", flush=True)
     bar = tqdm(total=cfg.steps, initial=step, unit="step", dynamic_ncols=True,
                disable=not (cfg.progress and info.is_main and sys.stderr.isatty()))
     tokens_per_step = cfg.batch_size * cfg.seq_len
