@@ -24,7 +24,7 @@ from .reference import FFNWeights, RouteGroups
 
 try:
     from . import _C
-except ImportError as exc:  # fail loudly (STYLE 10): say what is missing and what to do
+except ImportError as exc:  # fail loudly (docs/style.md): say what is missing and what to do
     raise ImportError(
         f"duollm.cuda_backend needs the compiled CUDA extension duollm._C, which cannot be "
         f"imported ({exc}). Build it on a machine with CUDA torch and nvcc: "

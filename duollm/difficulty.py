@@ -1,4 +1,4 @@
-"""Token difficulty: how much a token gains from extra compute (DESIGN section 5).
+"""Token difficulty: how much a token gains from extra compute (docs/routes-and-budgets.md).
 
 ``difficulty = loss under the cheap routing (all small) - loss under the oracle at a budget``.
 The oracle is the token-granularity exhaustive oracle with the context routed by ``base``

@@ -1,6 +1,6 @@
 """Op dispatch: one public function per op, validated once here, run by a chosen backend.
 
-Backends (DESIGN section 3):
+Backends (docs/backends.md):
 
 * ``"torch"``  — ``duollm.torch_backend``: plain PyTorch tuned for speed (sorted grouping,
   matmuls on contiguous slices), runs anywhere (CPU default); checked against

@@ -4,7 +4,7 @@ Each function here is short, obvious and differentiable through ordinary autogra
 what every backend (the tuned torch backend included), test and benchmark is compared
 against. Speed is not a goal of this file; clarity is.
 
-Conventions (DESIGN sections 2 and 3):
+Conventions (docs/ops.md):
 
 * A routes tensor holds one path index per token; with the Duo paths, ``SKIP = 0``,
   ``SMALL = 1``, ``BIG = 2``.

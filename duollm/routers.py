@@ -1,4 +1,4 @@
-"""Trained routers and the baselines they are judged against (DESIGN section 5, stage 3).
+"""Trained routers and the baselines they are judged against (docs/architecture.md).
 
 * ``LinearRouter`` — one linear map per layer from the FFN input ``(B, T, d)`` to logits over
   its paths (``(SMALL, BIG)`` by default). Called as ``router(layer, hidden)`` it returns hard

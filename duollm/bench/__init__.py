@@ -1,4 +1,4 @@
-"""``duollm bench``: what adaptive compute really buys (DESIGN section 6).
+"""``duollm bench``: what adaptive compute really buys (docs/routes-and-budgets.md).
 
 Subcommands (``duollm bench <cmd> --help``):
 

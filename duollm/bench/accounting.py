@@ -1,4 +1,4 @@
-"""Shapes, route mixes, exact route draws and the FLOP accounting of DESIGN section 6.
+"""Shapes, route mixes, exact route draws and the FLOP accounting of docs/routes-and-budgets.md.
 
 ``ideal = FLOPs(dense big on all N) / FLOPs(router + n_big * big + n_small * small)`` with the
 router a linear ``d -> 3`` on every token; ``realised = time(dense) / time(routed)`` measured in
@@ -125,7 +125,7 @@ def routed_flops(shape: Shape, n_big: int, n_small: int, n_tokens: int,
 
 
 def ideal_speedup(shape: Shape, n_big: int, n_small: int, n_tokens: int) -> float:
-    """FLOPs(dense) / FLOPs(routed) (DESIGN section 6); inf when both are zero-cost."""
+    """FLOPs(dense) / FLOPs(routed) (docs/routes-and-budgets.md); inf when both are zero-cost."""
     routed = routed_flops(shape, n_big, n_small, n_tokens)
     if routed == 0:
         return float("nan") if n_tokens == 0 else float("inf")
