@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU pass of ../shared/KERNELS.md in two phases, each under 10 minutes on an H100:
+# The GPU pass of docs/kernels.md in two phases, each under 10 minutes on an H100:
 #
 #   bash benchmarks/gpu_check.sh tests OUT_DIR   # build duollm._C, whole suite, no interpreter
 #   bash benchmarks/gpu_check.sh bench OUT_DIR   # kernel microbenchmarks + the speedup sweep

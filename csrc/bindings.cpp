@@ -1,4 +1,4 @@
-// The one binding file of duollm._C (STYLE 9): checks inputs, allocates outputs, takes the
+// The one binding file of duollm._C (docs/kernels.md): checks inputs, allocates outputs, takes the
 // current stream and calls the launchers of csrc/*.cu (declared in duollm.cuh). The only
 // file here that includes torch or Python headers.
 //

@@ -1,6 +1,6 @@
 // Shared declarations and device helpers of the duollm CUDA kernels (extension duollm._C).
 //
-// Only CUDA headers here (STYLE 9): every .cu file compiles on its own with
+// Only CUDA headers here (docs/kernels.md): every .cu file compiles on its own with
 //   nvcc -std=c++17 -arch=sm_90 -c file.cu
 // and csrc/bindings.cpp (the one file that sees torch) calls the launchers declared below.
 // Launchers take raw pointers, sizes and a stream, never synchronise, launch nothing for an

@@ -1,7 +1,7 @@
 """Oracle routing: the layer pattern that minimises next-token loss under a compute budget.
 
-DESIGN section 5, stage 2. ``search(model, tokens, budget, granularity, method)`` returns an
-``OracleResult``.
+The study's stage 2 (docs/routes-and-budgets.md). ``search(model, tokens, budget, granularity,
+method)`` returns an ``OracleResult``.
 
 Granularities (``tokens`` is ``(B, T)``; the model reads ``tokens[:, :-1]`` and predicts
 ``tokens[:, 1:]``):

@@ -1,6 +1,6 @@
 """The Triton backend of ``duollm.ops`` (installed as ``duollm.kernels``).
 
-One file per op (STYLE 1). Each public function here has the signature of the matching
+One file per op (docs/kernels.md). Each public function here has the signature of the matching
 function in ``duollm.reference`` (inputs already validated by ``duollm.ops``).
 """
 from .grouping import group_tokens

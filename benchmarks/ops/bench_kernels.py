@@ -14,7 +14,7 @@ the L2 cache does not flatter; never zeros):
 * duo_ffn (triton and torch backends, the latter resolved through ``duollm.ops``) vs the
   dense big FFN (torch: three matmuls + F.silu * mul + residual) at N=16384 for the paper's
   route mixes: realised speedup = time(dense) / time(routed) next to the ideal speedup
-  (DESIGN section 6: dense FLOPs / (router 2*d*3 + p_big*N big + p_small*N small FLOPs));
+  (docs/routes-and-budgets.md: dense FLOPs / (router 2*d*3 + p_big*N big + p_small*N small FLOPs));
 * forward + backward of duo_ffn (triton) vs torch autograd on the dense big FFN at N=4096.
 
 Writes ``kernels.csv`` and ``kernels.json`` (device, torch/triton versions, git SHA, dtype,

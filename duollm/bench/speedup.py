@@ -1,4 +1,5 @@
-"""``duollm bench speedup``: realised vs ideal speedup of the routed layer (DESIGN section 6).
+"""``duollm bench speedup``: realised vs ideal speedup of the routed layer
+(docs/routes-and-budgets.md).
 
 For every shape x token count x route mix, the routed layer of every available backend and the
 plain-PyTorch baselines (``naive``, ``sorted``; ``reference`` = duollm.reference) are timed
