@@ -52,7 +52,7 @@ def _randn(*shape, dtype=torch.float32, seed=0, scale=1.0):
 
 
 def _assert_close_tensorwise(out, ref64, same, name):
-    """STYLE 3's budget taken over the whole tensor: the kernel's worst error is at most twice
+    """docs/style.md budget taken over the whole tensor: the kernel's worst error is at most twice
     torch's worst error (plus atol). For long reductions over rounded low-precision
     intermediates (e.g. the gate gradient, a dot of length d with the rounded FFN output), two
     correct implementations carry independent rounding noise of the same size, so comparing

@@ -1,4 +1,4 @@
-"""The CUDA sources build without a GPU (STYLE 9, KERNELS.md): every ``csrc/*.cu`` compiles on
+"""The CUDA sources build without a GPU (docs/kernels.md): every ``csrc/*.cu`` compiles on
 its own with nvcc, only ``csrc/bindings.cpp`` sees torch or Python headers, and setup.py says
 why it skips the extension where it cannot build it. Runs in CI on the CPU."""
 import os

@@ -1,4 +1,4 @@
-"""Tolerances that mean something (STYLE 3).
+"""Tolerances that mean something (docs/style.md, item 3).
 
 A kernel output is compared with the reference computed in float64 from the same inputs,
 and allowed twice the worst error that plain torch makes in the kernel's own dtype, plus a
