@@ -100,7 +100,7 @@ def test_duo_ffn_matches_reference_float64(N, d, widths, routes, residual, gate)
 
 @pytest.mark.parametrize("N,d,widths,routes", CASES[:3] + CASES[6:8])
 def test_duo_ffn_float32_within_torch_error(N, d, widths, routes):
-    """|backend - ref64| <= 2 |reference in float32 - ref64| + atol (STYLE 3), every gradient."""
+    """|backend - ref64| <= 2 |reference in float32 - ref64| + atol (docs/style.md), all grads."""
     x, routes, params, res, gt = _case(N, d, widths, dtype=torch.float32, routes=routes)
     leaves32 = _leaves(x, params, res, gt)
     leaves64 = [l.detach().double().requires_grad_(True) for l in leaves32]
