@@ -24,8 +24,8 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from .config import DuoConfig
-from .reference import BIG
+from ..config import DuoConfig
+from ..reference import BIG
 
 
 @dataclass(frozen=True)
@@ -135,11 +135,11 @@ def run_study(preset: Optional[str] = None, data="default", steps: Optional[int]
       budgets: big-layer counts k for routers and difficulty (default 1 and L // 2).
       model: an already trained ``DuoLLM`` to study instead of training one.
     """
-    from . import oracle as O
+    from .. import oracle as O
     from . import report as R
-    from .data import TokenData, load_data, sample_batch
-    from .difficulty import export_csv, high_loss_correlation, token_difficulty
-    from .routers import (agreement, calibrate, fixed_pattern, random_patterns,
+    from ..data import TokenData, load_data, sample_batch
+    from ..difficulty import export_csv, high_loss_correlation, token_difficulty
+    from ..routers import (agreement, calibrate, fixed_pattern, random_patterns,
                           random_token_routes, route_and_loss, train_router,
                           train_supervised_router)
     from .synthetic import KIND_NAMES, make_synthetic_data
@@ -175,7 +175,7 @@ def run_study(preset: Optional[str] = None, data="default", steps: Optional[int]
     # ---------------------------------------------------------------- stage 1
     t0 = time.perf_counter()
     if model is None:
-        from .train import TrainConfig, train
+        from ..train import TrainConfig, train
 
         config = DuoConfig.from_name(preset, vocab_size=tdata.vocab_size)
         seq_len = min(d.seq_len, config.max_seq_len - 1)

@@ -79,7 +79,7 @@ def make_synthetic_data(n_tokens: int = 300_000, seed: int = 0, val_fraction: fl
       return_labels: also return a ``SyntheticLabels`` with each token's kind.
     Returns: ``TokenData`` or ``(TokenData, SyntheticLabels)``.
     """
-    from .data import TokenData  # data.py imports this module lazily too
+    from ..data import TokenData
 
     if not isinstance(n_tokens, int) or n_tokens < 4:
         raise ValueError(f"n_tokens: expected an int >= 4, got {n_tokens!r}")
