@@ -59,7 +59,9 @@ setup(
     install_requires=["torch>=2.3", "numpy", "safetensors", "tqdm", "matplotlib"],
     extras_require={
         "triton": ["triton>=3.0"],
-        "test": ["pytest", "hypothesis", "pytest-benchmark"],
+        # duollm.hf wraps transformers models; import duollm works without it.
+        "hf": ["transformers"],
+        "test": ["pytest", "hypothesis", "pytest-benchmark", "transformers", "ruff"],
         "bench": ["pytest-benchmark", "matplotlib"],
     },
     entry_points={"console_scripts": ["duollm = duollm.cli:main"]},

@@ -42,7 +42,8 @@ def test_every_lazy_submodule_resolves(name):
 def test_hf_is_lazy_and_resolves():
     if importlib.util.find_spec("duollm.hf") is None:
         pytest.skip("duollm.hf is not in this tree yet")
-    out = _run("import sys, duollm; m = duollm.hf; print(m.__name__, 'transformers' in sys.modules)")
+    out = _run("import sys, duollm; m = duollm.hf; "
+               "print(m.__name__, 'transformers' in sys.modules)")
     assert out.split() == ["duollm.hf", "True"]
 
 
