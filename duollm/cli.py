@@ -112,6 +112,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    help="continue from the latest checkpoint in --out")
     p.add_argument("--no-progress", dest="progress", action="store_false",
                    help="no progress bar and no per-validation lines")
+    p.add_argument("--fsdp", action="store_true",
+                   help="under torchrun, shard weights, gradients and optimizer state across "
+                        "the ranks with FSDP2 instead of replicating the model (DDP)")
     add_threads_arg(p)
 
 

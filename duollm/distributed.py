@@ -105,3 +105,62 @@ def wrap(model: torch.nn.Module, info: DistInfo,
 
     ids = [info.local_rank] if torch.device(info.device).type == "cuda" else None
     return DDP(model, device_ids=ids, find_unused_parameters=find_unused_parameters)
+
+
+# --------------------------------------------------------------------------- FSDP2
+
+
+def fsdp_shard(model: torch.nn.Module, info: DistInfo, units=None) -> torch.nn.Module:
+    """Shard ``model``'s parameters across the ranks with FSDP2 (``fully_shard``), in place.
+
+    Each of ``units`` (default: ``model.layers``, the decoder blocks) becomes its own FSDP
+    group, gathered just before its forward and freed after it, so a rank holds one block's
+    full weights at a time plus its 1/N share of the rest; the root (embeddings, final norm,
+    a tied head) is the last group. Tied parameters must live in one group (they do here: the
+    root). Call it before building the optimizer: the parameters become ``DTensor`` shards.
+    A single process (``info.enabled`` false) has nothing to shard; ``model`` is returned as is.
+    """
+    if not info.enabled:
+        return model
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(torch.device(info.device).type, (info.world_size,))
+    for unit in (model.layers if units is None else units):
+        fully_shard(unit, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def is_fsdp(model: torch.nn.Module) -> bool:
+    """Whether ``fully_shard`` was applied to ``model``."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def fsdp_full_state(model: torch.nn.Module, optimizer=None, rank0_only: bool = True):
+    """Full (unsharded) model and optimizer state dicts of an FSDP2 model; a collective.
+
+    Every rank must call it. With ``rank0_only`` the tensors are gathered to the CPU of rank 0
+    and the other ranks get empty dicts (for saving); otherwise every rank gets all of them
+    on its device (for handing back a whole model). The optimizer's state is keyed by
+    parameter name (``torch.distributed.checkpoint``'s format), not by index.
+    Returns: ``(model_state, optimizer_state or None)``.
+    """
+    from torch.distributed.checkpoint import state_dict as dcp
+
+    opts = dcp.StateDictOptions(full_state_dict=True, cpu_offload=rank0_only)
+    msd = dcp.get_model_state_dict(model, options=opts)
+    osd = None if optimizer is None else dcp.get_optimizer_state_dict(model, optimizer,
+                                                                      options=opts)
+    return msd, osd
+
+
+def fsdp_load_optimizer(model: torch.nn.Module, optimizer, state_by_name) -> None:
+    """Load a full, name-keyed optimizer state (as ``fsdp_full_state`` gives) into the
+    sharded ``optimizer`` of ``model``; every rank passes the whole state."""
+    from torch.distributed.checkpoint import state_dict as dcp
+
+    dcp.set_optimizer_state_dict(model, optimizer, optim_state_dict=state_by_name,
+                                 options=dcp.StateDictOptions(full_state_dict=True))

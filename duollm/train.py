@@ -9,6 +9,15 @@ All randomness of a step (the batch offsets and the route draws) comes from one 
 ``torch.Generator`` seeded with ``TrainConfig.seed``, whose state travels in checkpoints. Under
 ``torchrun`` every rank draws the same global batch and the same global routes and trains on
 its own contiguous slice of both, so N ranks compute exactly the single-process step.
+The ranks either replicate the model (DDP, the default) or shard it (FSDP2, ``fsdp=True``:
+each rank holds 1/N of the weights, gradients and optimizer state, which is what lets
+``paper-1.4b`` train on GPUs whose memory would not hold a replica plus AdamW's state).
+Checkpoints are full state dicts either way (gathered to rank 0), so one format resumes
+under DDP, FSDP or a single process.
+
+``trainable`` (a regular expression over parameter names) trains only the matching parameters
+and freezes the rest: the "freeze big, then train small" stage of the Duo-LLM ablations and
+the stage-1 training of a converted Hugging Face model both use it.
 """
 from __future__ import annotations
 
@@ -62,6 +71,8 @@ class TrainConfig:
     backend: Optional[str] = None
     progress: bool = True
     keep_checkpoints: int = 2  # the newest checkpoints kept in out_dir
+    fsdp: bool = False         # shard with FSDP2 under torchrun (a no-op in one process)
+    trainable: Optional[str] = None  # regex over parameter names; None: train all
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "seq_len", "eval_batches", "keep_checkpoints"):
@@ -84,6 +95,17 @@ class TrainConfig:
         except (RuntimeError, TypeError):
             raise ValueError(f"device: expected a torch device such as 'cpu' or 'cuda:0', "
                              f"got {self.device!r}") from None
+        if not isinstance(self.fsdp, bool):
+            raise ValueError(f"fsdp: expected a bool, got {self.fsdp!r}")
+        if self.trainable is not None:
+            if not isinstance(self.trainable, str) or not self.trainable:
+                raise ValueError(f"trainable: expected a non-empty regular expression, got "
+                                 f"{self.trainable!r}")
+            try:
+                re.compile(self.trainable)
+            except re.error as e:
+                raise ValueError(f"trainable: not a regular expression ({e}): "
+                                 f"{self.trainable!r}") from None
         if (self.checkpoint_every or self.resume) and not self.out_dir:
             raise ValueError("out_dir: checkpoint_every and resume need an out_dir")
 
@@ -114,11 +136,33 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
 
 
+def freeze(model: torch.nn.Module, trainable: Optional[str]) -> List[str]:
+    """Train only the parameters whose names match the regex ``trainable``; freeze the rest.
+
+    Sets ``requires_grad`` on every parameter of ``model`` (all True when ``trainable`` is
+    None). ``re.search`` semantics, e.g. ``r"[.]ffn[.]small[.]"`` keeps every small FFN.
+    Returns: the names of the trainable parameters. Raises ValueError if none match.
+    """
+    names = []
+    pattern = None if trainable is None else re.compile(trainable)
+    for name, p in model.named_parameters():
+        p.requires_grad_(pattern is None or bool(pattern.search(name)))
+        if p.requires_grad:
+            names.append(name)
+    if not names:
+        raise ValueError(f"trainable: {trainable!r} matches no parameter name of the model "
+                         f"(e.g. {next(iter(dict(model.named_parameters())), None)!r})")
+    return names
+
+
 def make_optimizer(model: DuoLLM, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW; weight decay only on the matrices of attention and FFNs (not norms, embeddings)."""
+    """AdamW over the parameters that require gradients; weight decay only on the matrices
+    of attention and FFNs (not norms, embeddings)."""
     embed = {id(model.embed.weight), id(model.lm_head.weight)}
     decay, no_decay = [], []
     for p in model.parameters():  # parameters() yields a tied tensor once
+        if not p.requires_grad:
+            continue  # frozen: no optimizer state, no weight decay
         (decay if p.dim() >= 2 and id(p) not in embed else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
@@ -207,6 +251,8 @@ def train(model_config: DuoConfig, data: TokenData, cfg: TrainConfig,
     CPU when ``cfg`` is unchanged; a larger ``steps`` stretches the remaining cosine schedule.
     Under ``torchrun`` (``WORLD_SIZE > 1``) the process group is joined here (unless the
     caller already did) and left at the end; rank 0 alone prints and writes checkpoints.
+    With ``cfg.fsdp`` the ranks shard the model with FSDP2 instead of replicating it; the
+    returned model is then a plain, whole ``DuoLLM`` on every rank (gathered at the end).
     """
     if not isinstance(cfg, TrainConfig):
         raise TypeError(f"cfg: expected a TrainConfig, got {type(cfg).__name__}")
@@ -235,17 +281,35 @@ def _train(config: DuoConfig, data: TokenData, cfg: TrainConfig, model: Optional
         raise ValueError(f"model: its config {model.config} differs from model_config")
     model.config = config
     model.to(device).train()
-    optimizer = make_optimizer(model, cfg)
+    freeze(model, cfg.trainable)
+    sharded = cfg.fsdp and info.enabled
     gen = torch.Generator().manual_seed(cfg.seed)  # batches and routes, CPU for determinism
     step, history = 0, []
     ckpt = latest_checkpoint(cfg.out_dir) if cfg.resume else None
-    if ckpt is not None:
-        state = load_into(ckpt, model, optimizer, generator=gen, restore_rng=True,
-                          device=device)
-        step, history = state["step"], state["extra"].get("history", [])
-    # Paths that get no tokens leave their weights without gradients under some backends.
-    unused = min(cfg.p_small, cfg.p_big) == 0
-    ddp = distributed.wrap(model, info, find_unused_parameters=unused)
+    if sharded:
+        # Checkpoints hold full weights: load them into the whole model on every rank, then
+        # shard; the optimizer (which needs the sharded parameters) is restored afterwards.
+        if ckpt is not None:
+            state = load_into(ckpt, model, generator=gen, restore_rng=True, device=device)
+            step, history = state["step"], state["extra"].get("history", [])
+        distributed.fsdp_shard(model, info)
+        optimizer = make_optimizer(model, cfg)
+        if ckpt is not None:
+            if state["optimizer"] is None:
+                raise ValueError(f"resume: the checkpoint at {ckpt!r} holds no optimizer "
+                                 f"state")
+            distributed.fsdp_load_optimizer(model, optimizer, _state_by_name(
+                state["optimizer"], _optimizer_names(model, optimizer)))
+        ddp = model  # FSDP2 shards in place: the model itself runs the collectives
+    else:
+        optimizer = make_optimizer(model, cfg)
+        if ckpt is not None:
+            state = load_into(ckpt, model, optimizer, generator=gen, restore_rng=True,
+                              device=device)
+            step, history = state["step"], state["extra"].get("history", [])
+        # Paths that get no tokens leave their weights without gradients under some backends.
+        unused = min(cfg.p_small, cfg.p_big) == 0
+        ddp = distributed.wrap(model, info, find_unused_parameters=unused)
     log = tqdm.write if cfg.progress and info.is_main else (lambda *_: None)
     if ckpt is not None and info.is_main:  # said even with progress off: it changes the run
         print(f"resumed from {ckpt} at step {step}", flush=True)
@@ -305,7 +369,10 @@ def _train(config: DuoConfig, data: TokenData, cfg: TrainConfig, model: Optional
         if cfg.out_dir and ((cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
                             or step == cfg.steps):
             t_save = time.perf_counter()
-            if info.is_main:
+            if sharded:
+                _save_sharded(cfg.out_dir, model, optimizer, step, gen, cfg, history,
+                              data.name, info)
+            elif info.is_main:
                 _save(cfg.out_dir, model, optimizer, step, gen, cfg, history, data.name)
             distributed.barrier(info)
             t_pause += time.perf_counter() - t_save
@@ -314,4 +381,68 @@ def _train(config: DuoConfig, data: TokenData, cfg: TrainConfig, model: Optional
         val_loss = dict(history[-1]["val"])
     else:  # resumed at (or past) the last step: nothing trained, validate what was loaded
         val_loss = validate()
+    if sharded:
+        model = _unsharded(model, cfg, device)
     return TrainResult(model=model, history=history, val_loss=val_loss)
+
+
+# --------------------------------------------------------------------------- FSDP2 helpers
+# A checkpoint's optimizer state is the plain ``optimizer.state_dict()`` (parameters by
+# index in ``make_optimizer``'s order); torch.distributed.checkpoint speaks of parameters by
+# name. These two convert, so FSDP, DDP and single-process runs share one checkpoint format.
+
+
+def _optimizer_names(model: torch.nn.Module, optimizer) -> List[str]:
+    """The parameter name of each optimizer index."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+
+
+def _state_by_name(state: Dict, names: List[str]) -> Dict:
+    return {"state": {names[i]: s for i, s in state["state"].items()},
+            "param_groups": [dict(g, params=[names[i] for i in g["params"]])
+                             for g in state["param_groups"]]}
+
+
+def _state_by_index(state: Dict, names: List[str]) -> Dict:
+    index = {n: i for i, n in enumerate(names)}
+    return {"state": {index[n]: s for n, s in state["state"].items()},
+            "param_groups": [dict(g, params=[index[n] for n in g["params"]])
+                             for g in state["param_groups"]]}
+
+
+class _StateOnly:
+    """Stands in for an optimizer where ``save_checkpoint`` only asks for its state dict."""
+
+    def __init__(self, state: Dict):
+        self._state = state
+
+    def state_dict(self) -> Dict:
+        return self._state
+
+
+def _plain_copy(model: torch.nn.Module, state: Dict, device) -> DuoLLM:
+    # fork_rng: building the copy draws initial weights, and must not move the global RNG
+    # state that checkpoints record (resume would then differ from an unsharded run).
+    with torch.random.fork_rng(devices=[]):
+        plain = DuoLLM(model.config)
+    plain.load_state_dict(state)
+    return plain.to(device)
+
+
+def _save_sharded(out_dir, model, optimizer, step, gen, cfg, history, data_name,
+                  info: distributed.DistInfo) -> None:
+    """Gather the full model and optimizer state to rank 0 (a collective) and save it there."""
+    msd, osd = distributed.fsdp_full_state(model, optimizer, rank0_only=True)
+    if info.is_main:
+        plain = _plain_copy(model, msd, "cpu")
+        state = _state_by_index(osd, _optimizer_names(model, optimizer))
+        _save(out_dir, plain, _StateOnly(state), step, gen, cfg, history, data_name)
+
+
+def _unsharded(model: torch.nn.Module, cfg: TrainConfig, device) -> DuoLLM:
+    """A plain ``DuoLLM`` with the full trained weights, on every rank (a collective)."""
+    msd, _ = distributed.fsdp_full_state(model, rank0_only=False)
+    plain = _plain_copy(model, {k: v.to(device) for k, v in msd.items()}, device)
+    freeze(plain, cfg.trainable)
+    return plain.train()
