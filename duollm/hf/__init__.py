@@ -1,0 +1,22 @@
+"""Duo layers inside Hugging Face models: convert, route, train the small paths, export.
+
+``convert(model, d_small)`` gives every SwiGLU MLP of a Llama/Mistral/Qwen2/Qwen3 model a small
+sibling in place; ``routing(model, routes)`` routes it (``model(...)`` and ``model.generate``);
+``export`` writes a ``DuoLLM``'s all-big or all-small sub-model as a Llama checkpoint;
+``save_converted`` / ``load_converted`` / ``load_pretrained`` move converted models through
+folders. Importing this module registers the converted models' ``RoutedStack`` with
+``duollm.stack.as_stack``, so the oracle, token difficulty and the routers accept them.
+See ``docs/hf.md``.
+
+Needs ``transformers`` (an optional dependency of duollm).
+"""
+import importlib.util
+
+if importlib.util.find_spec("transformers") is None:
+    raise ImportError("duollm.hf needs the transformers package: pip install transformers")
+
+from .convert import convert, decoder_layers  # noqa: E402
+from .routing import HFDuoFFN, HFDuoSpec, active_routes, is_converted, routing, spec_of  # noqa: E402
+
+__all__ = ["convert", "routing", "is_converted", "spec_of", "active_routes", "decoder_layers",
+           "HFDuoFFN", "HFDuoSpec"]
