@@ -11,11 +11,13 @@ import importlib
 import importlib.util
 import os
 import platform
+import shlex
 import sys
 from typing import List, Optional
 
 from duollm.usage import (EXIT_INTERRUPTED, EXIT_USAGE, UsageError, add_threads_arg,
-                          apply_thread_rule, format_error)
+                          apply_thread_rule, check_data_file, check_device, check_float,
+                          check_int, check_out_dir, format_error, options_of)
 
 # Subcommands owned by other modules: name -> (module, help). Each module provides
 # ``add_cli(parser)`` (add its arguments) and ``run_cli(args) -> int``.
@@ -109,7 +111,11 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", dest="out_dir", default=None, metavar="DIR",
                    help="directory for checkpoints (step_N subdirectories)")
     p.add_argument("--resume", action="store_true",
-                   help="continue from the latest checkpoint in --out")
+                   help="continue from the latest checkpoint in --out (an error if there is "
+                        "none)")
+    p.add_argument("--resume-if-present", action="store_true",
+                   help="continue from the latest checkpoint in --out if there is one, else "
+                        "start afresh")
     p.add_argument("--no-progress", dest="progress", action="store_false",
                    help="no progress bar and no per-validation lines")
     p.add_argument("--fsdp", action="store_true",
@@ -118,25 +124,163 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     add_threads_arg(p)
 
 
-def run_train(args: argparse.Namespace) -> int:
-    from duollm import distributed
+# TrainConfig field -> the flag that sets it, so its own checks name the user's option.
+_TRAIN_OPTION = {name: flag for flag, name, _, _ in _TRAIN_FLAGS}
+_TRAIN_OPTION.update(min_lr="--min-lr", out_dir="--out", resume="--resume", amp="--amp",
+                     progress="--no-progress")
+
+
+@dataclasses.dataclass
+class TrainPlan:
+    """What ``duollm train`` will do, settled by ``plan_train`` before any work."""
+
+    cfg: "object"            # duollm.train.TrainConfig
+    data: "object"           # duollm.data.TokenData
+    model_config: "object"   # duollm.config.DuoConfig
+    checkpoint: Optional[str]  # the checkpoint it resumes from, or None
+
+
+def plan_train(args: argparse.Namespace) -> TrainPlan:
+    """Validate every ``train`` option and load the data; raise ``UsageError`` for a mistake.
+
+    Nothing is written and nothing trains here: every check that can fail does so before
+    the first step, so a mistake never costs a finished training run.
+    """
+    from duollm import ops
     from duollm.config import DuoConfig
     from duollm.data import load_data
-    from duollm.train import TrainConfig, train
+    from duollm.train import TrainConfig, latest_checkpoint
 
+    # 1. Option values: TrainConfig's own checks, reported under the flags' names.
+    check_float("--val-fraction", args.val_fraction, low=0.0, high=1.0, low_open=True,
+                high_open=True)
+    if args.threads is not None:
+        check_int("--threads", args.threads, low=0)
+    device = check_device("--device", args.device)
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     knobs = {k: v for k, v in vars(args).items() if k in fields}
-    if knobs["min_lr"] is None:
+    knobs["device"] = str(device)
+    if knobs["min_lr"] is None and isinstance(knobs["lr"], (int, float)):
         knobs["min_lr"] = knobs["lr"] / 10
-    cfg = TrainConfig(**knobs)
-    data = load_data(args.data, val_fraction=args.val_fraction)
+    if not args.out_dir:
+        for flag, asked in (("--resume", args.resume),
+                            ("--resume-if-present", args.resume_if_present),
+                            ("--checkpoint-every", isinstance(args.checkpoint_every, int)
+                             and args.checkpoint_every > 0)):
+            if asked:
+                raise UsageError(flag, "needs --out DIR, the folder that holds the "
+                                       "checkpoints")
+    with options_of(_TRAIN_OPTION):
+        cfg = TrainConfig(**knobs)
+    if cfg.backend is not None and cfg.backend != "auto":
+        status = ops.backend_status(device)
+        if cfg.backend not in status:
+            raise UsageError("--backend", f"unknown backend {cfg.backend!r}; expected auto or "
+                                          f"one of {', '.join(sorted(status))}")
+        if status[cfg.backend] is not None:
+            raise UsageError("--backend", f"{cfg.backend} cannot run on {device}: "
+                                          f"{status[cfg.backend]}")
+    # 2. Files: the output folder and the corpus, before anything is read or written.
+    check_out_dir("--out", cfg.out_dir)
+    if args.data not in ("default", "synthetic"):
+        check_data_file("--data", args.data)
+    checkpoint = latest_checkpoint(cfg.out_dir) if cfg.out_dir else None
+    if args.resume and checkpoint is None:
+        raise UsageError("--resume", f"no checkpoint (step_N folder) in {cfg.out_dir}; drop "
+                                     f"--resume to start afresh, or use --resume-if-present")
+    if args.resume_if_present:
+        cfg = dataclasses.replace(cfg, resume=checkpoint is not None)
+    if checkpoint is not None and not cfg.resume:
+        raise UsageError("--out", f"{cfg.out_dir} already holds checkpoints of a run (latest: "
+                                  f"{os.path.basename(checkpoint)}); add --resume to continue "
+                                  f"it, or pick another folder")
+    # 3. The corpus and the model shape against the sequence length and the checkpoint.
+    with options_of({"source": "--data", "val_fraction": "--val-fraction"}):
+        try:
+            data = load_data(args.data, val_fraction=args.val_fraction)
+        except ValueError as e:  # too short to split: no field prefix
+            if "too short" not in str(e):
+                raise
+            raise UsageError("--data", str(e)) from None
     model_config = DuoConfig.from_name(args.preset, vocab_size=data.vocab_size)
+    if cfg.seq_len > model_config.max_seq_len:
+        raise UsageError("--seq-len", f"expected at most {model_config.max_seq_len} (the "
+                                      f"{args.preset} preset's max_seq_len), got {cfg.seq_len}")
+    for split, tokens in (("training", data.train), ("validation", data.val)):
+        if tokens.numel() < cfg.seq_len + 1:
+            raise UsageError("--seq-len", f"{cfg.seq_len} needs windows of {cfg.seq_len + 1} "
+                                          f"tokens, but the {split} split of {data.name} holds "
+                                          f"{tokens.numel()}; lower --seq-len or change "
+                                          f"--val-fraction")
+    if cfg.resume:
+        _check_resumable(checkpoint, model_config, cfg)
+    return TrainPlan(cfg=cfg, data=data, model_config=model_config,
+                     checkpoint=checkpoint if cfg.resume else None)
+
+
+def _check_resumable(checkpoint: str, model_config, cfg) -> None:
+    """The checkpoint must hold the model these options build (else loading fails later)."""
+    from duollm.checkpoint import read_meta
+    from duollm.train import _training_config
+
+    saved = read_meta(checkpoint).get("config")
+    if saved is None:
+        return
+    wanted = _training_config(model_config, cfg).to_dict()
+    differ = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
+    if differ:
+        shown = ", ".join(f"{k} {saved.get(k)} there, {wanted.get(k)} here"
+                          for k in differ[:3]) + (", ..." if len(differ) > 3 else "")
+        raise UsageError("--resume", f"{checkpoint} holds a different model ({shown});\n"
+                                     f"  use that run's --preset, --data and --p-* options")
+
+
+def _resume_command(argv: List[str]) -> str:
+    """The command line that continues an interrupted ``train`` run: the same with --resume."""
+    argv = [a for a in argv if a != "--resume-if-present"]
+    if "--resume" not in argv:
+        argv.append("--resume")
+    return "duollm " + shlex.join(argv)
+
+
+def _report_interrupt(args: argparse.Namespace, cfg) -> None:
+    from duollm.checkpoint import read_meta
+    from duollm.train import latest_checkpoint
+
+    checkpoint = latest_checkpoint(cfg.out_dir) if cfg.out_dir else None
+    lines = ["", "duollm train: interrupted (Ctrl-C); the step in progress was abandoned"]
+    if checkpoint is not None:
+        step = read_meta(checkpoint)["step"]
+        lines.append(f"last checkpoint: {checkpoint} (step {step} of {cfg.steps})")
+        lines.append(f"resume with: {_resume_command(args.argv)}")
+    elif cfg.out_dir:
+        lines.append(f"no checkpoint was saved in {cfg.out_dir} yet (--checkpoint-every N "
+                     f"saves one every N steps); nothing to resume")
+    else:
+        lines.append("no checkpoint was saved (no --out); nothing to resume")
+    print("\n".join(lines), file=sys.stderr, flush=True)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from duollm import distributed
+    from duollm.train import train
+
+    plan = plan_train(args)
+    cfg, data, model_config = plan.cfg, plan.data, plan.model_config
     apply_thread_rule(args.threads, cfg.device, model_config.d_model)
     main_rank = os.environ.get("RANK", "0") == "0"
     if main_rank:
         print(f"training {args.preset} ({model_config.param_count() / 1e6:.2f}M params) on "
               f"{data!r}, world size {distributed.env_world_size()}", flush=True)
-    result = train(model_config, data, cfg)
+    try:
+        result = train(model_config, data, cfg)
+    except KeyboardInterrupt:
+        # Checkpoints are written atomically, so the newest one on disk is whole.
+        if main_rank and not args.debug:
+            _report_interrupt(args, cfg)
+        if args.debug:
+            raise
+        return EXIT_INTERRUPTED
     if main_rank:
         print("\nvalidation loss (nats/token)")
         print(f"{'policy':<8} {'loss':>8}")
@@ -226,7 +370,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     and propagates with its traceback. ``--debug`` lets every exception propagate.
     """
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.argv = argv  # as typed: the resume hint repeats it
     if getattr(args, "func", None) is None:
         parser.print_help()
         return EXIT_USAGE

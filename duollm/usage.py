@@ -267,7 +267,15 @@ def options_of(flags: Dict[str, str]) -> Iterator[None]:
         names = [n.strip() for n in match.group(1).split(",")]
         if not all(n in flags for n in names):
             raise
-        raise UsageError("/".join(flags[n] for n in names), match.group(2)) from e
+        message = match.group(2)
+        # Say field names as flags: those with an underscore (never English words), and the
+        # leading names of a rule relating several options ("lr, min_lr: ... lr > 0").
+        said = {n for n in flags if "_" in n} | (set(names) if len(names) > 1 else set())
+        if said:  # one pass, so that a flag put in is never rewritten again
+            pattern = "|".join(re.escape(n) for n in sorted(said, key=len, reverse=True))
+            message = re.sub(rf"(?<![\w-])({pattern})(?![\w-])",
+                             lambda m: flags[m.group(1)], message)
+        raise UsageError("/".join(flags[n] for n in names), message) from e
 
 
 def format_error(command: str, error: Union[UsageError, str]) -> str:
