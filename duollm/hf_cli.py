@@ -1,0 +1,385 @@
+"""The command line of the Hugging Face drop-in: ``duollm convert`` and ``duollm train --hf``.
+
+This module sits beside ``duollm.hf``, not inside it, on purpose: ``duollm`` builds its parser
+(every ``--help``, every command) by importing the command modules, and ``duollm.hf`` imports
+``transformers``, which is optional and slow to import. Here ``duollm.hf`` is imported only when
+a command runs; without ``transformers`` the commands say what to install (exit 2).
+
+Every option is validated before any model is loaded or file written (``duollm.usage``). See
+``docs/hf.md``.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import os
+from typing import Optional
+
+from duollm.usage import (UsageError, add_threads_arg, apply_thread_rule, check_data_file,
+                          check_device, check_int, check_out_dir, options_of)
+
+DTYPES = ("float32", "bfloat16", "float16")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+# Calibration windows for the activation-aware prune score: long enough to see real context,
+# short enough that one all-big forward over them is cheap.
+CALIBRATION_SEQ = 256
+
+
+# --------------------------------------------------------------------------- shared checks
+
+
+def require_transformers(option: str) -> None:
+    """UsageError naming ``option`` when ``transformers`` (needed by ``duollm.hf``) is absent."""
+    if importlib.util.find_spec("transformers") is None:
+        raise UsageError(option, "needs the transformers package: pip install transformers "
+                                 "(or pip install duollm[hf])")
+
+
+@dataclasses.dataclass
+class Checkpoint:
+    """What ``check_checkpoint`` learned about a local checkpoint folder without loading it.
+
+    Fields: ``path``; ``config`` (its config.json); ``converted`` (a ``save_converted``
+    folder: its small paths are already there); ``has_tokenizer``; ``d_big`` (the MLP width
+    from the config, None if it does not say); ``vocab_size``; ``max_positions`` (or None).
+    """
+
+    path: str
+    config: dict
+    converted: bool
+    has_tokenizer: bool
+    d_big: Optional[int]
+    vocab_size: Optional[int]
+    max_positions: Optional[int]
+
+
+def check_checkpoint(option: str, path) -> Checkpoint:
+    """Check that ``path`` is a local Hugging Face checkpoint folder (config.json + weights)."""
+    if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
+        raise UsageError(option, f"expected a checkpoint folder, got {path!r}")
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise UsageError(option, f"no such folder: {path} (a local checkpoint folder with "
+                                 f"config.json; nothing is downloaded)")
+    if not os.path.isdir(path):
+        raise UsageError(option, f"{path} is a file; expected a checkpoint folder with "
+                                 f"config.json and the weights")
+    config_path = os.path.join(path, "config.json")
+    if not os.path.isfile(config_path):
+        raise UsageError(option, f"{path} is not a Hugging Face checkpoint: it has no "
+                                 f"config.json")
+    try:
+        with open(config_path) as f:
+            config = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UsageError(option, f"cannot read {config_path}: {e}") from None
+    if not isinstance(config, dict):
+        raise UsageError(option, f"{config_path} does not hold a JSON object")
+    names = os.listdir(path)
+    if not any(n.endswith((".safetensors", ".bin")) or n.endswith(".safetensors.index.json")
+               for n in names):
+        raise UsageError(option, f"{path} holds no weights (*.safetensors or *.bin)")
+
+    def int_field(*keys):
+        for key in keys:
+            value = config.get(key)
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+        return None
+
+    converted = any(n.startswith("duollm") and n.endswith(".json") for n in names)
+    return Checkpoint(path=path, config=config, converted=converted,
+                      has_tokenizer=any(n in names for n in TOKENIZER_FILES),
+                      d_big=int_field("intermediate_size"),
+                      vocab_size=int_field("vocab_size"),
+                      max_positions=int_field("max_position_embeddings"))
+
+
+def check_d_small(option: str, d_small, ckpt: Checkpoint) -> int:
+    d_small = check_int(option, d_small, low=1)
+    if ckpt.d_big is not None and d_small >= ckpt.d_big:
+        raise UsageError(option, f"expected a width below the MLP width {ckpt.d_big} of "
+                                 f"{ckpt.path}, got {d_small}")
+    return d_small
+
+
+def load_tokenizer(option: str, ckpt: Checkpoint):
+    """The checkpoint's own tokenizer, or None when it ships none (bytes are used then)."""
+    if not ckpt.has_tokenizer:
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(ckpt.path)
+    except (OSError, ValueError) as e:
+        raise UsageError(option, f"cannot load the tokenizer in {ckpt.path}: {e}") from None
+
+
+def token_data(source: str, tokenizer, vocab_size: int, val_fraction: float, option: str):
+    """A ``duollm.data.TokenData`` of ``source`` in the model's own token ids.
+
+    ``source``: ``"default"`` (the embedded corpus) or a UTF-8 text file. With ``tokenizer``
+    (a ``transformers`` tokenizer) the text is tokenized by it; without, it is bytes, which
+    need a vocabulary of at least 256.
+    """
+    import torch
+
+    from duollm.data import (ByteTokenizer, TokenData, default_corpus_text, load_data,
+                             split_tokens)
+
+    if tokenizer is None:
+        if vocab_size < ByteTokenizer.vocab_size:
+            raise UsageError(option, f"the checkpoint ships no tokenizer and its vocabulary "
+                                     f"of {vocab_size} cannot hold the 256 byte ids")
+        with options_of({"source": "--data", "val_fraction": "--val-fraction"}):
+            return load_data(source, val_fraction=val_fraction)
+    if source == "default":
+        text, name = default_corpus_text(), "pydoc-topics"
+    else:
+        with open(source, encoding="utf-8") as f:
+            text = f.read()
+        name = os.path.basename(source)
+    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+    tokens = torch.tensor(ids, dtype=torch.int64)
+    if tokens.numel() and int(tokens.max()) >= vocab_size:
+        raise UsageError(option, f"the tokenizer produces id {int(tokens.max())}, outside the "
+                                 f"model's vocabulary of {vocab_size}")
+    try:
+        train, val = split_tokens(tokens, val_fraction)
+    except ValueError as e:
+        raise UsageError("--data", str(e)) from None
+    return TokenData(train=train, val=val, vocab_size=vocab_size,
+                     name=f"{name} ({type(tokenizer).__name__})")
+
+
+def calibration_tokens(n: int, tokenizer, vocab_size: int, max_positions: Optional[int]):
+    """(B, T) token ids of the embedded corpus's start (about ``n`` tokens), or None for 0."""
+    if n == 0:
+        return None
+    data = token_data("default", tokenizer, vocab_size, 0.1, "--calibration-tokens")
+    T = min(CALIBRATION_SEQ, n, max_positions or CALIBRATION_SEQ)
+    B = max(1, n // T)
+    if data.train.numel() < B * T:
+        raise UsageError("--calibration-tokens", f"the embedded corpus holds "
+                                                 f"{data.train.numel()} tokens; ask for fewer")
+    return data.train[:B * T].view(B, T)
+
+
+def _dtype(name: Optional[str]):
+    import torch
+
+    return None if name is None else getattr(torch, name)
+
+
+# --------------------------------------------------------------------------- convert
+
+
+def add_cli(p: argparse.ArgumentParser) -> None:
+    """Arguments of ``duollm convert``."""
+    p.description = ("Convert a local Hugging Face checkpoint (Llama, Mistral, Qwen2, Qwen3): "
+                     "every SwiGLU MLP gets a small sibling of width --d-small (pruned from the "
+                     "big one, or random) and a skip path. The converted model is saved to "
+                     "--out and loads with duollm.hf.load_converted (or duollm train --hf / "
+                     "duollm study --hf). Nothing is downloaded.")
+    p.add_argument("path", metavar="PATH", help="a local HF checkpoint folder (config.json + "
+                                                "weights)")
+    p.add_argument("--d-small", dest="d_small", type=int, required=True, metavar="N",
+                   help="width of the small FFNs (below the checkpoint's intermediate_size)")
+    p.add_argument("--init", choices=("prune", "random"), default="prune",
+                   help="small path: the big one's most important channels, or random")
+    p.add_argument("--calibration-tokens", dest="calibration_tokens", type=int, default=2048,
+                   metavar="N", help="tokens of the embedded corpus for the activation-aware "
+                                     "prune score (0: weights only)")
+    p.add_argument("--dtype", choices=DTYPES, default=None,
+                   help="load (and save) in this dtype (default: the checkpoint's)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--out", dest="out_dir", required=True, metavar="DIR",
+                   help="folder for the converted model (new or empty)")
+    add_threads_arg(p)
+
+
+def _check_convert(args: argparse.Namespace):
+    ckpt = check_checkpoint("PATH", args.path)
+    if ckpt.converted:
+        raise UsageError("PATH", f"{ckpt.path} is already a converted duollm model")
+    d_small = check_d_small("--d-small", args.d_small, ckpt)
+    n_calib = check_int("--calibration-tokens", args.calibration_tokens, low=0)
+    if n_calib and args.init != "prune":
+        raise UsageError("--calibration-tokens", f"only --init prune uses calibration tokens; "
+                                                 f"pass 0 with --init {args.init}")
+    device = check_device("--device", args.device, allow_auto=False)
+    check_out_dir("--out", args.out_dir)
+    if os.path.isdir(args.out_dir) and os.listdir(args.out_dir):
+        raise UsageError("--out", f"{args.out_dir} is not empty; pick a new folder")
+    if os.path.abspath(args.out_dir) == os.path.abspath(ckpt.path):
+        raise UsageError("--out", "must differ from PATH")
+    require_transformers("PATH")
+    return ckpt, d_small, n_calib, device
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    """``duollm convert``: load, convert, save; print what was done."""
+    ckpt, d_small, n_calib, device = _check_convert(args)
+    apply_thread_rule(args.threads, device, None)
+    from transformers import AutoModelForCausalLM
+
+    from duollm import hf
+
+    tokenizer = load_tokenizer("PATH", ckpt)
+    calibration = None
+    if args.init == "prune" and n_calib:
+        calibration = calibration_tokens(n_calib, tokenizer, ckpt.vocab_size or 0,
+                                         ckpt.max_positions)
+    model = AutoModelForCausalLM.from_pretrained(ckpt.path, dtype=_dtype(args.dtype))
+    model = model.to(device).eval()
+    n_before = sum(p.numel() for p in model.parameters())
+    if calibration is not None:
+        calibration = calibration.to(device)
+    try:
+        hf.convert(model, d_small, init=args.init, calibration=calibration)
+    except (TypeError, ValueError) as e:  # a model it cannot convert: say why, no traceback
+        raise UsageError("PATH", str(e)) from None
+    n_after = sum(p.numel() for p in model.parameters())
+    hf.save_converted(model, args.out_dir)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(args.out_dir)
+    if args.init == "random":
+        how = "random"
+    elif calibration is None:
+        how = "pruned by weights"
+    else:
+        how = f"pruned on {calibration.numel()} calibration tokens"
+    print(f"converted {len(hf.decoder_layers(model))} layers of {ckpt.path}: small FFNs of "
+          f"width {d_small}, {how}; {n_before / 1e6:.2f}M -> {n_after / 1e6:.2f}M parameters")
+    print(f"saved to {args.out_dir}")
+    return 0
+
+
+# --------------------------------------------------------------------------- train --hf
+
+
+def add_train_hf_args(p: argparse.ArgumentParser) -> None:
+    """The ``--hf`` options of ``duollm train`` (added to its parser by ``duollm.cli``)."""
+    g = p.add_argument_group("stage 1 for a Hugging Face model (--hf)")
+    g.add_argument("--hf", default=None, metavar="PATH",
+                   help="train the small FFNs of this local HF checkpoint (a plain one, "
+                        "converted with --d-small, or a duollm convert folder); its original "
+                        "weights stay frozen; --preset is ignored")
+    g.add_argument("--d-small", dest="d_small", type=int, default=None, metavar="N",
+                   help="with --hf on a plain checkpoint: the small FFN width")
+    g.add_argument("--init", dest="init", choices=("prune", "random"), default="prune",
+                   help="with --hf on a plain checkpoint: how the small FFNs start "
+                        "(default: %(default)s)")
+    g.add_argument("--distill", type=float, default=0.0, metavar="W",
+                   help="with --hf: weight of KL(all-big || routed) added to the loss "
+                        "(default: %(default)s)")
+
+
+@dataclasses.dataclass
+class HFTrainPlan:
+    """What ``duollm train --hf`` will do, settled before any work."""
+
+    cfg: object          # duollm.train.TrainConfig
+    ckpt: Checkpoint
+    d_small: Optional[int]
+    distill: float
+    checkpoint: Optional[str]  # the step_N folder it resumes from
+
+
+def plan_train_hf(args: argparse.Namespace) -> HFTrainPlan:
+    """Validate every ``train --hf`` option (UsageError for a mistake); load nothing big."""
+    from duollm.cli import _TRAIN_OPTION
+    from duollm.train import TrainConfig, latest_checkpoint
+    from duollm.usage import check_float
+
+    ckpt = check_checkpoint("--hf", args.hf)
+    if ckpt.converted:
+        if args.d_small is not None:
+            raise UsageError("--d-small", f"{ckpt.path} is already converted (its small FFNs "
+                                          f"exist); drop --d-small")
+        d_small = None
+    else:
+        if args.d_small is None:
+            raise UsageError("--d-small", f"{ckpt.path} is a plain checkpoint: give the small "
+                                          f"FFN width to convert it with")
+        d_small = check_d_small("--d-small", args.d_small, ckpt)
+    distill = check_float("--distill", args.distill, low=0.0)
+    if getattr(args, "fsdp", False):
+        raise UsageError("--fsdp", "not supported with --hf (stage 1 of a converted model "
+                                   "trains in one process)")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UsageError("--hf", "trains in one process; run it without torchrun")
+    check_float("--val-fraction", args.val_fraction, low=0.0, high=1.0, low_open=True,
+                high_open=True)
+    device = check_device("--device", args.device)
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    knobs = {k: v for k, v in vars(args).items() if k in fields}
+    knobs["device"] = str(device)
+    if knobs.get("min_lr") is None and isinstance(knobs["lr"], (int, float)):
+        knobs["min_lr"] = knobs["lr"] / 10
+    knobs.pop("fsdp", None)
+    if not args.out_dir and (args.resume or args.resume_if_present or args.checkpoint_every):
+        raise UsageError("--out", "--resume and --checkpoint-every need --out DIR")
+    with options_of(_TRAIN_OPTION):
+        cfg = TrainConfig(**knobs)
+    check_out_dir("--out", cfg.out_dir)
+    if args.data not in ("default",):
+        if args.data == "synthetic":
+            raise UsageError("--data", "the synthetic corpus is byte-level; with --hf use the "
+                                       "embedded corpus (default) or a text file")
+        check_data_file("--data", args.data)
+    checkpoint = latest_checkpoint(cfg.out_dir) if cfg.out_dir else None
+    if args.resume and checkpoint is None:
+        raise UsageError("--resume", f"no checkpoint (step_N folder) in {cfg.out_dir}")
+    if args.resume_if_present:
+        cfg = dataclasses.replace(cfg, resume=checkpoint is not None)
+    if checkpoint is not None and not cfg.resume:
+        raise UsageError("--out", f"{cfg.out_dir} already holds checkpoints of a run (latest: "
+                                  f"{os.path.basename(checkpoint)}); add --resume to continue "
+                                  f"it, or pick another folder")
+    if ckpt.max_positions is not None and cfg.seq_len > ckpt.max_positions:
+        raise UsageError("--seq-len", f"expected at most {ckpt.max_positions} (the "
+                                      f"checkpoint's max_position_embeddings), got "
+                                      f"{cfg.seq_len}")
+    require_transformers("--hf")
+    return HFTrainPlan(cfg=cfg, ckpt=ckpt, d_small=d_small, distill=distill,
+                       checkpoint=checkpoint if cfg.resume else None)
+
+
+def run_train_hf(args: argparse.Namespace) -> int:
+    """``duollm train --hf PATH``: stage 1 of a converted model; prints the validation loss."""
+    plan = plan_train_hf(args)
+    cfg = plan.cfg
+    from duollm import hf
+
+    tokenizer = load_tokenizer("--hf", plan.ckpt)
+    vocab = plan.ckpt.vocab_size or 0
+    data = token_data(args.data, tokenizer, vocab, args.val_fraction, "--hf")
+    for split, tokens in (("training", data.train), ("validation", data.val)):
+        if tokens.numel() < cfg.seq_len + 1:
+            raise UsageError("--seq-len", f"{cfg.seq_len} needs windows of {cfg.seq_len + 1} "
+                                          f"tokens, but the {split} split holds "
+                                          f"{tokens.numel()}")
+    calibration = None
+    if plan.d_small is not None and args.init == "prune":
+        calibration = calibration_tokens(2048, tokenizer, vocab, plan.ckpt.max_positions)
+    model, _ = hf.load_pretrained(plan.ckpt.path, plan.d_small, init=args.init,
+                                  calibration=calibration, device=cfg.device)
+    spec = hf.spec_of(model)
+    apply_thread_rule(args.threads, cfg.device, spec.d_model)
+    print(f"stage 1 on {plan.ckpt.path}: {spec.n_layers} layers, small FFNs of width "
+          f"{spec.d_small} (big {spec.d_big}), on {data!r}, distill {plan.distill}",
+          flush=True)
+    result = hf.train_small(model, data, cfg, distill=plan.distill)
+    print("\nvalidation loss (nats/token)")
+    print(f"{'policy':<8} {'loss':>8}")
+    for policy, loss in result.val_loss.items():
+        print(f"{policy:<8} {loss:>8.4f}")
+    if result.history:
+        print(f"throughput {result.history[-1]['tokens_per_s']:.0f} tokens/s")
+    if cfg.out_dir:
+        print(f"checkpoints in {cfg.out_dir} (step_N/model loads with "
+              f"duollm.hf.load_converted)")
+    return 0
