@@ -26,6 +26,9 @@ EXTERNAL = {
                               "trained routers, and a Markdown report with plots"),
     "bench": ("duollm.bench", "benchmark the routed FFN ops and the realized vs ideal speedup "
                               "of adaptive compute"),
+    # Beside duollm.hf, not in it: building the parser must not import transformers.
+    "convert": ("duollm.hf_cli", "give every SwiGLU MLP of a local Hugging Face checkpoint a "
+                                 "small sibling and a skip path, and save the converted model"),
 }
 
 
@@ -122,6 +125,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    help="under torchrun, shard weights, gradients and optimizer state across "
                         "the ranks with FSDP2 instead of replicating the model (DDP)")
     add_threads_arg(p)
+    from duollm.hf_cli import add_train_hf_args  # --hf, --d-small, --init, --distill
+
+    add_train_hf_args(p)
 
 
 # TrainConfig field -> the flag that sets it, so its own checks name the user's option.
@@ -265,6 +271,10 @@ def run_train(args: argparse.Namespace) -> int:
     from duollm import distributed
     from duollm.train import train
 
+    if getattr(args, "hf", None) is not None:  # stage 1 of a converted Hugging Face model
+        from duollm.hf_cli import run_train_hf
+
+        return run_train_hf(args)
     plan = plan_train(args)
     cfg, data, model_config = plan.cfg, plan.data, plan.model_config
     apply_thread_rule(args.threads, cfg.device, model_config.d_model)
