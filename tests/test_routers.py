@@ -1,13 +1,15 @@
-"""duollm.routers: trained and imitation routers, calibration, baselines, agreement."""
+"""duollm.routers: trained and imitation routers (big/small and with a skip path, budgets on big
+usage or on compute), calibration, baselines, agreement."""
 import pytest
 import torch
 
 from duollm import BIG, SKIP, SMALL, DuoConfig, DuoLLM
 from duollm.oracle import Exactly, pattern_losses, search
 from duollm.routers import (LinearRouter, agreement, best_random_pattern, calibrate,
-                            fixed_pattern, random_patterns, random_token_routes,
-                            route_and_loss, soft_forward, train_router,
-                            train_supervised_router)
+                            compute_fraction, compute_prices, fixed_pattern, random_patterns,
+                            random_token_routes, route_and_loss, soft_forward,
+                            soft_forward_stats, train_router, train_supervised_router)
+from duollm.stack import as_stack
 
 BUDGET_TOL = 0.05  # |realised - target| big fraction after training / calibration
 
@@ -122,3 +124,83 @@ def test_agreement():
     a = torch.tensor([[[2, 1, 1, 2]], [[1, 1, 1, 1]]])
     b = torch.tensor([[[2, 2, 1, 2, 2]], [[2, 2, 2, 2, 2]]])  # longer time axis is trimmed
     torch.testing.assert_close(agreement(a, b), torch.tensor([0.75, 0.0]))
+
+
+def test_skip_router_with_compute_penalty_trains_and_meets_budget_after_calibration(model,
+                                                                                     stream):
+    target = 0.4  # FFN FLOPs as a fraction of all-big
+    kw = dict(target_compute=target, paths=(SKIP, SMALL, BIG), batch_size=8, seq_len=24,
+              lr=3e-2, tau_start=1.0, tau_end=1.0, penalty=20.0, seed=0)
+    start, _ = train_router(model, stream, steps=0, **kw)
+    router, hist = train_router(model, stream, steps=40, **kw)
+    assert router.paths == (SKIP, SMALL, BIG) and router.mode == "threshold"
+    assert {"compute", "usage", "objective"} <= set(hist[-1])
+    tokens = torch.stack([stream[i:i + 25] for i in range(0, 400, 25)])
+
+    def objective(r):
+        with torch.no_grad():
+            s = soft_forward_stats(model, r, tokens, tau=1.0)
+        comp = float(s.compute(r.paths, model).mean())
+        return float(s.loss) + 20.0 * (comp - target) ** 2, comp
+
+    before, _ = objective(start)
+    after, comp = objective(router)
+    assert after < before and abs(comp - target) < BUDGET_TOL
+    calib = torch.stack([stream[i:i + 25] for i in range(0, 200, 25)])
+    realised = calibrate(model, router, calib, target_compute=target)
+    assert abs(realised - target) < BUDGET_TOL
+    _, routes = route_and_loss(model, router, calib)
+    assert abs(compute_fraction(routes, model) - realised) < 1e-6
+    # the price of a path never falls as the threshold rises: compute is monotone
+    fracs = []
+    for thr in (-5.0, 0.0, 5.0):
+        router.threshold = thr
+        fracs.append(compute_fraction(route_and_loss(model, router, calib)[1], model))
+    assert fracs[0] >= fracs[1] >= fracs[2]
+    with pytest.raises(ValueError, match="exactly one"):
+        calibrate(model, router, calib)
+
+
+def test_compute_prices_and_soft_stats(model):
+    prices = compute_prices(model)
+    c = model.config
+    assert prices[SKIP] == 0 and prices[BIG] == 1
+    assert abs(float(prices[SMALL]) - c.d_small / c.d_big) < 1e-12
+    r = LinearRouter(model, (SKIP, SMALL, BIG))
+    tokens = torch.randint(0, 32, (2, 9))
+    with torch.no_grad():
+        s = soft_forward_stats(model, r, tokens, tau=1.0)
+    # zero logits: each path 1/3, so compute is (0 + d_small/d_big + 1) / 3 per layer
+    torch.testing.assert_close(s.probs, torch.full((2, 3), 1 / 3))
+    want = (float(prices[SMALL]) + 1) / 3
+    torch.testing.assert_close(s.compute(r.paths, model), torch.full((2,), want))
+    with torch.no_grad():  # all skip: the model's all-skip loss
+        for p in r.proj:
+            p.bias.copy_(torch.tensor([50.0, 0.0, 0.0]))
+        s = soft_forward_stats(model, r, tokens, tau=1.0)
+    torch.testing.assert_close(s.loss, model.token_losses(tokens, "skip").mean(), atol=1e-5,
+                               rtol=0)
+
+
+def test_routers_run_on_a_stack(model):
+    stack = as_stack(model)
+    tokens = torch.randint(0, 32, (2, 9), generator=torch.Generator().manual_seed(3))
+    r = LinearRouter(stack, (SMALL, BIG))
+    with torch.no_grad():
+        for p in r.proj:
+            p.weight.normal_(0, 1.0)
+    a = route_and_loss(stack, r, tokens)
+    b = route_and_loss(model, r, tokens)
+    assert torch.equal(a[1], b[1]) and torch.equal(a[0], b[0])
+    assert best_random_pattern(stack, tokens, 1, n=5) == best_random_pattern(model, tokens, 1,
+                                                                              n=5)
+
+
+def test_supervised_router_imitates_a_skip_oracle(model, stream):
+    tokens = torch.stack([stream[i:i + 9] for i in range(0, 400, 40)])
+    oracle = search(model, tokens, Exactly(1, route=SKIP), "token", base="pattern", skip=True)
+    router, hist = train_supervised_router(model, tokens, oracle.routes, steps=40)
+    assert set(router.paths) >= set(oracle.routes[:, :, :-1].unique().tolist())
+    assert hist[-1]["ce"] < hist[0]["ce"]
+    with pytest.raises(ValueError, match="outside paths"):
+        train_supervised_router(model, tokens, oracle.routes, steps=1, paths=(SMALL, BIG))
