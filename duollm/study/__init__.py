@@ -1,5 +1,6 @@
-"""The Duo-LLM study as a pipeline (``duollm study``): one function per stage, typed results,
-the report, the holdouts and the synthetic corpus.
+"""The Duo-LLM study as a pipeline (``duollm study``): one function per stage
+(``stages``), typed results (``results``), the report (``report``), statistics (``stats``),
+the prose and code holdouts (``holdouts``) and the synthetic corpus (``synthetic``).
 
 The oracle, routers and difficulty stay library tools (``duollm.oracle``, ``duollm.routers``,
 ``duollm.difficulty``); this package runs them in the paper's experiments. Attributes are
@@ -11,7 +12,7 @@ from __future__ import annotations
 import importlib
 
 # public name -> submodule that defines it
-_EXPORTS = {"run_study": "stages", "add_cli": "stages", "run_cli": "stages"}
+_EXPORTS = {"run_study": "pipeline", "add_cli": "cli", "run_cli": "cli"}
 
 __all__ = sorted(_EXPORTS)
 

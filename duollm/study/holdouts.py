@@ -18,7 +18,7 @@ import glob
 import os
 import sysconfig
 from dataclasses import dataclass
-from typing import List
+from typing import List, Optional
 
 import torch
 
@@ -36,6 +36,7 @@ class Holdout:
     source: str
     train: torch.Tensor
     val: torch.Tensor
+    val_kind: Optional[torch.Tensor] = None  # (N_val,) known token kinds (synthetic corpus)
 
 
 def stdlib_dir() -> str:
@@ -106,10 +107,19 @@ def training_data(holdouts: List[Holdout]) -> TokenData:
 
 
 def windows(tokens: torch.Tensor, n: int, length: int) -> torch.Tensor:
-    """``n`` evenly spaced, non-overlapping-if-possible windows (n, length) of a 1-D split."""
+    """``n`` evenly spaced windows (n, length) of a 1-D split (non-overlapping when the
+    split is long enough)."""
     last = tokens.numel() - length
     if last < 0:
         raise ValueError(f"tokens: a split of {tokens.numel()} tokens is shorter than a "
                          f"window of {length}")
     starts = torch.linspace(0, last, n, dtype=torch.float64).round().long()
     return tokens[starts[:, None] + torch.arange(length)]
+
+
+def synthetic_holdout(n_tokens: int, seed: int = 0) -> Holdout:
+    """The synthetic corpus of known difficulty as a holdout (its kinds kept)."""
+    from .synthetic import make_synthetic_data
+
+    data, labels = make_synthetic_data(n_tokens=n_tokens, seed=seed, return_labels=True)
+    return Holdout("synthetic", data.name, data.train, data.val, labels.val_kind)

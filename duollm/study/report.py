@@ -1,24 +1,28 @@
-"""The study's report: PNG plots (matplotlib, Agg) and ``report.md``, all from the results dict
-that ``duollm.study.run_study`` measured (nothing here is a template number)."""
+"""The study's report: PNG plots (matplotlib, Agg) and ``report.md``, read from a typed
+``StudyResult`` (nothing here is a template number; a renamed field fails loudly)."""
 from __future__ import annotations
 
 import math
 import os
-from typing import Dict, List
+from typing import List, Optional
 
-PLOTS = ("loss_vs_budget.png", "usage_per_layer.png", "usage_by_position.png",
-         "difficulty_vs_loss.png", "agreement.png", "router_training.png")
+from .results import HoldoutResult, StudyResult
+from .stats import Interval, Verdict
 
-_CURVE_LABELS = {
-    "oracle_token_exactly": "oracle, token, exactly k (context big)",
-    "oracle_token_at_most": "oracle, token, at most k (context big)",
-    "oracle_sequence_exactly": "oracle, sequence, exactly k",
-    "oracle_sequence_at_most": "oracle, sequence, at most k",
-    "first_k": "first k layers big",
-    "last_k": "last k layers big",
-    "best_random_pattern": "best of N random patterns",
-    "random_per_token": "random per token",
+# per-holdout plots: figure of the paper -> file stem
+FIGURES = {
+    "fig4b": "loss_vs_k", "fig4a": "oracle_vs_random_vs_router", "fig2": "capacity",
+    "fig2d": "skip_profile", "fig4c": "position_budget", "fig3": "usage_by_position",
+    "fig6": "difficulty_text", "fig5": "difficulty_scatter", "fig7": "routing_map",
 }
+SYNTHETIC_PLOT = "synthetic_difficulty.png"
+_ROUTE_COLOURS = ("white", "tab:blue", "tab:red")  # skip, small, big (the paper's Figure 7)
+
+
+def plot_names(holdouts: List[str], synthetic: bool = False) -> List[str]:
+    """Every PNG the report writes for these holdout names."""
+    names = [f"{fig}_{stem}_{h}.png" for h in holdouts for fig, stem in FIGURES.items()]
+    return names + ([SYNTHETIC_PLOT] if synthetic else [])
 
 
 def _plt():
@@ -30,67 +34,129 @@ def _plt():
     return plt
 
 
-def _plot_loss(res: Dict, path: str) -> None:
+def _save(fig, path: str) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    _plt().close(fig)
+
+
+def _err(iv: Interval):
+    return [[iv.estimate - iv.low], [iv.high - iv.estimate]]
+
+
+def _plot_loss_vs_k(h: HoldoutResult, path: str) -> None:
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(8, 5))
-    ks = res["ks"]
-    for name, ys in res["curves"].items():
-        style = "-" if name.startswith("oracle") else "--"
-        ax.plot(ks, ys, style, marker="o", ms=3, label=_CURVE_LABELS.get(name, name))
-    L = res["n_layers"]
-    for k, e in res["routers"].items():
-        ax.plot([e["realised"] * L], [e["loss"]], "k*", ms=12)
-        ax.plot([e["supervised_realised"] * L], [e["supervised_loss"]], "rP", ms=10)
-    ax.plot([], [], "k*", label="trained router (realised budget)")
-    ax.plot([], [], "rP", label="oracle-imitation router")
-    ax.set_xlabel("big layers per token (k, or realised fraction x L)")
-    ax.set_ylabel("validation loss (nats/token)")
-    sec = ax.secondary_yaxis("right", functions=(lambda x: _exp(x), lambda p: _log(p)))
-    sec.set_ylabel("perplexity")
-    ax.set_title(f"Loss vs compute budget ({res['preset']}, {res['data']})")
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for c in h.curves:
+        ks = [k for k, p in enumerate(c.points) if p is not None]
+        ys = [c.points[k].estimate for k in ks]
+        lo = [c.points[k].estimate - c.points[k].low for k in ks]
+        hi = [c.points[k].high - c.points[k].estimate for k in ks]
+        style = "*" if c.name == "router" else "o-"
+        ax.errorbar(ks, ys, yerr=[lo, hi], fmt=style, ms=4 if c.name != "router" else 10,
+                    capsize=3, label=c.label)
+    ax.axhline(h.all_big.estimate, color="gray", ls=":", label="all big")
+    ax.axhline(h.all_small.estimate, color="gray", ls="--", label="all small")
+    ax.set_xlabel("big layers per token (k)")
+    ax.set_ylabel("loss (nats/token), evaluation split")
+    ax.set_title(f"Figure 4b, {h.name}: loss vs big layers (95% bootstrap intervals)",
+                 fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    ax.legend(fontsize=6)
+    _save(fig, path)
 
 
-def _exp(x):
-    import numpy as np
-
-    return np.exp(np.clip(x, -50, 50))
-
-
-def _log(p):
-    import numpy as np
-
-    return np.log(np.clip(p, 1e-12, None))
-
-
-def _plot_usage_layer(res: Dict, path: str) -> None:
+def _plot_fig4a(h: HoldoutResult, path: str) -> None:
     plt = _plt()
-    budgets = [str(k) for k in res["budgets"]]
-    fig, axes = plt.subplots(1, len(budgets), figsize=(4.5 * len(budgets), 3.8), squeeze=False)
-    L = res["n_layers"]
-    for ax, k in zip(axes[0], budgets):
-        series = [(p, res["usage_layer"][p].get(k)) for p in ("oracle_token", "oracle_sequence",
-                                                              "router", "supervised")]
-        series = [(p, v) for p, v in series if v is not None]
-        w = 0.8 / max(1, len(series))
-        for j, (p, v) in enumerate(series):
-            ax.bar([i + j * w for i in range(L)], v, width=w, label=p.replace("_", " "))
-        ax.set_xticks([i + 0.4 - w / 2 for i in range(L)], [str(i) for i in range(L)])
-        ax.set_xlabel("layer")
-        ax.set_ylabel("fraction routed big")
+    k = h.headline_k
+    rk = _router_k(h)
+    bars = [(f"oracle k={k}", _curve(h, "oracle").points[k]),
+            (f"best random k={k}", _curve(h, "random").points[k]),
+            (f"best fixed k={k}", _curve(h, "fixed").points[k])]
+    r = _curve(h, "router").points[rk]
+    if r is not None:
+        bars.append((f"router k={rk}", r))
+    bars.append(("all big", h.all_big))
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for i, (lab, iv) in enumerate(bars):
+        ax.bar(i, iv.estimate, yerr=_err(iv), capsize=4)
+    ax.set_xticks(range(len(bars)), [b[0] for b in bars], fontsize=8)
+    lo = min(b[1].low for b in bars)
+    hi = max(b[1].high for b in bars)
+    ax.set_ylim(lo - 0.1 * (hi - lo + 1e-3), hi + 0.1 * (hi - lo + 1e-3))
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(f"Figure 4a, {h.name}: oracle vs best of N random vs router", fontsize=10)
+    _save(fig, path)
+
+
+def _plot_capacity(h: HoldoutResult, path: str) -> None:
+    plt = _plt()
+    c = h.capacity
+    fig, axes = plt.subplots(1, len(c.budgets), figsize=(4.2 * len(c.budgets), 3.6),
+                             squeeze=False)
+    for ax, k in zip(axes[0], c.budgets):
+        ivs = c.oracle_big_by_layer[k]
+        L = len(ivs)
+        ax.bar([i - 0.2 for i in range(L)], [v.estimate for v in ivs], width=0.4,
+               yerr=[[v.estimate - v.low for v in ivs], [v.high - v.estimate for v in ivs]],
+               capsize=2, label="oracle")
+        if k in c.router_big_by_layer:
+            ax.bar([i + 0.2 for i in range(L)], c.router_big_by_layer[k], width=0.4,
+                   label="router")
         ax.set_ylim(0, 1)
-        ax.set_title(f"k = {k} of {L} big")
+        ax.set_xlabel("layer")
+        ax.set_ylabel("fraction of tokens big")
+        ax.set_title(f"k = {k} of {L}", fontsize=9)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    fig.suptitle(f"Figures 2a-c / 3a-c, {h.name}: big usage per layer", fontsize=10)
+    _save(fig, path)
 
 
-def _smooth(v: List[float], n_bins: int = 16) -> (List[float], List[float]):
+def _plot_skip(h: HoldoutResult, path: str) -> None:
+    plt = _plt()
+    s = h.skip
+    L = len(s.full_skip_by_layer)
+    series = [("oracle, big or skip", s.big_or_skip_skip_by_layer),
+              ("oracle, 3^L", s.full_skip_by_layer)]
+    if s.router_skip_by_layer is not None:
+        series.append(("router with a skip path", s.router_skip_by_layer))
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    w = 0.8 / len(series)
+    for j, (lab, v) in enumerate(series):
+        ax.bar([i + (j - (len(series) - 1) / 2) * w for i in range(L)], v, width=w, label=lab)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("fraction of tokens skipping")
+    ax.set_title(f"Figures 2d / 3d, {h.name}: skip profile ({s.big_or_skip_k} big per token)",
+                 fontsize=10)
+    ax.legend(fontsize=7)
+    _save(fig, path)
+
+
+def _plot_position_budget(h: HoldoutResult, path: str) -> None:
+    plt = _plt()
+    p = h.position_budget
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.6))
+    n = len(next(iter(p.schedules.values())))
+    a1.plot(range(n), [p.constant_k] * n, label="constant")
+    for name, ks in p.schedules.items():
+        a1.plot(range(n), ks, label=name)
+    a1.set_xlabel("token position")
+    a1.set_ylabel("big layers allowed")
+    a1.legend(fontsize=7)
+    names = list(p.loss)
+    for i, name in enumerate(names):
+        a2.bar(i, p.loss[name].estimate, yerr=_err(p.loss[name]), capsize=4)
+    a2.set_xticks(range(len(names)), names)
+    lo = min(v.low for v in p.loss.values())
+    hi = max(v.high for v in p.loss.values())
+    a2.set_ylim(lo - 0.2 * (hi - lo + 1e-3), hi + 0.2 * (hi - lo + 1e-3))
+    a2.set_ylabel("oracle loss (nats/token)")
+    fig.suptitle(f"Figure 4c, {h.name}: position-varying budget, same mean", fontsize=10)
+    _save(fig, path)
+
+
+def _smooth(v: List[float], n_bins: int = 16):
     n = len(v)
     n_bins = max(1, min(n_bins, n))
     xs, ys = [], []
@@ -102,263 +168,318 @@ def _smooth(v: List[float], n_bins: int = 16) -> (List[float], List[float]):
     return xs, ys
 
 
-def _plot_usage_position(res: Dict, path: str) -> None:
+def _plot_usage_position(h: HoldoutResult, path: str) -> None:
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for p, lab in (("oracle_token_at_most", "oracle (token, at most k)"),
-                   ("router", "trained router")):
-        for k, v in res["usage_position"].get(p, {}).items():
-            xs, ys = _smooth(v)
-            ax.plot(xs, ys, "-" if p == "router" else "--", marker=".", label=f"{lab}, k={k}")
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    xs, ys = _smooth(h.oracle_big_by_position)
+    ax.plot(xs, ys, "--", marker=".", label=f"oracle, at most {h.headline_k} big")
+    for r in h.routers:
+        xs, ys = _smooth(r.big_by_position)
+        ax.plot(xs, ys, "-", marker=".", label=f"router {r.name} ({r.paths})")
     ax.set_xlabel("token position")
-    ax.set_ylabel("fraction of layers routed big")
-    ax.set_title("Big-module usage by position")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def _plot_difficulty(res: Dict, path: str) -> None:
-    plt = _plt()
-    pts = res["difficulty"]["points"]
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    if pts["kind"] is not None:
-        from .synthetic import KIND_NAMES
-
-        for kind, name in KIND_NAMES.items():
-            xs = [x for x, c in zip(pts["loss_big"], pts["kind"]) if c == kind]
-            ys = [y for y, c in zip(pts["difficulty"], pts["kind"]) if c == kind]
-            if xs:
-                ax.scatter(xs, ys, s=5, alpha=0.5, label=name)
-        ax.legend(fontsize=7, markerscale=3)
-    else:
-        ax.scatter(pts["loss_big"], pts["difficulty"], s=4, alpha=0.4)
-    thr = res["difficulty"]["correlation"]["threshold"]
-    ax.axvline(thr, color="gray", ls=":", lw=1)
-    ax.set_xlabel("raw loss (all big)")
-    ax.set_ylabel(f"difficulty = loss(all small) - oracle ({res['difficulty']['reference']})")
-    c = res["difficulty"]["correlation"]
-    ax.set_title(f"Difficulty vs raw loss (r = {c['corr_all']:.2f}; "
-                 f"high-loss r = {c['corr_high_loss']:.2f})", fontsize=10)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def _plot_agreement(res: Dict, path: str) -> None:
-    plt = _plt()
-    L = res["n_layers"]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for k, e in res["routers"].items():
-        ax.plot(range(L), e["agreement"], "-o", label=f"trained router, k={k}")
-        ax.plot(range(L), e["supervised_agreement"], "-s", label=f"oracle imitation, k={k}")
-        ax.plot(range(L), e["chance_agreement"], ":", color="gray")
-    ax.plot([], [], ":", color="gray", label="chance (independent routes, same usage)")
-    ax.set_xlabel("layer")
-    ax.set_ylabel("agreement with token oracle")
+    ax.set_ylabel("fraction of layers big")
     ax.set_ylim(0, 1)
-    ax.set_title("Router vs oracle agreement per layer")
+    ax.set_title(f"Figure 3 (by position), {h.name}: big usage along the sequence",
+                 fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
-def _plot_router_training(res: Dict, path: str) -> None:
+def _render_text(ax, tokens: List[int], values: List[float], title: str, cmap) -> None:
+    """Byte tokens as characters on a grid, each coloured by ``values`` (position t's value
+    belongs to the token it predicts, ``tokens[t + 1]``)."""
+    import matplotlib.colors as mcolors
+
+    chars = [chr(t) if 32 <= t < 127 else ("\u21b5" if t == 10 else "\u00b7")
+             for t in tokens[1:]]
+    finite = [v for v in values if not math.isnan(v)]
+    norm = mcolors.Normalize(vmin=min(finite, default=0), vmax=max(finite, default=1))
+    width = 48
+    rows = (len(chars) + width - 1) // width
+    for i, (c, v) in enumerate(zip(chars, values)):
+        x, y = i % width, rows - 1 - i // width
+        ax.add_patch(_plt().Rectangle((x, y), 1, 1, color=cmap(norm(v))))
+        ax.text(x + 0.5, y + 0.5, c, ha="center", va="center", fontsize=7, family="monospace")
+    ax.set_xlim(0, width)
+    ax.set_ylim(0, rows)
+    ax.set_axis_off()
+    ax.set_title(title, fontsize=9)
+
+
+def _plot_difficulty_text(h: HoldoutResult, path: str) -> None:
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for k, e in res["routers"].items():
-        h = e["history"]
-        ax.plot([r["step"] for r in h], [r["objective"] for r in h], label=f"objective, k={k}")
-    ax.set_xlabel("router step")
-    ax.set_ylabel("LM loss + budget penalty (soft mixing)")
-    ax.set_title("Router training")
+    d = h.difficulty
+    cmap = plt.get_cmap("coolwarm")
+    fig, (a1, a2) = plt.subplots(2, 1, figsize=(9, 4.8))
+    _render_text(a1, d.snippet_tokens, d.snippet_loss_small,
+                 f"(a) {h.name}: loss with every layer small (red = high)", cmap)
+    _render_text(a2, d.snippet_tokens, d.snippet_gain,
+                 f"(b) {h.name}: gain = loss(all small) - oracle loss (red = gains most)", cmap)
+    fig.suptitle(f"Figures 5/6, {h.name}: token difficulty on text", fontsize=10)
+    _save(fig, path)
+
+
+def _plot_difficulty_scatter(h: HoldoutResult, path: str) -> None:
+    plt = _plt()
+    d = h.difficulty
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    ax.scatter(d.points_loss_small, d.points_gain, s=4, alpha=0.4)
+    ax.set_xlabel("loss with every layer small")
+    ax.set_ylabel("gain: loss(all small) - oracle")
+    ax.set_title(f"{h.name}: difficulty vs gain (Spearman {d.spearman.estimate:.2f}, top-"
+                 f"quartile overlap {d.overlap.estimate:.2f})", fontsize=9)
     ax.grid(alpha=0.3)
+    _save(fig, path)
+
+
+def _plot_routing_map(h: HoldoutResult, path: str) -> None:
+    plt = _plt()
+    from matplotlib.colors import ListedColormap
+
+    names = list(h.routing_map)
+    fig, axes = plt.subplots(len(names), 1, figsize=(10, 1.0 + 0.9 * len(names)),
+                             squeeze=False)
+    for ax, name in zip(axes[:, 0], names):
+        m = h.routing_map[name]
+        ax.imshow(m, aspect="auto", cmap=ListedColormap(_ROUTE_COLOURS), vmin=0, vmax=2,
+                  interpolation="nearest")
+        r = next(x for x in h.routers if x.name == name)
+        ax.set_ylabel("layer", fontsize=7)
+        ax.set_title(f"router {name}: big {r.realised_big:.0%}, small {r.realised_small:.0%}, "
+                     f"skip {r.realised_skip:.0%} (red big, blue small, white skip)",
+                     fontsize=8)
+    axes[-1, 0].set_xlabel("token position")
+    fig.suptitle(f"Figure 7, {h.name}: one sequence's routes", fontsize=10)
+    _save(fig, path)
+
+
+def _plot_synthetic(res: StudyResult, path: str) -> None:
+    plt = _plt()
+    bk = res.synthetic.difficulty.by_kind or {}
+    names = list(bk)
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    ax.bar([i - 0.2 for i in range(len(names))], [bk[n]["loss_small"] for n in names],
+           width=0.4, label="loss, all small")
+    ax.bar([i + 0.2 for i in range(len(names))], [bk[n]["gain"] for n in names], width=0.4,
+           label="gain from the oracle")
+    ax.set_xticks(range(len(names)), names)
+    ax.set_title("Synthetic corpus: difficulty by known token kind", fontsize=10)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
-def _f(x: float, nd: int = 4) -> str:
-    return "nan" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{nd}f}"
+_MAKERS = {"fig4b": _plot_loss_vs_k, "fig4a": _plot_fig4a, "fig2": _plot_capacity,
+           "fig2d": _plot_skip, "fig4c": _plot_position_budget, "fig3": _plot_usage_position,
+           "fig6": _plot_difficulty_text, "fig5": _plot_difficulty_scatter,
+           "fig7": _plot_routing_map}
 
 
-def _pct(a: float, b: float) -> str:
-    return "nan" if not b or math.isnan(a) or math.isnan(b) else f"{100 * a / b:.0f}%"
+# --------------------------------------------------------------------------- text
 
 
-def _yes(b: bool) -> str:
-    return "**yes**" if b else "**no**"
+def _curve(h: HoldoutResult, name: str):
+    return next(c for c in h.curves if c.name == name)
 
 
-def summary_table(res: Dict) -> str:
-    """The loss-vs-budget table as fixed-width text (printed by ``duollm study``)."""
-    ks, c = res["ks"], res["curves"]
-    cols = ["oracle_token_exactly", "oracle_sequence_exactly", "first_k", "last_k",
-            "best_random_pattern", "random_per_token"]
-    short = ["oracle-tok", "oracle-seq", "first-k", "last-k", "best-rand", "rand-tok"]
-    lines = [f"validation loss (nats/token) by big layers k of {res['n_layers']}",
-             "k  " + "".join(f"{s:>11}" for s in short)]
-    for i, k in enumerate(ks):
-        lines.append(f"{k:<3}" + "".join(f"{c[n][i]:>11.4f}" for n in cols))
-    for k, e in res["routers"].items():
-        lines.append(f"router k={k}: loss {e['loss']:.4f} at realised {e['realised']:.3f} "
-                     f"big (target {e['target']:.3f}); oracle imitation {e['supervised_loss']:.4f}"
-                     f" at {e['supervised_realised']:.3f}")
-    f = res["findings"]
-    lines.append(f"(a) oracle with 1 big layer beats all-big: "
-                 f"{'yes' if f['a']['holds'] else 'no'} (token {f['a']['oracle_token_1']:.4f}, "
-                 f"sequence {f['a']['oracle_sequence_1']:.4f} vs all-big {f['a']['all_big']:.4f})")
-    lines.append(f"(b) routers nearer best random than oracle: "
-                 f"{'yes' if f['b']['holds'] else 'no'}")
-    lines.append(f"(c) high-loss tokens gain little (r among high-loss < 0.3): "
-                 f"{'yes' if f['c']['holds'] else 'no'} (r = {f['c']['corr_high_loss']:.3f})")
-    t = res["timings"]
-    lines.append("time: " + ", ".join(f"{k[:-2]} {v:.0f}s" for k, v in t.items()))
+def _router_k(h: HoldoutResult) -> int:
+    ks = [k for k, p in enumerate(_curve(h, "router").points) if p is not None]
+    return min(ks, key=lambda k: abs(k - h.headline_k)) if ks else h.headline_k
+
+
+def _iv(iv: Optional[Interval], nd: int = 3) -> str:
+    if iv is None:
+        return "-"
+    if math.isnan(iv.low):
+        return f"{iv.estimate:.{nd}f}"
+    return f"{iv.estimate:.{nd}f} [{iv.low:.{nd}f}, {iv.high:.{nd}f}]"
+
+
+def _verdict_row(where: str, v: Verdict) -> str:
+    return f"| {where} | {v.claim} | {v.criterion} | {_iv(v.interval)} | **{v.outcome}** |"
+
+
+def verdicts(res: StudyResult) -> List[tuple]:
+    """(figure, holdout, Verdict) for every verdict of the study."""
+    out = []
+    for h in res.holdouts:
+        out += [("4a", h.name, h.oracle_vs_random), ("4b", h.name, h.one_big_beats_all_big),
+                ("4a", h.name, h.router_near_random), ("2a-c", h.name, h.capacity.verdict),
+                ("3a-c", h.name, h.capacity.router_verdict), ("2d", h.name, h.skip.verdict_oracle)]
+        if h.skip.verdict_router is not None:
+            out.append(("3d", h.name, h.skip.verdict_router))
+        out += [("4c", h.name, h.position_budget.verdict), ("5/6", h.name, h.difficulty.verdict)]
+    if res.synthetic is not None:
+        out.append(("5/6", "synthetic", res.synthetic.verdict))
+    return out
+
+
+def summary_text(res: StudyResult) -> str:
+    """The verdicts and headline numbers as plain text (printed by ``duollm study``)."""
+    lines = []
+    for h in res.holdouts:
+        lines.append(f"{h.name}: all big {_iv(h.all_big)}, all small {_iv(h.all_small)}; "
+                     f"oracle-tok (k={h.headline_k}) "
+                     f"{_iv(_curve(h, 'oracle').points[h.headline_k])}")
+    for fig, where, v in verdicts(res):
+        lines.append(f"Fig {fig:<5} {where:<9} {v.outcome:<14} {v.claim}: {_iv(v.interval)}")
+    lines.append("time: " + ", ".join(f"{k[:-2]} {v:.0f}s" for k, v in res.timings.items()))
     return "\n".join(lines)
 
 
-def write_report(res: Dict, out_dir: str) -> List[str]:
-    """Write every plot of ``PLOTS`` and ``report.md`` into ``out_dir``; return their paths."""
+def write_report(res: StudyResult, out_dir: str) -> List[str]:
+    """Write every plot of ``plot_names`` and ``report.md`` into ``out_dir``; return paths."""
     os.makedirs(out_dir, exist_ok=True)
-    makers = (_plot_loss, _plot_usage_layer, _plot_usage_position, _plot_difficulty,
-              _plot_agreement, _plot_router_training)
     paths = []
-    for name, make in zip(PLOTS, makers):
-        p = os.path.join(out_dir, name)
-        make(res, p)
+    for h in res.holdouts:
+        for fig, stem in FIGURES.items():
+            p = os.path.join(out_dir, f"{fig}_{stem}_{h.name}.png")
+            _MAKERS[fig](h, p)
+            paths.append(p)
+    if res.synthetic is not None:
+        p = os.path.join(out_dir, SYNTHETIC_PLOT)
+        _plot_synthetic(res, p)
         paths.append(p)
-    md = _markdown(res)
     p = os.path.join(out_dir, "report.md")
     with open(p, "w") as f:
-        f.write(md)
-    paths.append(p)
-    return paths
+        f.write(markdown(res))
+    return paths + [p]
 
 
-def _markdown(res: Dict) -> str:
-    L, ks, c = res["n_layers"], res["ks"], res["curves"]
-    cfg = res["config"]
-    f = res["findings"]
-    B, T = res["oracle_batch"]
-    out = [f"# Duo-LLM study: {res['name']}", ""]
-    out.append(f"Model preset `{res['preset']}` ({L} layers, d_model {cfg['d_model']}, big FFN "
-               f"{cfg['d_big']}, small FFN {cfg['d_small']}), trained {res['steps']} steps with "
-               f"random routing on `{res['data']}` (device {res['device']}). Validation loss "
-               f"after training: " + ", ".join(f"{k} {_f(v)}" for k, v in
-                                               res["train_val_loss"].items()) + ".")
-    out.append(f"Oracles and baselines are measured on {B} validation sequences of {T} tokens "
-               f"({B * (T - 1)} scored positions). Losses are mean next-token cross-entropy in "
-               f"nats; perplexity = exp(loss).")
-    out += ["", "## Findings of the paper, checked in this run", ""]
-    a = f["a"]
-    out.append(f"- **(a) An oracle with one big layer beats all-big:** {_yes(a['holds'])}. "
-               f"Token oracle with exactly 1 big layer (context all big): "
-               f"{_f(a['oracle_token_1'])}; "
-               f"sequence oracle with exactly 1 big layer: {_f(a['oracle_sequence_1'])} "
-               f"({'beats' if a['holds_sequence'] else 'does not beat'} all-big); all-big: "
-               f"{_f(a['all_big'])}.")
-    b = f["b"]
-    parts = [f"k={k}: router {_f(v['router'])}, best random {_f(v['best_random'])}, token "
-             f"oracle {_f(v['oracle_token'])}, sequence oracle {_f(v['oracle_sequence'])}"
-             for k, v in b["per_budget"].items()]
-    out.append(f"- **(b) Trained routers land near the best random pattern rather than the "
-               f"oracle:** {_yes(b['holds'])} (router loss nearer the best-of-"
-               f"{res['n_random']} random pattern than the token oracle at every budget). "
-               + "; ".join(parts) + ".")
-    cc = f["c"]
-    out.append(f"- **(c) High-loss tokens gain little from extra compute:** {_yes(cc['holds'])} "
-               f"(criterion: Pearson r of difficulty with raw loss among the top-quartile "
-               f"raw-loss tokens < 0.3). r among {cc['n_high']} high-loss tokens (raw loss >= "
-               f"{_f(cc['threshold'], 3)}) = {_f(cc['corr_high_loss'], 3)}; over all tokens "
-               f"r = {_f(cc['corr_all'], 3)}; mean difficulty of high-loss tokens "
-               f"{_f(cc['mean_difficulty_high'])} vs the rest {_f(cc['mean_difficulty_rest'])} "
-               f"(mean raw loss {_f(cc['mean_loss_high'])} vs {_f(cc['mean_loss_rest'])}, so "
-               f"the gain is {_pct(cc['mean_difficulty_high'], cc['mean_loss_high'])} of a "
-               f"high-loss token's loss and "
-               f"{_pct(cc['mean_difficulty_rest'], cc['mean_loss_rest'])} of the rest's). "
-               f"Within the high-loss tokens the gain does not grow with the loss when r is "
-               f"near zero or negative; in absolute terms they gain "
-               f"{'more' if cc['mean_difficulty_high'] > cc['mean_difficulty_rest'] else 'less'}"
-               f" than the rest on average.")
-    out += ["", "## Loss vs budget", "", "![loss vs budget](loss_vs_budget.png)", ""]
-    head = ["k big", "ppl(oracle tok)"] + [_CURVE_LABELS[n] for n in c]
-    out.append("| " + " | ".join(head) + " |")
-    out.append("|" + "---|" * len(head))
-    for i, k in enumerate(ks):
-        row = [str(k), f"{math.exp(c['oracle_token_exactly'][i]):.2f}"]
-        row += [_f(c[n][i]) for n in c]
-        out.append("| " + " | ".join(row) + " |")
+def _img(fig: str, h: HoldoutResult, alt: str) -> str:
+    return f"![{alt}, {h.name}]({fig}_{FIGURES[fig]}_{h.name}.png)"
+
+
+def markdown(res: StudyResult) -> str:
+    """``report.md``."""
+    cfg = res.config
+    L = cfg["n_layers"]
+    out = [f"# Duo-LLM study: {res.name}", ""]
+    trained = (f"trained {res.steps} steps with random routing (skip/small/big probabilities "
+               f"{res.train_probs}) on `{res.data}`" if res.source == "duollm"
+               else f"converted Hugging Face checkpoint `{res.source}` ({res.steps} small-FFN "
+                    f"training steps)")
+    out.append(f"Model `{res.preset}`: {L} layers, d_model {cfg['d_model']}, big FFN "
+               f"{cfg['d_big']}, small FFN {cfg['d_small']}; {trained}; device {res.device}, "
+               f"seed {res.seed}. Validation loss after training: "
+               + (", ".join(f"{k} {v:.4f}" for k, v in res.train_val_loss.items()) or "-")
+               + ".")
     out.append("")
-    out.append(f"All small: {_f(res['all_small'])} (ppl {math.exp(res['all_small']):.2f}); "
-               f"all big: {_f(res['all_big'])} (ppl {math.exp(res['all_big']):.2f}). The token "
-               f"oracle changes only the scored token's own path (its context stays all big), so "
-               f"it is an optimistic bound, not a deployable routing; the sequence oracle routes "
-               f"every token of a sequence with one pattern and costs exactly k big layers. Best "
-               f"random: the best of {res['n_random']} random layer patterns with k big layers "
-               f"(duplicates removed: " + ", ".join(
-                   f"k={k} {v['distinct']} distinct" for k, v in res["best_random"].items())
-               + "), chosen on the same batch.")
-    out += ["", "## Routers", ""]
-    out.append("| k | target | realised | loss | argmax loss (realised) | objective first -> "
-               "last | oracle imitation loss (realised, train acc) | best random | token oracle |")
-    out.append("|---|---|---|---|---|---|---|---|---|")
-    for k, e in res["routers"].items():
-        i = int(k)
-        out.append(f"| {k} | {e['target']:.3f} | {e['realised']:.3f} | {_f(e['loss'])} | "
-                   f"{_f(e['argmax_loss'])} ({e['argmax_realised']:.3f}) | "
-                   f"{_f(e['objective_first'])} -> {_f(e['objective_last'])} | "
-                   f"{_f(e['supervised_loss'])} ({e['supervised_realised']:.3f}, "
-                   f"{e['supervised_accuracy']:.3f}) | {_f(c['best_random_pattern'][i])} | "
-                   f"{_f(c['oracle_token_exactly'][i])} |")
-    out.append("")
-    out.append("Trained router: per-layer linear map of the FFN input, soft mixing of the big "
-               "and small outputs during training with an annealed softmax temperature, model "
-               "frozen, penalty on the expected big fraction. Evaluated with hard routes; its "
-               "threshold is calibrated on a training batch so the realised big fraction "
-               "matches the target (the realised value on the validation batch is reported). "
-               "Oracle imitation: the same router trained by cross-entropy on the token "
-               "oracle's routes (exactly k big, context big) of training sequences.")
-    out += ["", "![router training](router_training.png)", "",
-            "## Big-module usage", "", "![usage per layer](usage_per_layer.png)", "",
-            "![usage by position](usage_by_position.png)", "",
-            "## Router / oracle agreement", "", "![agreement](agreement.png)", ""]
-    out.append("| k | layer | trained router | oracle imitation | chance |")
-    out.append("|---|---|---|---|---|")
-    for k, e in res["routers"].items():
-        for layer in range(L):
-            out.append(f"| {k} | {layer} | {e['agreement'][layer]:.3f} | "
-                       f"{e['supervised_agreement'][layer]:.3f} | "
-                       f"{e['chance_agreement'][layer]:.3f} |")
-    d = res["difficulty"]
-    out += ["", "## Token difficulty", "", "![difficulty vs loss](difficulty_vs_loss.png)", ""]
-    out.append(f"Difficulty = loss with all layers small - loss of the token oracle "
-               f"({d['reference']}, context all small): how much a token gains from extra "
-               f"compute. Mean difficulty {_f(d['mean_difficulty'])}. Per-token values are in "
-               f"`difficulty.csv` (oracle columns for at most {d['budgets']} big layers).")
-    if d["by_kind"]:
-        out += ["", "| ground-truth kind | tokens | loss (all big) | loss (all small) | "
-                "difficulty |", "|---|---|---|---|---|"]
-        for name, v in d["by_kind"].items():
-            out.append(f"| {name} | {v['n']} | {_f(v['loss_big'])} | {_f(v['loss_small'])} | "
-                       f"{_f(v['difficulty'])} |")
-    out += ["", "## Oracle search", ""]
-    s = res["oracle_speed"]
-    out.append(f"Exhaustive search over all {2 ** L} patterns on {s['positions']} positions: "
-               f"sequence granularity {s['sequence_s']:.2f} s ({s['sequence_patterns_per_s']:.0f} "
-               f"patterns/s), token granularity {s['token_s']:.2f} s "
-               f"({s['token_patterns_per_s']:.0f} patterns/s; each pattern at every position).")
-    out += ["", "| method | budget | loss | exhaustive | gap | patterns evaluated |",
-            "|---|---|---|---|---|---|"]
-    for name, v in res["approx"].items():
-        method, k = name.rsplit("_k", 1)
-        out.append(f"| {method} | exactly {k} | {_f(v['loss'])} | {_f(v['exhaustive'])} | "
-                   f"{v['gap']:.2e} | {v['patterns_evaluated']} |")
-    t = res["timings"]
-    out += ["", "## Run time", "", ", ".join(f"{k[:-2]}: {v:.1f} s" for k, v in t.items()), ""]
+    out.append("Holdouts: " + "; ".join(
+        f"**{h.name}** ({h.source}): {h.n_sequences} sequences of {h.seq_len} tokens, "
+        f"{h.n_selection} to select baselines and router thresholds, {h.n_evaluation} to "
+        f"evaluate" for h in res.holdouts) + ".")
+    out += ["", "Every number below is on the evaluation sequences of its holdout, with a "
+            "bootstrap 95% interval over those sequences in brackets; a verdict holds or "
+            "fails only when its interval excludes zero, and is **not resolved** otherwise. "
+            "Losses are next-token cross-entropy in nats.", "",
+            "## The oracles and what they bound", "",
+            "- **Oracle (the paper's, `base='pattern'`)**: every layer pattern runs over the "
+            "whole sequence, and each token takes the pattern with the lowest loss on that "
+            "token. It is a lower bound on any routing that gives each token one pattern *and* "
+            "runs the whole sequence with that pattern; it uses the token's label, so no "
+            "deployable router reaches it. It does not bound a routing in which a token's "
+            "context is routed differently from its own path (tokens routed individually).",
+            "- **Token oracle with context all big (`base='big'`)**: only the scored token's "
+            "own path changes, every earlier token is all big. It bounds per-token routing "
+            "*given* a full-compute context, i.e. it answers how much a token's own layers "
+            "matter; it is not realisable by running all tokens with their routes at once "
+            "(then the context is no longer all big). `base='small'` (a small context) is "
+            "the same question at the other end.",
+            "- **Best fixed pattern / best of N random patterns**: one pattern for every "
+            "token, chosen on the selection split, scored on the evaluation split.", ""]
+    out += ["## Verdicts", "", "| figure, holdout | claim of the paper | criterion | "
+            "estimate [95% CI] | verdict |", "|---|---|---|---|---|"]
+    for fig, where, v in verdicts(res):
+        out.append(_verdict_row(f"{fig}, {where}", v))
+    for h in res.holdouts:
+        out += _holdout_md(res, h)
+    if res.synthetic is not None:
+        out += _synthetic_md(res)
+    out += ["", "## Run time", "",
+            ", ".join(f"{k[:-2]}: {v:.1f} s" for k, v in res.timings.items()), ""]
     return "\n".join(out)
+
+
+def _holdout_md(res: StudyResult, h: HoldoutResult) -> List[str]:
+    L = res.config["n_layers"]
+    out = ["", f"## Holdout: {h.name}", "",
+           f"All big {_iv(h.all_big)}, all small {_iv(h.all_small)}.", "",
+           "### Figure 4a/4b: loss vs big layers", "", _img("fig4b", h, "loss vs k"), "",
+           _img("fig4a", h, "oracle vs random vs router"), ""]
+    head = ["k"] + [c.label for c in h.curves]
+    out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for k in range(L + 1):
+        out.append(f"| {k} | " + " | ".join(_iv(c.points[k]) for c in h.curves) + " |")
+    fixed, rnd = _curve(h, "fixed"), _curve(h, "random")
+    out += ["", "Chosen patterns (0 skip, 1 small, 2 big; layer 0 first): " + "; ".join(
+        f"k={k} fixed {fixed.patterns[k]}, random {rnd.patterns[k]}" for k in
+        range(1, L)) + ". With few layers the 100 random draws cover most of the C(L, k) "
+        "patterns, so the best random pattern is often the best fixed pattern.", ""]
+    out.append(f"At k={_router_k(h)}: router minus oracle "
+               f"{_iv(h.router_vs['router_minus_oracle'])}, router minus best random "
+               f"{_iv(h.router_vs['router_minus_random'])}.")
+    out += ["", "| router | paths | target big | threshold | loss | big | small | skip | "
+            "objective first -> last |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in h.routers:
+        thr = "argmax" if r.threshold is None else f"{r.threshold:.3f}"
+        out.append(f"| {r.name} | {r.paths} | {r.target_big:.3f} | {thr} | {_iv(r.loss)} | "
+                   f"{r.realised_big:.3f} | {r.realised_small:.3f} | {r.realised_skip:.3f} | "
+                   f"{r.objective_first:.3f} -> {r.objective_last:.3f} |")
+    c = h.capacity
+    out += ["", "### Figures 2a-c and 3a-c: capacity threshold", "",
+            _img("fig2", h, "big usage per layer"), "",
+            "| k | oracle big usage per layer | later minus earlier half | router per layer |",
+            "|---|---|---|---|"]
+    for k in c.budgets:
+        out.append(f"| {k} | " + ", ".join(f"{v.estimate:.2f}" for v in
+                                          c.oracle_big_by_layer[k])
+                   + f" | {_iv(c.late_minus_early[k])} | "
+                   + (", ".join(f"{v:.2f}" for v in c.router_big_by_layer[k])
+                      if k in c.router_big_by_layer else "-") + " |")
+    s = h.skip
+    out += ["", "### Figures 2d and 3d: skipping", "", _img("fig2d", h, "skip profile"), "",
+            f"Big-or-skip oracle ({s.big_or_skip_k} big, the rest skipped): "
+            f"{_iv(s.big_or_skip_loss)}; 3^L oracle ({s.big_or_skip_k} big, the rest small or "
+            f"skip): {_iv(s.full_loss)}. Share of tokens whose skips are a suffix of the layers "
+            f"(an early exit): " + ", ".join(
+                f"{k} {'n/a' if v is None or math.isnan(v) else f'{v:.2f}'}"
+                for k, v in s.suffix_share.items()) + "."]
+    p = h.position_budget
+    out += ["", "### Figure 4c: position-varying budget", "",
+            _img("fig4c", h, "position budget"), "",
+            f"Constant {p.constant_k} big per token vs schedules from "
+            f"{p.schedules['decreasing'][0]} to {p.schedules['decreasing'][-1]} (mean "
+            f"{sum(p.schedules['decreasing']) / len(p.schedules['decreasing']):.2f}): "
+            + ", ".join(f"{k} {_iv(v)}" for k, v in p.loss.items()) + "."]
+    d = h.difficulty
+    out += ["", "### Figures 3, 5, 6, 7: usage by position, token difficulty, routing map", "",
+            _img("fig3", h, "usage by position"), "", _img("fig6", h, "difficulty on text"),
+            "", _img("fig5", h, "difficulty scatter"), "", _img("fig7", h, "routing map"), "",
+            f"Over {d.n_tokens} evaluation tokens: Spearman(loss all small, gain) "
+            f"{_iv(d.spearman)}; top-quartile overlap {_iv(d.overlap)} (chance 0.25, identical "
+            f"rankings 1); high-loss tokens with below-median gain {_iv(d.high_loss_low_gain)}; "
+            f"bottom-half-loss tokens in the top gain quartile {_iv(d.low_loss_high_gain)}."]
+    if d.by_kind:
+        out += ["", "| known kind | tokens | loss all small | gain |", "|---|---|---|---|"]
+        out += [f"| {n} | {v['n']} | {v['loss_small']:.3f} | {v['gain']:.3f} |"
+                for n, v in d.by_kind.items()]
+    return out
+
+
+def _synthetic_md(res: StudyResult) -> List[str]:
+    s = res.synthetic
+    d = s.difficulty
+    out = ["", "## The difficulty criterion on the synthetic corpus (known answer)", "",
+           f"![synthetic]({SYNTHETIC_PLOT})", "",
+           f"A `{s.preset}` model trained {s.steps} steps on the synthetic corpus (noise "
+           f"spans cannot be predicted; copied spans and running sums can). Noise minus "
+           f"copy/compute small-model loss {_iv(s.noise_minus_rest_loss)}; copy/compute minus "
+           f"noise gain {_iv(s.rest_minus_noise_gain)}; rank overlap {_iv(d.overlap)}, "
+           f"high-loss-low-gain share {_iv(d.high_loss_low_gain)}. Verdict: "
+           f"**{s.verdict.outcome}**."]
+    if d.by_kind:
+        out += ["", "| known kind | tokens | loss all small | gain |", "|---|---|---|---|"]
+        out += [f"| {n} | {v['n']} | {v['loss_small']:.3f} | {v['gain']:.3f} |"
+                for n, v in d.by_kind.items()]
+    return out

@@ -1,31 +1,33 @@
-"""The Duo-LLM study end to end (``duollm study``, run by ``make demo``).
+"""The study's stages, one function each; ``duollm.study.pipeline.run_study`` chains them.
 
-1. Random-routing training (``duollm.train.train``).
-2. Oracles on a validation batch (``duollm.oracle``): every layer pattern at sequence and at
-   token granularity (context all big), so the oracle of every budget (exactly / at most k big
-   layers, k = 0..L) comes from one exhaustive walk each; beam and greedy against exhaustive;
-   token difficulty (``duollm.difficulty``, context all small).
-3. Routers (``duollm.routers``) at several budgets, trained with the LM loss and a budget
-   penalty and also by imitating the oracle, evaluated with hard routing calibrated to the
-   budget, against fixed patterns, the best of N random patterns and the oracle.
+1. ``train_model``: random-routing training (stage 1 of the paper) on the prose and code
+   training text, with a skip path so the skip oracles have something to choose.
+2. ``pattern_table``: every layer pattern (3^L with skip) run over each holdout sequence; the
+   paper's token oracle and every fixed-pattern baseline are read from this one table.
+3. ``loss_curves`` (Figure 4a/4b), ``capacity`` (2a-c), ``skip_profiles`` (2d/3d),
+   ``position_budget`` (4c), ``difficulty`` (5, 6): analyses of the table, each baseline chosen
+   on the selection split and scored on the evaluation split, with bootstrap intervals.
+4. ``train_routers`` and ``evaluate_router``: the trained routers (stage 3 of the paper).
+5. ``synthetic_check``: the difficulty criterion on a corpus whose difficulty is known.
 
-Writes ``report.md`` + PNG plots (``duollm.report``), ``results.json`` and ``difficulty.csv``
-under ``--out`` and prints a summary table.
+The oracle here is the paper's: "exhaustively enumerates all possible routing paths and
+selects the one that results in the lowest perplexity on each token" -- every pattern runs
+over the whole sequence and each position takes its best pattern (``base="pattern"``). The
+library's context-big variant (``duollm.oracle`` with ``base="big"``: only the scored token's
+own path changes) is reported beside it, labelled.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import os
-import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..config import DuoConfig
-from ..reference import BIG
+from ..reference import BIG, SKIP, SMALL
+from . import stats as S
+from .results import (CapacityResult, Curve, DifficultyResult, PositionBudgetResult,
+                      RouterResult, SkipResult, SyntheticCheck)
 
 
 @dataclass(frozen=True)
@@ -36,346 +38,511 @@ class StudySizes:
     batch_size: int       # training batch (sequences)
     seq_len: int          # training sequence length
     lr: float
-    oracle_batch: int     # validation sequences searched by the oracles
-    oracle_len: int       # their length (scored positions per sequence)
+    n_sequences: int      # holdout sequences per holdout (selection + evaluation)
+    oracle_len: int       # scored positions per holdout sequence
     router_steps: int     # router training steps per budget
     router_batch: int     # router training batch (sequences of oracle_len)
-    sup_batch: int        # training sequences labelled by the oracle for imitation
-    sup_steps: int        # imitation-router steps (full batch)
     n_tokens_synth: int   # synthetic corpus length
+    synth_steps: int      # training steps of the synthetic-check model
+    n_boot: int           # bootstrap resamples per interval
 
 
-# DEMO fits `make demo` in ~10 minutes on 2 CPU cores (training about half of it); QUICK (the
-# tests) runs the whole study in well under a minute.
-DEMO = StudySizes(steps=300, batch_size=16, seq_len=128, lr=3e-3, oracle_batch=8,
-                  oracle_len=128, router_steps=100, router_batch=4, sup_batch=8, sup_steps=300,
-                  n_tokens_synth=300_000)
-QUICK = StudySizes(steps=20, batch_size=8, seq_len=32, lr=3e-3, oracle_batch=2, oracle_len=24,
-                   router_steps=8, router_batch=2, sup_batch=2, sup_steps=30,
-                   n_tokens_synth=20_000)
+# DEMO keeps `make demo` under 10 minutes on 2 CPU cores; QUICK (the tests) runs in seconds.
+DEMO = StudySizes(steps=300, batch_size=16, seq_len=128, lr=3e-3, n_sequences=24,
+                  oracle_len=96, router_steps=100, router_batch=4, n_tokens_synth=200_000,
+                  synth_steps=250, n_boot=1000)
+QUICK = StudySizes(steps=20, batch_size=8, seq_len=32, lr=3e-3, n_sequences=8, oracle_len=24,
+                   router_steps=8, router_batch=2, n_tokens_synth=20_000, synth_steps=10,
+                   n_boot=200)
+
+# (p_skip, p_small, p_big) of random-routing training. The paper trains big/small at 0.5
+# each; a skip share is added so the skip oracles (Figures 2d, 3d) route a model that has
+# seen skipped layers.
+TRAIN_PROBS = (0.2, 0.4, 0.4)
 
 
-def add_cli(parser: argparse.ArgumentParser) -> None:
-    """Add the ``duollm study`` arguments to ``parser``."""
-    parser.add_argument("--preset", default=None,
-                        help="model preset (DuoConfig.from_name); default small (tiny with "
-                             "--quick)")
-    parser.add_argument("--data", default="default",
-                        help="'default' (embedded corpus), 'synthetic' (known difficulty) or "
-                             "a UTF-8 text file")
-    parser.add_argument("--steps", type=int, default=None,
-                        help="random-routing training steps (default 300; 20 with --quick)")
-    parser.add_argument("--device", default="auto",
-                        help="torch device: cpu, cuda, or auto (cuda when a GPU is visible, "
-                             "the default)")
-    parser.add_argument("--out", default=None, help="output folder (default runs/<name>)")
-    parser.add_argument("--budgets", default=None,
-                        help="comma-separated big-layer counts k for the routers and the "
-                             "difficulty oracle (default 1 and L/2)")
-    parser.add_argument("--router-steps", type=int, default=None,
-                        help="router training steps per budget (default 100)")
-    parser.add_argument("--n-random", type=int, default=100,
-                        help="random layer patterns per budget for the best-of-N baseline")
-    parser.add_argument("--oracle-batch", type=int, default=None,
-                        help="validation sequences the oracles search (default 8)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quick", action="store_true",
-                        help="tiny preset, few steps: the whole study in well under a minute")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+# --------------------------------------------------------------------------- stage 1
 
 
-def run_cli(args: argparse.Namespace) -> int:
-    """Run the study from parsed ``add_cli`` arguments; 0 on success."""
-    budgets = None
-    if args.budgets:
-        try:
-            budgets = [int(b) for b in args.budgets.split(",") if b.strip()]
-        except ValueError:
-            raise SystemExit(f"--budgets: expected comma-separated ints, got {args.budgets!r}")
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    results = run_study(preset=args.preset, data=args.data, steps=args.steps,
-                        device=device, out=args.out, budgets=budgets,
-                        router_steps=args.router_steps, n_random=args.n_random,
-                        oracle_batch=args.oracle_batch, seed=args.seed, quick=args.quick,
-                        progress=not args.no_progress)
-    print(results["summary_text"])
-    print(f"\nreport: {os.path.join(results['out_dir'], 'report.md')}")
-    return 0
+def train_model(preset: str, data, sizes: StudySizes, steps: int, seed: int, device: str,
+                progress: bool, probs: Sequence[float] = TRAIN_PROBS):
+    """Random-routing training. Returns ``duollm.train.TrainResult``."""
+    from ..config import DuoConfig
+    from ..train import TrainConfig, train
+
+    config = DuoConfig.from_name(preset, vocab_size=data.vocab_size)
+    seq_len = min(sizes.seq_len, config.max_seq_len - 1)
+    p_skip, p_small, p_big = probs
+    tcfg = TrainConfig(steps=steps, batch_size=sizes.batch_size, seq_len=seq_len, lr=sizes.lr,
+                       min_lr=sizes.lr / 10, warmup=min(20, max(1, steps // 10)),
+                       eval_every=steps, eval_batches=2, seed=seed, device=device,
+                       progress=progress, p_skip=p_skip, p_small=p_small, p_big=p_big)
+    return train(config, data, tcfg)
 
 
-def _windows(tokens: torch.Tensor, n: int, length: int, kinds=None):
-    """``n`` evenly spaced windows (n, length) of a 1-D split (and of its kinds)."""
-    last = tokens.numel() - length
-    if last < 0:
-        raise ValueError(f"split of {tokens.numel()} tokens is shorter than a window of "
-                         f"{length}")
-    starts = torch.linspace(0, last, n, dtype=torch.float64).round().long()
-    idx = starts[:, None] + torch.arange(length)
-    return tokens[idx], (None if kinds is None else kinds[idx])
+# --------------------------------------------------------------------------- stage 2
 
 
-def _mean(x: torch.Tensor) -> float:
-    return float(x.detach().double().mean())
-
-
-def run_study(preset: Optional[str] = None, data="default", steps: Optional[int] = None,
-              device: str = "cpu", out: Optional[str] = None,
-              budgets: Optional[Sequence[int]] = None, router_steps: Optional[int] = None,
-              n_random: int = 100, oracle_batch: Optional[int] = None, seed: int = 0,
-              quick: bool = False, progress: bool = True, model=None) -> Dict:
-    """Run the three stages and write the report; returns the results dict (also in
-    ``results.json``).
+class PatternLosses:
+    """Per-token losses of every layer pattern, each run over whole sequences.
 
     Args:
-      preset: model preset (default "small", "tiny" with ``quick``).
-      data: "default", "synthetic", a text file path, or a ``TokenData``.
-      steps: random-routing training steps (ignored when ``model`` is given).
-      budgets: big-layer counts k for routers and difficulty (default 1 and L // 2).
-      model: an already trained ``DuoLLM`` to study instead of training one.
+      patterns: (n, L) int64 routes (SKIP/SMALL/BIG) per layer.
+      losses: (n, B, T-1) next-token loss of each position under each pattern.
     """
-    from .. import oracle as O
-    from . import report as R
-    from ..data import TokenData, load_data, sample_batch
-    from ..difficulty import export_csv, high_loss_correlation, token_difficulty
-    from ..routers import (agreement, calibrate, fixed_pattern, random_patterns,
-                          random_token_routes, route_and_loss, train_router,
-                          train_supervised_router)
-    from .synthetic import KIND_NAMES, make_synthetic_data
 
-    t_start = time.perf_counter()
-    d = QUICK if quick else DEMO
-    preset = preset or ("tiny" if quick else "small")
-    steps = d.steps if steps is None else steps
-    router_steps = d.router_steps if router_steps is None else router_steps
-    oracle_batch = d.oracle_batch if oracle_batch is None else oracle_batch
-    torch.manual_seed(seed)
-    timings: Dict[str, float] = {}
+    def __init__(self, patterns: torch.Tensor, losses: torch.Tensor):
+        if patterns.dim() != 2 or losses.dim() != 3 or losses.shape[0] != patterns.shape[0]:
+            raise ValueError(f"patterns (n, L) and losses (n, B, T-1) disagree: "
+                             f"{tuple(patterns.shape)} vs {tuple(losses.shape)}")
+        self.patterns, self.losses = patterns.long(), losses.double()
+        self.n_big = (self.patterns == BIG).sum(1)
+        self.n_small = (self.patterns == SMALL).sum(1)
+        self.n_skip = (self.patterns == SKIP).sum(1)
+        self.L = patterns.shape[1]
 
-    def log(msg: str) -> None:
-        if progress:
-            print(f"[study {time.perf_counter() - t_start:6.1f}s] {msg}", flush=True)
+    def subset(self, seqs: torch.Tensor) -> "PatternLosses":
+        """The table restricted to sequences ``seqs`` (indices)."""
+        return PatternLosses(self.patterns, self.losses[:, seqs])
 
-    # ---------------------------------------------------------------- data
-    labels = None
-    if isinstance(data, TokenData):
-        tdata = data
-    elif data == "synthetic":
-        tdata, labels = make_synthetic_data(n_tokens=d.n_tokens_synth, seed=seed,
-                                            return_labels=True)
-    else:
-        tdata = load_data(None if data == "default" else data)
-    kind = data if data in ("default", "synthetic") else "data"
-    name = (os.path.basename(out.rstrip("/")) if out
-            else f"{preset}-{kind}" + ("-quick" if quick else ""))
-    out_dir = out or os.path.join("runs", name)
-    os.makedirs(out_dir, exist_ok=True)
+    def mask(self, big: Optional[int] = None, at_most: bool = False, small: bool = True,
+             skip: bool = False) -> torch.Tensor:
+        """(n,) patterns with exactly (or at most) ``big`` big layers, using small/skip only
+        where allowed."""
+        m = torch.ones(self.patterns.shape[0], dtype=torch.bool)
+        if big is not None:
+            m &= (self.n_big <= big) if at_most else (self.n_big == big)
+        if not small:
+            m &= self.n_small == 0
+        if not skip:
+            m &= self.n_skip == 0
+        return m
 
-    # ---------------------------------------------------------------- stage 1
-    t0 = time.perf_counter()
-    if model is None:
-        from ..train import TrainConfig, train
+    def index(self, pattern: Sequence[int]) -> int:
+        hit = (self.patterns == torch.as_tensor(list(pattern))).all(1).nonzero()
+        if hit.numel() == 0:
+            raise ValueError(f"pattern {list(pattern)} is not in the table")
+        return int(hit[0])
 
-        config = DuoConfig.from_name(preset, vocab_size=tdata.vocab_size)
-        seq_len = min(d.seq_len, config.max_seq_len - 1)
-        tcfg = TrainConfig(steps=steps, batch_size=d.batch_size, seq_len=seq_len,
-                           lr=d.lr, warmup=min(20, max(1, steps // 10)),
-                           eval_every=steps, eval_batches=2 if quick else 4, seed=seed,
-                           device=device, progress=progress)
-        log(f"stage 1: random-routing training, preset {preset}, {steps} steps "
-            f"of {tcfg.batch_size}x{seq_len} tokens on {tdata.name}")
-        trained = train(config, tdata, tcfg)
-        model, train_val = trained.model, trained.val_loss
-        history = trained.history
-    else:
-        config, train_val, history = model.config, {}, []
-    model = model.to(device).eval()
-    L = config.n_layers
-    timings["train_s"] = time.perf_counter() - t0
-    budgets = sorted(set(budgets or [1, max(1, L // 2)]))
+    def oracle(self, mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The paper's token oracle over the allowed patterns.
+
+        Args: mask (n,) or (n, T-1) (a per-position budget).
+        Returns: (loss (B, T-1), chosen pattern index (B, T-1)).
+        """
+        m = mask[:, None, :] if mask.dim() == 2 else mask[:, None, None]
+        if not bool(mask.any(0).all()):
+            raise ValueError("mask: some position has no allowed pattern")
+        tab = torch.where(m, self.losses, torch.full((), math.inf, dtype=torch.float64))
+        loss, idx = tab.min(0)
+        return loss, idx
+
+    def routes(self, idx: torch.Tensor) -> torch.Tensor:
+        """(B, T-1, L) routes of the chosen pattern indices ``idx`` (B, T-1)."""
+        return self.patterns[idx]
+
+
+def pattern_table(model, tokens: torch.Tensor, progress: bool = False) -> PatternLosses:
+    """Stage 2: every pattern (3^L: skip, small or big per layer) over each whole sequence of
+    ``tokens`` (B, T), as one exhaustive prefix-sharing walk: the table of the paper's token
+    oracle (``duollm.oracle.pattern_losses(..., "token", base="pattern", skip=True)``)."""
+    from ..oracle import pattern_losses
+
+    tab = pattern_losses(model, tokens, "token", base="pattern", skip=True, progress=progress)
+    return PatternLosses(tab.patterns, tab.losses)
+
+
+def context_big_curve(model, tokens: torch.Tensor, L: int, n_boot: int, seed: int,
+                      progress: bool = False) -> Curve:
+    """The library's other token oracle (``base="big"``): only the scored position's path
+    changes, the context stays all big. A bound on per-token routing *given* a full-compute
+    context; not realisable by running all tokens with their routes at once."""
+    from ..oracle import Exactly, pattern_losses
+
+    tab = pattern_losses(model, tokens, "token", base="big", progress=progress)
+    pts = [S.bootstrap_mean(tab.select(Exactly(k)).loss.double().mean(1), n_boot=n_boot,
+                            seed=seed) for k in range(L + 1)]
+    return Curve("oracle_context_big", "token oracle, context all big (base='big')", pts)
+
+
+# --------------------------------------------------------------------------- analyses
+
+
+def seq_mean(x: torch.Tensor) -> torch.Tensor:
+    """(B, T-1) -> (B,) per-sequence mean."""
+    return x.double().mean(1)
+
+
+def loss_curves(sel: PatternLosses, ev: PatternLosses, n_random: int, seed: int,
+                n_boot: int) -> Tuple[List[Curve], Dict[str, List[torch.Tensor]]]:
+    """Figure 4a/4b: loss vs k for the paper's oracle, the best fixed pattern and the best of
+    ``n_random`` random patterns (both chosen on ``sel``, scored on ``ev``).
+
+    Returns (curves, per-sequence evaluation losses: name -> [k] -> (n_eval,))."""
+    from ..routers import random_patterns
+
+    L = ev.L
+    oracle, fixed, rnd = [], [], []
+    fixed_pat, rnd_pat = {}, {}
+    values: Dict[str, List[torch.Tensor]] = {"oracle": [], "fixed": [], "random": []}
+    for k in range(L + 1):
+        m = ev.mask(k)
+        values["oracle"].append(seq_mean(ev.oracle(m)[0]))
+        oracle.append(S.bootstrap_mean(values["oracle"][-1], n_boot=n_boot, seed=seed))
+        cand = m.nonzero().flatten()
+        i, vals = S.select_on(sel.losses[cand].mean((1, 2)), ev.losses[cand].mean(2))
+        values["fixed"].append(vals)
+        fixed.append(S.bootstrap_mean(vals, n_boot=n_boot, seed=seed))
+        fixed_pat[k] = ev.patterns[cand[i]].tolist()
+        pats = random_patterns(L, k, n_random, seed=seed + k)
+        ridx = torch.tensor([ev.index(p.tolist()) for p in pats])
+        j, rvals = S.select_on(sel.losses[ridx].mean((1, 2)), ev.losses[ridx].mean(2))
+        values["random"].append(rvals)
+        rnd.append(S.bootstrap_mean(rvals, n_boot=n_boot, seed=seed))
+        rnd_pat[k] = ev.patterns[ridx[j]].tolist()
+    return [Curve("oracle", "oracle (paper: best pattern per token, base='pattern')", oracle),
+            Curve("fixed", "best fixed pattern (chosen on selection split)", fixed, fixed_pat),
+            Curve("random", f"best of {n_random} random patterns (chosen on selection split)",
+                  rnd, rnd_pat)], values
+
+
+def _halves(L: int) -> Tuple[slice, slice]:
+    h = L // 2
+    return slice(0, h), slice(L - h, L)  # the middle layer of an odd L is in neither
+
+
+def _late_minus_early(by_layer: torch.Tensor) -> torch.Tensor:
+    """(n, L) per-sequence per-layer fractions -> (n,) later half minus earlier half."""
+    early, late = _halves(by_layer.shape[1])
+    return by_layer[:, late].mean(1) - by_layer[:, early].mean(1)
+
+
+def per_layer(routes: torch.Tensor, route: int) -> torch.Tensor:
+    """(B, T-1, L) routes -> (B, L) per-sequence fraction of tokens taking ``route``."""
+    return (routes == route).double().mean(1)
+
+
+def capacity_budgets(L: int) -> List[int]:
+    """Low, middle and high budget (the paper: 4, 6, 8 of 12)."""
+    return sorted({max(1, round(L / 3)), max(1, L // 2), min(L - 1, max(1, round(2 * L / 3)))})
+
+
+def capacity(ev: PatternLosses, router_routes: Dict[int, torch.Tensor], budgets: List[int],
+             n_boot: int, seed: int) -> CapacityResult:
+    """Figure 2a-c and 3a-c: big usage per layer at low/mid/high budget, oracle and router.
+
+    Criterion (the paper's "later layers first at a low budget, earlier layers once the later
+    ones are served"): big usage of the later half of the layers minus the earlier half is
+    above zero at the lowest budget and below zero at the highest (95% intervals)."""
+    budgets = sorted(budgets)
+    by_layer, lme, r_by_layer, r_lme = {}, {}, {}, {}
     for k in budgets:
-        if not 0 <= k <= L:
-            raise ValueError(f"budgets: {k} is not a big-layer count in 0..{L}")
+        u = per_layer(ev.routes(ev.oracle(ev.mask(k))[1]), BIG)  # (B, L)
+        by_layer[k] = [S.bootstrap_mean(u[:, i], n_boot=n_boot, seed=seed)
+                       for i in range(ev.L)]
+        lme[k] = S.bootstrap_mean(_late_minus_early(u), n_boot=n_boot, seed=seed)
+        if k in router_routes:
+            ru = per_layer(router_routes[k], BIG)
+            r_by_layer[k] = ru.mean(0).tolist()
+            r_lme[k] = S.bootstrap_mean(_late_minus_early(ru), n_boot=n_boot, seed=seed)
+    lo, hi = budgets[0], budgets[-1]
+    crit = (f"big usage of the later half of the layers minus the earlier half: above zero "
+            f"at k={lo}, below zero at k={hi}")
+    v = S.all_of("later layers first at a low budget, earlier layers once the later are "
+                 "served", crit, [S.verdict("late first at low budget", crit, lme[lo], +1),
+                                  S.verdict("early at high budget", crit, lme[hi], -1)])
+    rcrit = "router: later-half minus earlier-half big usage above zero at every budget"
+    rparts = [S.verdict("router late", rcrit, r_lme[k], +1) for k in budgets if k in r_lme]
+    rv = (S.all_of("the router gives later layers more compute at every budget", rcrit, rparts)
+          if rparts else S.Verdict("router", rcrit, S.Interval(math.nan, math.nan, math.nan,
+                                                               0), S.UNRESOLVED))
+    return CapacityResult(budgets, by_layer, r_by_layer, lme, v, rv)
 
-    T = min(d.oracle_len, config.max_seq_len - 1) + 1
-    val, val_kind = _windows(tdata.val, oracle_batch, T,
-                             labels.val_kind if labels is not None else None)
-    val = val.to(device)
-    gen = torch.Generator().manual_seed(seed + 1)
-    calib = sample_batch(tdata.train, oracle_batch, T - 1, generator=gen).to(device)
-    sup_tokens = sample_batch(tdata.train, d.sup_batch, T - 1, generator=gen).to(device)
 
-    # ---------------------------------------------------------------- stage 2: oracles
-    t0 = time.perf_counter()
-    log(f"stage 2: exhaustive oracles over {2 ** L} patterns on {oracle_batch}x{T - 1} "
-        f"validation positions")
-    seq_tab = O.pattern_losses(model, val, "sequence", progress=progress)
-    tok_tab = O.pattern_losses(model, val, "token", base="big", progress=progress)
-    ks = list(range(L + 1))
-    curves: Dict[str, List[float]] = {n: [] for n in (
-        "oracle_token_exactly", "oracle_token_at_most", "oracle_sequence_exactly",
-        "oracle_sequence_at_most", "first_k", "last_k", "best_random_pattern",
-        "random_per_token")}
-    best_random = {}
-    for k in ks:
-        curves["oracle_token_exactly"].append(_mean(tok_tab.select(O.Exactly(k)).loss))
-        curves["oracle_token_at_most"].append(_mean(tok_tab.select(O.AtMost(k)).loss))
-        curves["oracle_sequence_exactly"].append(_mean(seq_tab.select(O.Exactly(k)).loss))
-        curves["oracle_sequence_at_most"].append(_mean(seq_tab.select(O.AtMost(k)).loss))
-        curves["first_k"].append(_mean(seq_tab.loss_of(fixed_pattern(L, "first", k))))
-        curves["last_k"].append(_mean(seq_tab.loss_of(fixed_pattern(L, "last", k))))
-        pats = random_patterns(L, k, n_random, seed=seed + k).unique(dim=0)
-        losses = [(_mean(seq_tab.loss_of(p.tolist())), p.tolist()) for p in pats]
-        best = min(losses)
-        best_random[k] = {"loss": best[0], "pattern": best[1], "distinct": len(losses)}
-        curves["best_random_pattern"].append(best[0])
-        rt = [_mean(model.token_losses(val, random_token_routes(L, *val.shape, k,
-                                                                seed=seed + 100 * r + k)
-                                       .to(device)))
-              for r in range(3)]
-        curves["random_per_token"].append(sum(rt) / len(rt))
+def _suffix_share(routes: torch.Tensor) -> float:
+    """Share of tokens with at least one skip whose skipped layers are exactly the last ones
+    (what an early exit does). routes (..., L)."""
+    r = routes.reshape(-1, routes.shape[-1])
+    sk = r == SKIP
+    any_skip = sk.any(1)
+    if not bool(any_skip.any()):
+        return math.nan
+    n = sk.sum(1)
+    L = r.shape[1]
+    tail = torch.arange(L)[None, :] >= (L - n)[:, None]  # the last n layers
+    is_suffix = (sk == tail).all(1)
+    return float(is_suffix[any_skip].double().mean())
 
-    usage_layer = {"oracle_token": {}, "oracle_sequence": {}}
-    usage_pos = {"oracle_token_at_most": {}}
-    oracle_tok_routes = {}
-    for k in budgets:
-        r_tok = tok_tab.select(O.Exactly(k))
-        oracle_tok_routes[k] = r_tok.routes
-        usage_layer["oracle_token"][k] = (r_tok.routes[:, :, :-1] == BIG).float().mean(
-            (1, 2)).tolist()
-        r_seq = seq_tab.select(O.Exactly(k))
-        usage_layer["oracle_sequence"][k] = (r_seq.routes == BIG).float().mean((1, 2)).tolist()
-        r_am = tok_tab.select(O.AtMost(k))
-        usage_pos["oracle_token_at_most"][k] = (r_am.routes[:, :, :-1] == BIG).float().mean(
-            (0, 1)).tolist()
 
-    approx = {}
-    for k in budgets:
-        exact = curves["oracle_token_exactly"][k]
-        for method, width in (("greedy", 1), ("beam", 4)):
-            r = O.search(model, val, k, "token", method=method, beam_width=width)
-            approx[f"{method}{width if method == 'beam' else ''}_k{k}"] = {
-                "loss": _mean(r.loss), "exhaustive": exact, "gap": _mean(r.loss) - exact,
-                "patterns_evaluated": r.patterns_evaluated}
-    oracle_speed = {"sequence_patterns_per_s": seq_tab.patterns_per_s,
-                    "token_patterns_per_s": tok_tab.patterns_per_s,
-                    "sequence_s": seq_tab.elapsed_s, "token_s": tok_tab.elapsed_s,
-                    "positions": int(val.shape[0] * (T - 1))}
-    timings["oracle_s"] = time.perf_counter() - t0
+def skip_profiles(ev: PatternLosses, router_routes: Optional[torch.Tensor], n_boot: int,
+                  seed: int) -> SkipResult:
+    """Figures 2d/3d: big-or-skip oracle (exactly k big, every other layer skipped) and the
+    full 3^L oracle (exactly k big, the rest small or skip), k = L/2; per-layer skip profile.
 
-    # ---------------------------------------------------------------- difficulty
-    t0 = time.perf_counter()
-    diff_budgets = sorted(set(budgets + [L]))
-    log(f"token difficulty (context all small, oracle at most {diff_budgets} big)")
-    dtab = token_difficulty(model, val, budgets=diff_budgets, base="small",
-                            kinds=val_kind, progress=progress)
-    export_csv(os.path.join(out_dir, "difficulty.csv"), dtab)
-    # The difficulty table already holds every validation token's all-big and all-small loss.
-    all_big, all_small = _mean(dtab.loss_big), _mean(dtab.loss_small)
-    corr = high_loss_correlation(dtab)
+    Criterion for "early exit": the skip rate of the later half of the layers minus the
+    earlier half is above zero (95% interval). "Not an early exit" holds for the oracle when
+    that interval lies below zero, fails when above, and is not resolved when it includes
+    zero; the router "behaves like an early exit" when it lies above zero."""
+    k = max(1, ev.L // 2)
+    bos_loss, bos_idx = ev.oracle(ev.mask(k, small=False, skip=True))
+    full_loss, full_idx = ev.oracle(ev.mask(k, small=True, skip=True))
+    bos_r, full_r = ev.routes(bos_idx), ev.routes(full_idx)
+    bos_sk, full_sk = per_layer(bos_r, SKIP), per_layer(full_r, SKIP)
+    crit = "skip rate of the later half of the layers minus the earlier half (early exit: > 0)"
+    v_or = S.verdict("the oracle's skips are not an early exit", crit,
+                     S.bootstrap_mean(_late_minus_early(bos_sk), n_boot=n_boot, seed=seed), -1)
+    suffix = {"oracle_big_or_skip": _suffix_share(bos_r), "oracle_full": _suffix_share(full_r)}
+    r_prof, v_r = None, None
+    if router_routes is not None:
+        rs = per_layer(router_routes, SKIP)
+        r_prof = rs.mean(0).tolist()
+        suffix["router"] = _suffix_share(router_routes)
+        v_r = S.verdict("the trained router behaves like an early exit", crit,
+                        S.bootstrap_mean(_late_minus_early(rs), n_boot=n_boot, seed=seed), +1)
+    return SkipResult(k, S.bootstrap_mean(seq_mean(bos_loss), n_boot=n_boot, seed=seed),
+                      S.bootstrap_mean(seq_mean(full_loss), n_boot=n_boot, seed=seed),
+                      bos_sk.mean(0).tolist(), full_sk.mean(0).tolist(), r_prof, suffix, v_or,
+                      v_r)
+
+
+def schedules(L: int, n_pos: int) -> Tuple[int, Dict[str, List[int]]]:
+    """Constant k = L/2 and the decreasing/increasing per-position budgets with the same mean
+    (the paper: 6 -> 2 big layers of 12 against a constant 4)."""
+    kc = max(1, L // 2)
+    d = max(1, round(L / 6))
+    hi, lo = min(L, kc + d), max(0, kc - d)
+    x = torch.linspace(hi, lo, n_pos, dtype=torch.float64)
+    dec = torch.floor(x + 0.5).long().tolist()
+    return kc, {"decreasing": dec, "increasing": dec[::-1]}
+
+
+def position_budget(ev: PatternLosses, n_boot: int, seed: int) -> PositionBudgetResult:
+    """Figure 4c: the oracle with a per-position budget against a constant budget."""
+    n_pos = ev.losses.shape[2]
+    kc, sched = schedules(ev.L, n_pos)
+    const = seq_mean(ev.oracle(ev.mask(kc))[0])
+    loss = {"constant": S.bootstrap_mean(const, n_boot=n_boot, seed=seed)}
+    parts = []
+    crit = "oracle loss with the varying budget minus the constant budget (paper: > 0)"
+    for name, ks in sched.items():
+        kt = torch.tensor(ks)
+        m = ev.n_big[:, None] == kt[None, :]
+        m &= (ev.n_skip == 0)[:, None]
+        v = seq_mean(ev.oracle(m)[0])
+        loss[name] = S.bootstrap_mean(v, n_boot=n_boot, seed=seed)
+        parts.append(S.verdict(f"{name} worse than constant", crit,
+                               S.paired_difference(v, const, n_boot=n_boot, seed=seed), +1))
+    v = S.all_of("a constant budget beats a decreasing or increasing one with the same mean",
+                 crit, parts)
+    return PositionBudgetResult(kc, sched, loss, v)
+
+
+# --------------------------------------------------------------------------- difficulty
+
+
+def _spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    ra = a.argsort().argsort().double()
+    rb = b.argsort().argsort().double()
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    den = float(ra.norm() * rb.norm())
+    return float((ra * rb).sum()) / den if den > 0 else math.nan
+
+
+def _top(x: torch.Tensor, q: float) -> torch.Tensor:
+    """Mask of the top ``q`` share of ``x`` by rank (ties broken by position)."""
+    n = max(1, round(q * x.numel()))
+    m = torch.zeros_like(x, dtype=torch.bool)
+    m[x.argsort(descending=True, stable=True)[:n]] = True
+    return m
+
+
+def rank_overlap(loss: torch.Tensor, gain: torch.Tensor) -> Dict[str, float]:
+    """The paper's difficulty claim as numbers over tokens (1-D, or (n, T) flattened).
+
+    Returns ``overlap`` (share of the top quartile by loss also in the top quartile by gain),
+    ``high_loss_low_gain`` (share of the top quartile by loss with gain below the median),
+    ``low_loss_high_gain`` (share of the bottom half by loss in the top quartile by gain) and
+    ``spearman`` (rank correlation of loss and gain)."""
+    loss, gain = loss.reshape(-1).double(), gain.reshape(-1).double()
+    if loss.shape != gain.shape or loss.numel() < 4:
+        raise ValueError("loss, gain: expected the same number (>= 4) of tokens")
+    hl, hg = _top(loss, 0.25), _top(gain, 0.25)
+    low_gain = ~_top(gain, 0.5)
+    low_loss = ~_top(loss, 0.5)
+    return {"overlap": float((hl & hg).sum() / hl.sum()),
+            "high_loss_low_gain": float((hl & low_gain).sum() / hl.sum()),
+            "low_loss_high_gain": float((low_loss & hg).sum() / low_loss.sum()),
+            "spearman": _spearman(loss, gain)}
+
+
+def difficulty(ev: PatternLosses, tokens: torch.Tensor, n_boot: int, seed: int,
+               kinds: Optional[torch.Tensor] = None) -> DifficultyResult:
+    """Token difficulty on the evaluation split: small-model loss vs gain (loss with every
+    layer small minus the paper's oracle over all 2^L big/small patterns).
+
+    Criterion for the paper's claim ("some high-loss tokens gain little, some low-loss tokens
+    gain much": loss is not a reliable indicator of the need for compute): both shares above
+    zero and the rank overlap below one (95% intervals).
+
+    Args: tokens (B, T) the evaluation sequences (for the text figure); kinds (B, T) ground
+      truth token kinds (synthetic corpus) or None.
+    """
+    small = ev.losses[ev.index([SMALL] * ev.L)]  # (B, T-1)
+    orc = ev.oracle(ev.mask(None))[0]
+    gain = small - orc
+
+    def stat(name):
+        return lambda a, b: rank_overlap(a, b)[name]
+
+    iv = {n: S.bootstrap(stat(n), small, gain, n_boot=n_boot, seed=seed)
+          for n in ("overlap", "high_loss_low_gain", "low_loss_high_gain", "spearman")}
+    not_one = S.bootstrap(lambda a, b: 1 - rank_overlap(a, b)["overlap"], small, gain,
+                          n_boot=n_boot, seed=seed)
+    crit = ("share of top-quartile-loss tokens with below-median gain > 0, share of "
+            "bottom-half-loss tokens in the top gain quartile > 0, and 1 - rank overlap > 0")
+    v = S.all_of("loss ranks tokens differently from the gain of extra compute", crit, [
+        S.verdict("high loss, low gain", crit, iv["high_loss_low_gain"], +1),
+        S.verdict("low loss, high gain", crit, iv["low_loss_high_gain"], +1),
+        S.verdict("overlap below one", crit, not_one, +1)])
     by_kind = None
-    if dtab.kind is not None:
+    if kinds is not None:
+        from .synthetic import KIND_NAMES
+
+        kt = kinds[:, 1:]  # position t predicts token t+1: its label is kinds[t+1]
         by_kind = {}
-        for kind, kname in KIND_NAMES.items():
-            m = dtab.kind == kind
+        for kind, name in KIND_NAMES.items():
+            m = kt == kind
             if bool(m.any()):
-                by_kind[kname] = {"n": int(m.sum()), "loss_big": _mean(dtab.loss_big[m]),
-                                  "loss_small": _mean(dtab.loss_small[m]),
-                                  "difficulty": _mean(dtab.difficulty[m])}
-    timings["difficulty_s"] = time.perf_counter() - t0
+                by_kind[name] = {"n": int(m.sum()), "loss_small": float(small[m].mean()),
+                                 "gain": float(gain[m].mean())}
+    return DifficultyResult(
+        n_tokens=int(small.numel()), spearman=iv["spearman"], overlap=iv["overlap"],
+        high_loss_low_gain=iv["high_loss_low_gain"],
+        low_loss_high_gain=iv["low_loss_high_gain"], verdict=v,
+        snippet_tokens=tokens[0].tolist(), snippet_loss_small=small[0].tolist(),
+        snippet_gain=gain[0].tolist(),
+        points_loss_small=[round(x, 4) for x in small.flatten().tolist()],
+        points_gain=[round(x, 4) for x in gain.flatten().tolist()], by_kind=by_kind)
 
-    # ---------------------------------------------------------------- stage 3: routers
-    t0 = time.perf_counter()
-    routers = {}
-    usage_layer["router"], usage_layer["supervised"] = {}, {}
-    usage_pos["router"] = {}
-    for k in budgets:
-        target = k / L
-        log(f"stage 3: router at {k}/{L} big ({router_steps} steps)")
-        router, hist = train_router(model, tdata, target_big=target, steps=router_steps,
-                                    batch_size=d.router_batch, seq_len=T - 1, seed=seed,
-                                    progress=progress)
-        router.threshold = 0.0
-        argmax_loss, argmax_routes = route_and_loss(model, router, val)
-        calib_frac = calibrate(model, router, calib, target)
-        loss, routes = route_and_loss(model, router, val)
-        # Imitation of the token oracle (context all big, exactly k) on training windows.
-        sup_oracle = O.search(model, sup_tokens, k, "token", base="big")
-        sup, sup_hist = train_supervised_router(model, sup_tokens, sup_oracle.routes,
-                                                steps=d.sup_steps, seed=seed)
-        calibrate(model, sup, calib, target)
-        s_loss, s_routes = route_and_loss(model, sup, val)
-        entry = {
-            "target": target, "k": k,
-            "history": hist[:: max(1, len(hist) // 50)] + hist[-1:],
-            "objective_first": sum(h["objective"] for h in hist[:5]) / min(5, len(hist)),
-            "objective_last": sum(h["objective"] for h in hist[-5:]) / min(5, len(hist)),
-            "loss": _mean(loss), "realised": _mean((routes == BIG).float()),
-            "calibration_realised": calib_frac, "threshold": router.threshold,
-            "argmax_loss": _mean(argmax_loss),
-            "argmax_realised": _mean((argmax_routes == BIG).float()),
-            "agreement": agreement(routes, oracle_tok_routes[k]).tolist(),
-            "supervised_loss": _mean(s_loss),
-            "supervised_realised": _mean((s_routes == BIG).float()),
-            "supervised_accuracy": sup_hist[-1]["accuracy"],
-            "supervised_agreement": agreement(s_routes, oracle_tok_routes[k]).tolist(),
-        }
-        # Oracle results live on the CPU, router routes on the model's device.
-        o_big = (oracle_tok_routes[k][:, :, :-1] == BIG).float().mean((1, 2)).cpu()
-        r_big = (routes == BIG).float().mean((1, 2)).cpu()
-        entry["chance_agreement"] = (o_big * r_big + (1 - o_big) * (1 - r_big)).tolist()
-        routers[k] = entry
-        usage_layer["router"][k] = r_big.tolist()
-        usage_layer["supervised"][k] = (s_routes == BIG).float().mean((1, 2)).tolist()
-        usage_pos["router"][k] = (routes == BIG).float().mean((0, 1)).tolist()
-    timings["routers_s"] = time.perf_counter() - t0
 
-    # ---------------------------------------------------------------- findings
-    tok1 = curves["oracle_token_exactly"][1] if L >= 1 else math.nan
-    seq1 = curves["oracle_sequence_exactly"][1] if L >= 1 else math.nan
-    finding_a = {"oracle_token_1": tok1, "oracle_sequence_1": seq1, "all_big": all_big,
-                 "holds": bool(tok1 < all_big), "holds_sequence": bool(seq1 < all_big)}
-    near = {}
-    for k, e in routers.items():
-        o, rnd = curves["oracle_token_exactly"][k], curves["best_random_pattern"][k]
-        near[k] = {"router": e["loss"], "best_random": rnd, "oracle_token": o,
-                   "oracle_sequence": curves["oracle_sequence_exactly"][k],
-                   "closer_to_random": bool(abs(e["loss"] - rnd) < abs(e["loss"] - o))}
-    finding_b = {"per_budget": near, "holds": bool(near) and all(v["closer_to_random"]
-                                                                 for v in near.values())}
-    finding_c = dict(corr)
-    finding_c["holds"] = bool(not math.isnan(corr["corr_high_loss"])
-                              and corr["corr_high_loss"] < 0.3)
+# --------------------------------------------------------------------------- routers
 
-    results = {
-        "name": name, "out_dir": out_dir, "preset": preset, "config": config.to_dict(),
-        "data": tdata.name, "steps": steps, "train_val_loss": train_val,
-        "train_history": history[-20:] if history else [],
-        "budgets": budgets, "n_layers": L, "oracle_batch": [int(val.shape[0]), T],
-        "n_random": n_random, "ks": ks, "curves": curves, "all_big": all_big,
-        "all_small": all_small, "best_random": {str(k): v for k, v in best_random.items()},
-        "approx": approx, "oracle_speed": oracle_speed,
-        "usage_layer": {p: {str(k): v for k, v in u.items()} for p, u in usage_layer.items()},
-        "usage_position": {p: {str(k): v for k, v in u.items()} for p, u in usage_pos.items()},
-        "routers": {str(k): v for k, v in routers.items()},
-        "difficulty": {"reference": f"at most {dtab.reference} big", "budgets": diff_budgets,
-                       "correlation": corr, "by_kind": by_kind,
-                       "mean_difficulty": _mean(dtab.difficulty),
-                       "points": {"loss_big": [round(v, 4) for v in dtab.loss_big.tolist()],
-                                  "difficulty": [round(v, 4) for v in
-                                                 dtab.difficulty.tolist()],
-                                  "kind": None if dtab.kind is None else dtab.kind.tolist()}},
-        "findings": {"a": finding_a, "b": {"holds": finding_b["holds"],
-                                           "per_budget": {str(k): v for k, v in
-                                                          near.items()}},
-                     "c": finding_c},
-        "timings": timings, "device": str(device),
-    }
-    timings["total_s"] = time.perf_counter() - t_start
-    R.write_report(results, out_dir)
-    results["summary_text"] = R.summary_table(results)
-    with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    log(f"done in {timings['total_s']:.0f}s")
-    return results
+
+@dataclass
+class TrainedRouter:
+    name: str
+    router: object
+    target_big: float
+    history: List[Dict]
+
+
+def router_specs(L: int, budgets: List[int]) -> List[Tuple[str, Tuple[int, ...], float]]:
+    """(name, paths, target big fraction): one big/small router per budget and one with a
+    skip path at L/2 big."""
+    specs = [(f"k{k}", (SMALL, BIG), k / L) for k in budgets]
+    specs.append((f"skip-k{max(1, L // 2)}", (SKIP, SMALL, BIG), max(1, L // 2) / L))
+    return specs
+
+
+def train_routers(model, data, sizes: StudySizes, seq_len: int, steps: int, seed: int,
+                  budgets: List[int], progress: bool, log=print) -> List[TrainedRouter]:
+    """Stage 3: routers trained with the LM loss and the budget loss (the paper's router) on
+    the training text, the model frozen."""
+    from ..routers import train_router
+
+    out = []
+    for name, paths, target in router_specs(model.config.n_layers, budgets):
+        log(f"router {name}: {steps} steps, paths {paths}, target big {target:.2f}")
+        torch.manual_seed(seed)
+        r, hist = train_router(model, data, target_big=target, steps=steps,
+                               batch_size=sizes.router_batch, seq_len=seq_len, paths=paths,
+                               seed=seed, progress=progress)
+        out.append(TrainedRouter(name, r, target, hist))
+    return out
+
+
+def evaluate_router(model, tr: TrainedRouter, sel_tokens: torch.Tensor,
+                    ev_tokens: torch.Tensor, n_boot: int, seed: int
+                    ) -> Tuple[RouterResult, torch.Tensor, torch.Tensor]:
+    """Score a router on a holdout: a two-path router's threshold is calibrated to its budget
+    on the selection split; the loss is measured on the evaluation split.
+
+    Returns (result, per-sequence losses (n_eval,), routes (n_eval, T-1, L))."""
+    from ..routers import calibrate, route_and_loss
+
+    router = tr.router
+    threshold = None
+    if router.paths == (SMALL, BIG):
+        calibrate(model, router, sel_tokens, tr.target_big)
+        threshold = float(router.threshold)
+    loss, routes = route_and_loss(model, router, ev_tokens)
+    routes = routes.permute(1, 2, 0).cpu()  # (B, T-1, L)
+    per_seq = seq_mean(loss.cpu())
+    h = tr.history
+    res = RouterResult(
+        name=tr.name, paths=",".join({SKIP: "skip", SMALL: "small", BIG: "big"}[p]
+                                     for p in router.paths),
+        target_big=tr.target_big, threshold=threshold,
+        loss=S.bootstrap_mean(per_seq, n_boot=n_boot, seed=seed),
+        realised_big=float((routes == BIG).double().mean()),
+        realised_small=float((routes == SMALL).double().mean()),
+        realised_skip=float((routes == SKIP).double().mean()),
+        big_by_layer=per_layer(routes, BIG).mean(0).tolist(),
+        skip_by_layer=per_layer(routes, SKIP).mean(0).tolist(),
+        big_by_position=(routes == BIG).double().mean((0, 2)).tolist(),
+        objective_first=sum(x["objective"] for x in h[:5]) / max(1, min(5, len(h))),
+        objective_last=sum(x["objective"] for x in h[-5:]) / max(1, min(5, len(h))))
+    return res, per_seq, routes
+
+
+# --------------------------------------------------------------------------- synthetic
+
+
+def synthetic_check(sizes: StudySizes, seed: int, device: str, progress: bool,
+                    preset: str = "tiny") -> SyntheticCheck:
+    """Train a small model on the synthetic corpus (known difficulty) and run the difficulty
+    criterion on it. Known answer: noise tokens have the highest small-model loss and gain
+    the least from compute; copy/compute tokens gain more. The check holds when both
+    differences are above zero (95% intervals) and the criterion finds high-loss tokens that
+    gain little."""
+    from ..data import TokenData
+    from .holdouts import windows
+    from .synthetic import COMPUTE, COPY, NOISE, make_synthetic_data
+
+    data, labels = make_synthetic_data(n_tokens=sizes.n_tokens_synth, seed=seed,
+                                       return_labels=True)
+    assert isinstance(data, TokenData)
+    res = train_model(preset, data, sizes, sizes.synth_steps, seed, device, progress,
+                      probs=(0.0, 0.5, 0.5))
+    model = res.model.eval()
+    T = min(sizes.oracle_len, model.config.max_seq_len - 1) + 1
+    toks = windows(data.val, sizes.n_sequences, T)
+    kinds = windows(labels.val_kind, sizes.n_sequences, T)
+    tab = PatternLosses(*_walk(model, toks.to(device)))
+    d = difficulty(tab, toks, sizes.n_boot, seed, kinds=kinds)
+    small = tab.losses[tab.index([SMALL] * tab.L)]
+    gain = small - tab.oracle(tab.mask(None))[0]
+    kt = kinds[:, 1:]
+    noise, rest = kt == NOISE, (kt == COPY) | (kt == COMPUTE)
+
+    def diff(x, a, b):
+        def f(xx, aa, bb):
+            return float(xx[aa.bool()].mean() - xx[bb.bool()].mean())
+        return S.bootstrap(f, x, a.double(), b.double(), n_boot=sizes.n_boot, seed=seed)
+
+    d_loss = diff(small, noise, rest)
+    d_gain = diff(-gain, noise, rest)  # rest minus noise, as noise-minus-rest of -gain
+    crit = ("noise minus copy/compute small-model loss > 0, copy/compute minus noise gain > 0, "
+            "and the criterion's high-loss-low-gain share > 0")
+    v = S.all_of("the difficulty criterion finds the known structure", crit, [
+        S.verdict("noise is hard", crit, d_loss, +1),
+        S.verdict("noise gains less", crit, d_gain, +1),
+        S.verdict("high loss low gain found", crit, d.high_loss_low_gain, +1)])
+    return SyntheticCheck(preset, sizes.synth_steps, d, d_loss, d_gain, v)
+
+
+def _walk(model, tokens):
+    from ..oracle import pattern_losses
+
+    tab = pattern_losses(model, tokens, "sequence", skip=False)
+    return tab.patterns, tab.losses

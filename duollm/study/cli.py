@@ -1,0 +1,144 @@
+"""``duollm study`` (run the study) and ``duollm study ablations`` (the stage-1 ablations of
+``duollm.study.ablations``): arguments, validation before any work, and the summary print."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import os
+from typing import List, Optional
+
+from ..usage import (UsageError, add_threads_arg, apply_thread_rule, check_data_file,
+                     check_device, check_int, check_out_dir, show_progress)
+
+ABLATIONS = "duollm.study.ablations"
+
+
+def add_cli(parser: argparse.ArgumentParser) -> None:
+    """Add the ``duollm study`` arguments (and the ``ablations`` subcommand) to ``parser``."""
+    add_study_args(parser)
+    if importlib.util.find_spec(ABLATIONS) is not None:
+        mod = importlib.import_module(ABLATIONS)
+        sub = parser.add_subparsers(dest="study_command", metavar="SUBCOMMAND")
+        p = sub.add_parser("ablations", help="stage-1 ablations (Figure 8): p_big sweep "
+                                             "against dense models of equal FLOPs, and "
+                                             "freeze-big-then-train-small",
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        mod.add_args(p)
+        p.set_defaults(study_run=mod.run)
+
+
+def add_study_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", default=None,
+                        help="model preset (DuoConfig.from_name); default small (tiny with "
+                             "--quick)")
+    parser.add_argument("--data", default="default",
+                        help="'default' (prose + code holdouts from this interpreter), "
+                             "'synthetic' (known difficulty) or a UTF-8 text file")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="random-routing training steps (default 300; 20 with --quick; "
+                             "with --hf: small-FFN training steps, 0 skips training)")
+    parser.add_argument("--device", default="auto",
+                        help="torch device: cpu, cuda, cuda:N, or auto (cuda when a GPU is "
+                             "visible)")
+    parser.add_argument("--out", default=None, help="output folder (default runs/<name>)")
+    parser.add_argument("--budgets", default=None,
+                        help="comma-separated big-layer counts k for the routers and the "
+                             "capacity figure (default L/3, L/2, 2L/3)")
+    parser.add_argument("--router-steps", type=int, default=None,
+                        help="router training steps per budget (default 100)")
+    parser.add_argument("--n-random", type=int, default=100,
+                        help="random layer patterns per budget for the best-of-N baseline")
+    parser.add_argument("--oracle-batch", type=int, default=None,
+                        help="holdout sequences per holdout, half to select baselines and "
+                             "half to evaluate them (default 24)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of training, routers, splits and bootstrap")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny preset, few steps: the whole study in well under a minute")
+    parser.add_argument("--no-synthetic-check", action="store_true",
+                        help="skip the difficulty check on the synthetic corpus")
+    parser.add_argument("--hf", default=None, metavar="PATH",
+                        help="study a converted Hugging Face checkpoint folder instead of "
+                             "training a DuoLLM")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bars or stage lines (bars appear only on a "
+                             "terminal anyway)")
+    add_threads_arg(parser)
+
+
+def parse_budgets(text: Optional[str], n_layers: int) -> Optional[List[int]]:
+    """``"1,3"`` -> [1, 3], each within 0..n_layers; None passes through."""
+    if text is None:
+        return None
+    try:
+        ks = sorted({int(b) for b in text.split(",") if b.strip()})
+    except ValueError:
+        raise UsageError("--budgets", f"expected comma-separated ints, got {text!r}") from None
+    if not ks:
+        raise UsageError("--budgets", "expected at least one big-layer count")
+    bad = [k for k in ks if not 1 <= k <= n_layers - 1]
+    if bad:
+        raise UsageError("--budgets", f"{bad[0]} is not a big-layer count in 1..{n_layers - 1} "
+                                      f"(the preset has {n_layers} layers)")
+    return ks
+
+
+def validate(args: argparse.Namespace):
+    """Every check of the study's options, before any work. Returns (device, budgets,
+    preset)."""
+    from ..config import DuoConfig
+
+    device = check_device("--device", args.device)
+    preset = args.preset or ("tiny" if args.quick else "small")
+    if args.preset is not None and args.preset not in DuoConfig.presets():
+        raise UsageError("--preset", f"unknown preset {args.preset!r}; choose one of "
+                                     f"{', '.join(DuoConfig.presets())}")
+    if args.data not in ("default", "synthetic"):
+        check_data_file("--data", args.data)
+    check_out_dir("--out", args.out)
+    if args.steps is not None:
+        check_int("--steps", args.steps, low=0 if args.hf else 1)
+    if args.router_steps is not None:
+        check_int("--router-steps", args.router_steps, low=1)
+    check_int("--n-random", args.n_random, low=1)
+    if args.oracle_batch is not None:
+        check_int("--oracle-batch", args.oracle_batch, low=4)
+    check_int("--seed", args.seed, low=0)
+    if args.hf is not None:
+        if not os.path.isdir(args.hf):
+            raise UsageError("--hf", f"{args.hf} is not a folder (expected a converted or "
+                                     f"plain Hugging Face checkpoint folder)")
+        n_layers = None
+    else:
+        n_layers = DuoConfig.from_name(preset).n_layers
+    budgets = parse_budgets(args.budgets, n_layers) if n_layers else None
+    if args.hf is None and 3 ** n_layers > 200_000:
+        raise UsageError("--preset", f"{preset} has {n_layers} layers: the exhaustive 3^L "
+                                     f"oracle would walk {3 ** n_layers} patterns; use a preset "
+                                     f"of at most 11 layers")
+    return device, budgets, preset
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    """Run ``duollm study`` (or its subcommand) from parsed arguments; 0 on success."""
+    run_sub = getattr(args, "study_run", None)
+    if run_sub is not None:
+        return int(run_sub(args) or 0)
+    from ..config import DuoConfig
+    from .pipeline import run_study
+
+    device, budgets, preset = validate(args)
+    d_model = DuoConfig.from_name(preset).d_model if args.hf is None else None
+    apply_thread_rule(args.threads, device, d_model)
+    res = run_study(preset=preset, data=args.data, steps=args.steps, device=str(device),
+                    out=args.out, budgets=budgets, router_steps=args.router_steps,
+                    n_random=args.n_random, oracle_batch=args.oracle_batch, seed=args.seed,
+                    quick=args.quick, progress=show_progress(not args.no_progress),
+                    synthetic_check=not args.no_synthetic_check, hf=args.hf)
+    from .report import summary_text
+
+    print(summary_text(res))
+    out = args.out or os.path.join("runs", res.name)
+    print(f"\nreport: {os.path.join(out, 'report.md')}")
+    return 0

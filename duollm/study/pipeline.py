@@ -1,0 +1,220 @@
+"""``run_study``: the stages of ``duollm.study.stages`` chained, on every holdout, into a
+``StudyResult`` written as ``results.json`` and ``report.md`` with PNG plots."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from ..reference import BIG
+from . import stages as St
+from . import stats as S
+from .holdouts import (CODE, PROSE, Holdout, load_holdout, synthetic_holdout, training_data,
+                       windows)
+from .results import Curve, HoldoutResult, StudyResult
+
+
+def _holdouts(data, sizes: St.StudySizes, seed: int) -> List[Holdout]:
+    if data in (None, "default"):
+        return [load_holdout(PROSE), load_holdout(CODE)]
+    if data == "synthetic":
+        return [synthetic_holdout(sizes.n_tokens_synth, seed), load_holdout(CODE)]
+    return [load_holdout(os.path.basename(str(data)), path=str(data)), load_holdout(CODE)]
+
+
+def analyse_holdout(model, h: Holdout, routers: List[St.TrainedRouter], sizes: St.StudySizes,
+                    budgets: List[int], n_random: int, n_sequences: int, seed: int,
+                    device, progress: bool, log=print) -> HoldoutResult:
+    """Every oracle, baseline, router and difficulty result on one holdout."""
+    L = model.config.n_layers
+    T = min(sizes.oracle_len, model.config.max_seq_len - 1) + 1
+    toks = windows(h.val, n_sequences, T)
+    kinds = None if h.val_kind is None else windows(h.val_kind, n_sequences, T)
+    sel_i, ev_i = S.split_indices(n_sequences, seed)
+    nb = sizes.n_boot
+    log(f"[{h.name}] oracle table: {3 ** L} patterns over {n_sequences}x{T - 1} positions")
+    tab = St.pattern_table(model, toks.to(device), progress)
+    sel, ev = tab.subset(sel_i), tab.subset(ev_i)
+    big_v = St.seq_mean(ev.losses[ev.index([BIG] * L)])
+    small_v = St.seq_mean(ev.losses[ev.index([1] * L)])
+    curves, values = St.loss_curves(sel, ev, n_random, seed, nb)
+    log(f"[{h.name}] context-big token oracle (base='big') on the evaluation split")
+    curves.append(St.context_big_curve(model, toks[ev_i].to(device), L, nb, seed))
+
+    log(f"[{h.name}] routers")
+    r_results, r_vals, r_routes = [], {}, {}
+    for tr in routers:
+        res, per_seq, routes = St.evaluate_router(model, tr, toks[sel_i].to(device),
+                                                  toks[ev_i].to(device), nb, seed)
+        r_results.append(res)
+        r_vals[tr.name], r_routes[tr.name] = per_seq, routes
+    pts: List = [None] * (L + 1)
+    for k in budgets:
+        if f"k{k}" in r_vals:
+            pts[k] = S.bootstrap_mean(r_vals[f"k{k}"], n_boot=nb, seed=seed)
+    curves.append(Curve("router", "trained router (LM + budget loss, threshold chosen on "
+                                  "selection split)", pts))
+
+    hk = max(1, L // 2)
+    o, rnd = values["oracle"][hk], values["random"][hk]
+    crit = f"best-of-{n_random} random minus oracle loss at k={hk} (> 0: the oracle is better)"
+    oracle_vs_random = S.verdict("the oracle beats the best of N random patterns", crit,
+                                 S.paired_difference(rnd, o, n_boot=nb, seed=seed), +1)
+    one = S.verdict("the oracle with one big layer beats all big",
+                    "all-big loss minus the oracle's with exactly 1 big layer (> 0)",
+                    S.paired_difference(big_v, values["oracle"][1], n_boot=nb, seed=seed), +1)
+    rk = min(budgets, key=lambda k: abs(k - hk))
+    r = r_vals[f"k{rk}"]
+    o_rk, rnd_rk = values["oracle"][rk], values["random"][rk]
+    router_vs = {"router_minus_oracle": S.paired_difference(r, o_rk, n_boot=nb, seed=seed),
+                 "router_minus_random": S.paired_difference(r, rnd_rk, n_boot=nb, seed=seed)}
+
+    def nearer(rr, oo, nn):
+        return abs(float(rr.mean() - oo.mean())) - abs(float(rr.mean() - nn.mean()))
+
+    near = S.verdict("the router is nearer the best random pattern than the oracle",
+                     f"|router - oracle| - |router - best random| at k={rk} (> 0)",
+                     S.bootstrap(nearer, r, o_rk, rnd_rk, n_boot=nb, seed=seed), +1)
+
+    cap = St.capacity(ev, {k: r_routes[f"k{k}"] for k in budgets if f"k{k}" in r_routes},
+                      budgets, nb, seed)
+    skip_name = next((t.name for t in routers if t.name.startswith("skip")), None)
+    skip = St.skip_profiles(ev, r_routes.get(skip_name), nb, seed)
+    posb = St.position_budget(ev, nb, seed)
+    am = ev.routes(ev.oracle(ev.mask(hk, at_most=True))[1])  # (B, T-1, L)
+    log(f"[{h.name}] token difficulty")
+    diff = St.difficulty(ev, toks[ev_i], nb, seed,
+                         kinds=None if kinds is None else kinds[ev_i])
+    rmap = {name: rt[0].t().tolist() for name, rt in r_routes.items()}
+    return HoldoutResult(
+        name=h.name, source=h.source, n_sequences=n_sequences, seq_len=T,
+        n_selection=int(sel_i.numel()), n_evaluation=int(ev_i.numel()),
+        all_big=S.bootstrap_mean(big_v, n_boot=nb, seed=seed),
+        all_small=S.bootstrap_mean(small_v, n_boot=nb, seed=seed), curves=curves,
+        headline_k=hk, oracle_vs_random=oracle_vs_random, router_vs=router_vs,
+        router_near_random=near, one_big_beats_all_big=one, routers=r_results, capacity=cap,
+        skip=skip, position_budget=posb,
+        oracle_big_by_position=(am == BIG).double().mean((0, 2)).tolist(), difficulty=diff,
+        routing_map=rmap)
+
+
+def run_study(preset: Optional[str] = None, data="default", steps: Optional[int] = None,
+              device: str = "cpu", out: Optional[str] = None,
+              budgets: Optional[Sequence[int]] = None, router_steps: Optional[int] = None,
+              n_random: int = 100, oracle_batch: Optional[int] = None, seed: int = 0,
+              quick: bool = False, progress: bool = True, model=None,
+              synthetic_check: bool = True, hf: Optional[str] = None) -> StudyResult:
+    """Run every stage on both holdouts and write ``report.md``, PNG plots and
+    ``results.json`` under ``out``; returns the ``StudyResult``.
+
+    Args:
+      preset: model preset (default "small", "tiny" with ``quick``).
+      data: "default" (prose + code holdouts), "synthetic" (known difficulty + code) or a
+        UTF-8 text file (that file + code). The model trains on the holdouts' training parts.
+      steps: random-routing training steps (ignored when ``model`` is given).
+      budgets: big-layer counts for routers and the capacity figure (default L/3, L/2, 2L/3).
+      oracle_batch: holdout sequences per holdout (half select, half evaluate).
+      model: an already trained ``DuoLLM`` to study instead of training one.
+      hf: a converted Hugging Face checkpoint folder (``duollm.hf.load_pretrained``);
+        with ``steps`` > 0 its small FFNs are trained first (``duollm.hf.train_small``).
+    """
+    from .report import write_report
+
+    t_start = time.perf_counter()
+    sizes = St.QUICK if quick else St.DEMO
+    preset = preset or ("tiny" if quick else "small")
+    steps = sizes.steps if steps is None else steps
+    router_steps = sizes.router_steps if router_steps is None else router_steps
+    n_seq = sizes.n_sequences if oracle_batch is None else oracle_batch
+    torch.manual_seed(seed)
+    timings: Dict[str, float] = {}
+
+    def log(msg: str) -> None:
+        if progress:
+            print(f"[study {time.perf_counter() - t_start:6.1f}s] {msg}", flush=True)
+
+    holdouts = _holdouts(data, sizes, seed)
+    tdata = training_data(holdouts)
+    kind = data if data in ("default", "synthetic") else "data"
+    name = (os.path.basename(str(out).rstrip("/")) if out
+            else f"{preset}-{kind}" + ("-quick" if quick else ""))
+    out_dir = str(out) if out else os.path.join("runs", name)
+    os.makedirs(out_dir, exist_ok=True)
+
+    t0 = time.perf_counter()
+    source, train_val = "duollm", {}
+    if model is None and hf is not None:
+        model, train_val = _load_hf(hf, tdata, sizes, steps, seed, device, progress, log)
+        source = hf
+    elif model is None:
+        log(f"stage 1: random-routing training, preset {preset}, {steps} steps on "
+            f"{tdata.name} (skip/small/big {St.TRAIN_PROBS})")
+        trained = St.train_model(preset, tdata, sizes, steps, seed, device, progress)
+        model, train_val = trained.model, trained.val_loss
+    model = model.to(device).eval()
+    L = model.config.n_layers
+    timings["train_s"] = time.perf_counter() - t0
+    budgets = sorted(set(budgets or St.capacity_budgets(L)))
+
+    t0 = time.perf_counter()
+    seq_len = min(sizes.oracle_len, model.config.max_seq_len - 1)
+    routers = St.train_routers(model, tdata, sizes, seq_len, router_steps, seed, budgets,
+                               progress, log)
+    timings["routers_s"] = time.perf_counter() - t0
+
+    results = []
+    for h in holdouts:
+        t0 = time.perf_counter()
+        results.append(analyse_holdout(model, h, routers, sizes, budgets, n_random, n_seq,
+                                       seed, device, progress, log))
+        timings[f"{h.name}_s"] = time.perf_counter() - t0
+    synth = None
+    if synthetic_check:
+        t0 = time.perf_counter()
+        log("synthetic check: the difficulty criterion on a corpus of known difficulty")
+        synth = St.synthetic_check(sizes, seed, device, progress)
+        timings["synthetic_s"] = time.perf_counter() - t0
+    timings["total_s"] = time.perf_counter() - t_start
+    res = StudyResult(
+        name=name, preset=preset if source == "duollm" else "hf", config=model.config.to_dict(),
+        data=tdata.name, source=source, steps=steps, train_probs=list(St.TRAIN_PROBS),
+        train_val_loss=dict(train_val), seed=seed, device=str(device), n_random=n_random,
+        holdouts=results, synthetic=synth, timings=timings)
+    write_report(res, out_dir)
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+        json.dump(dataclasses.asdict(res), f, indent=1, default=_json_default)
+    log(f"done in {timings['total_s']:.0f}s; report in {out_dir}/report.md")
+    return res
+
+
+def _json_default(x):
+    if isinstance(x, float) and math.isnan(x):
+        return None
+    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
+
+
+def _load_hf(path: str, tdata, sizes: St.StudySizes, steps: int, seed: int, device,
+             progress: bool, log):
+    """A converted Hugging Face checkpoint as the study's model (stage 1 = train its small
+    FFNs when ``steps`` > 0)."""
+    from .. import hf as H
+
+    log(f"loading the converted checkpoint {path}")
+    model, _tok = H.load_pretrained(path)
+    train_val = {}
+    if steps > 0:
+        from ..train import TrainConfig
+
+        cfg = TrainConfig(steps=steps, batch_size=sizes.batch_size, seq_len=sizes.seq_len,
+                          lr=sizes.lr, min_lr=sizes.lr / 10, seed=seed, device=str(device),
+                          progress=progress, eval_every=steps, eval_batches=2)
+        log(f"stage 1: training the small FFNs, {steps} steps")
+        out = H.train_small(model, tdata, cfg)
+        model = getattr(out, "model", model)
+        train_val = dict(getattr(out, "val_loss", {}) or {})
+    return model, train_val
