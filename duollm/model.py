@@ -22,7 +22,7 @@ from torch import nn
 
 from .config import DuoConfig
 from .modules import DuoFFN, RMSNorm
-from .ops import route_checks_enabled
+from . import ops
 from .stack import POLICIES, Routes, layer_routes, random_routes, resolve_routes  # noqa: F401
 
 
@@ -45,17 +45,27 @@ def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class KVCache:
-    """Keys and values of every layer for ``generate``: (n_layers, B, H, max_len, head_dim)."""
+    """Keys and values of every layer for ``generate``: (n_layers, B, H, max_len, head_dim).
+
+    ``pos`` counts the cached positions. A *static* cache (``static=True``) also keeps that
+    count on the device (``pos_t``, (1,) int64) and its steps use only it: every shape is
+    fixed (attention runs over all ``max_len`` slots, masked), so a decode step reads nothing
+    back and can be captured in a CUDA graph (``DuoLLM.generate(cuda_graph=True)``).
+    """
 
     k: torch.Tensor
     v: torch.Tensor
     pos: int = 0
+    static: bool = False
+    pos_t: Optional[torch.Tensor] = None
 
     @classmethod
-    def empty(cls, config: DuoConfig, batch: int, max_len: int, device, dtype) -> "KVCache":
+    def empty(cls, config: DuoConfig, batch: int, max_len: int, device, dtype,
+              static: bool = False) -> "KVCache":
         shape = (config.n_layers, batch, config.n_heads, max_len, config.head_dim)
         return cls(torch.zeros(shape, device=device, dtype=dtype),
-                   torch.zeros(shape, device=device, dtype=dtype))
+                   torch.zeros(shape, device=device, dtype=dtype), static=static,
+                   pos_t=torch.zeros(1, dtype=torch.int64, device=device) if static else None)
 
 
 class Attention(nn.Module):
@@ -86,6 +96,14 @@ class Attention(nn.Module):
         q, k, v = self.qkv(x, rope)  # (B, H, T, hd)
         if cache is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        elif cache.static:  # fixed shapes, positions from the device (see KVCache)
+            q_pos = cache.pos_t + torch.arange(T, device=x.device)  # (T,)
+            cache.k[layer].index_copy_(2, q_pos, k)
+            cache.v[layer].index_copy_(2, q_pos, v)
+            k_pos = torch.arange(cache.k.shape[3], device=x.device)
+            mask = k_pos[None, :] <= q_pos[:, None]  # (T, max_len)
+            out = F.scaled_dot_product_attention(q, cache.k[layer], cache.v[layer],
+                                                 attn_mask=mask)
         else:
             start = cache.pos
             cache.k[layer, :, :, start:start + T] = k
@@ -118,7 +136,10 @@ class Block(nn.Module):
         x = self.ffn_norm(h)
         if hidden is not None:
             hidden.append(x)
-        r, gate = layer_routes(plan, layer, x)
+        if isinstance(plan, list):  # one int route per layer (a policy or a pattern)
+            r, gate = plan[layer], None
+        else:
+            r, gate = layer_routes(plan, layer, x)
         return self.ffn(x, r, residual=h, gate=gate, backend=backend)
 
 
@@ -190,20 +211,53 @@ class DuoLLM(nn.Module):
         if cache is not None and (cache.k.shape[1] != B or start + T > cache.k.shape[3]):
             raise ValueError(f"cache: holds batch {cache.k.shape[1]} and {cache.k.shape[3]} "
                              f"positions, tokens need batch {B} and {start + T} positions")
-        if tokens.numel() and tokens.device.type != "meta" and route_checks_enabled():
-            lo, hi = torch.stack(torch.aminmax(tokens)).tolist()  # one host sync, not two
-            if lo < 0 or hi >= self.config.vocab_size:
-                raise ValueError(f"tokens: ids must lie in [0, {self.config.vocab_size})")
-        plan = self.resolve_routes(routes, B, T, tokens.device, generator)
-        rope = self.rope[start:start + T]
+        tokens = self._check_token_values(tokens)
+        plan = self._int_routes(routes)
+        if plan is None:
+            plan = self.resolve_routes(routes, B, T, tokens.device, generator)
+        if cache is not None and cache.static:  # positions from the device: no host value
+            rope = self.rope.index_select(0, cache.pos_t + torch.arange(T, device=tokens.device))
+        else:
+            rope = self.rope[start:start + T]
         h = self.embed(tokens)  # (B, T, d)
         hidden: Optional[List[torch.Tensor]] = [] if return_hidden else None
         for i, layer in enumerate(self.layers):
             h = layer(h, rope, i, cache, plan, backend, hidden)
         if cache is not None:
             cache.pos += T
+            if cache.static:
+                cache.pos_t.add_(T)
         logits = self.lm_head(self.norm(h))
         return (logits, hidden) if return_hidden else logits
+
+    def _check_token_values(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token ids in ``[0, vocab_size)``, checked as ``duollm.ops.check_mode`` says: read
+        and raised at once on the CPU; on a GPU no read: a bad id is embedded as id 0 and
+        the device's error flag is set (``duollm.ops.check_errors``)."""
+        V = self.config.vocab_size
+        if not tokens.numel() or tokens.device.type == "meta":
+            return tokens
+        if ops.host_reads(tokens.device):
+            ops.host_range_check(tokens, 0, V, "tokens", "ids")
+            return tokens
+        if ops.check_mode() == "off":
+            return tokens
+        return ops.sanitize_values(tokens, 0, V, 0, ops.TOKEN_ERROR)
+
+    def _int_routes(self, routes) -> Optional[List[int]]:
+        """A policy name (but ``"random"``) or a list of ints as one int route per layer, so
+        the layers run without a routes tensor; None for every other routes form."""
+        L = self.config.n_layers
+        if isinstance(routes, str) and routes in POLICIES:
+            return [POLICIES[routes]] * L
+        if isinstance(routes, (list, tuple)) and len(routes) == L and all(
+                isinstance(r, int) and not isinstance(r, bool) for r in routes):
+            for r in routes:
+                if not 0 <= r < DuoFFN.num_paths:
+                    raise ValueError(f"routes: values must lie in [0, {DuoFFN.num_paths}), "
+                                     f"found {r}")
+            return list(routes)
+        return None
 
     def token_losses(self, tokens: torch.Tensor, routes: Routes = "big", **kw) -> torch.Tensor:
         """Next-token cross-entropy of each position, (B, T-1), predicting ``tokens[:, 1:]``."""

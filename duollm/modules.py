@@ -73,14 +73,110 @@ class DuoFFN(nn.Module):
         params[BIG] = self.big.weights
         return tuple(params)
 
-    def forward(self, x: torch.Tensor, routes: torch.Tensor,
-                residual: Optional[torch.Tensor] = None, gate: Optional[torch.Tensor] = None,
+    def forward(self, x: torch.Tensor, routes, residual: Optional[torch.Tensor] = None,
+                gate: Optional[torch.Tensor] = None,
                 backend: Optional[str] = None) -> torch.Tensor:
-        if not self.skip and isinstance(routes, torch.Tensor) and ops.route_checks_enabled():
-            if routes.numel() and routes.device.type != "meta" and bool((routes == SKIP).any()):
-                raise ValueError("routes: SKIP (0) given to a DuoFFN built with skip=False")
-        return ops.duo_ffn(x, routes, self.params(), residual=residual, gate=gate,
-                           backend=backend)
+        """``residual + gate * FFN_route(x)`` per token (see the class docstring).
+
+        Args:
+          x: (..., d_model), the weights' dtype and device.
+          routes: x.shape[:-1] integer tensor (SKIP=0, SMALL=1, BIG=2), or an int: every
+            token takes that path.
+          residual: x.shape, x's dtype, or None.  gate: x.shape[:-1], float, or None.
+        Returns: x.shape. Out-of-range routes raise at once on the CPU; on a GPU those tokens
+        skip and ``duollm.ops.check_errors()`` raises (docs/speed.md).
+        """
+        self._check_call(x, routes, residual, gate)
+        return ops.run_duo_ffn(x, routes, self._params(), residual, gate, backend,
+                               min_route=SKIP if self.skip else SMALL)
+
+    # Validation names the caller's arguments and compares them with the layer (docs/style.md);
+    # what depends only on the layer's weights is checked once per (dtype, device, shapes)
+    # and cached until the module is moved or cast (``_apply``).
+
+    def _apply(self, *args, **kwargs):
+        self._sig = None
+        return super()._apply(*args, **kwargs)
+
+    def _params(self):
+        """``params()`` read through the module dicts: nn.Module attribute lookup costs about
+        a microsecond per level, a dozen per call at decode."""
+        mods = self._modules
+        small, big = mods["small"]._modules, mods["big"]._modules
+        return (None,
+                (small["gate_proj"]._parameters["weight"], small["up_proj"]._parameters["weight"],
+                 small["down_proj"]._parameters["weight"]),
+                (big["gate_proj"]._parameters["weight"], big["up_proj"]._parameters["weight"],
+                 big["down_proj"]._parameters["weight"]))
+
+    def _layer_sig(self):
+        sig = getattr(self, "_sig", None)
+        if sig is None:
+            ws = [(f"{name}.{proj}.weight", w) for name, mod in (("small", self.small),
+                                                               ("big", self.big))
+                  for proj, w in zip(("gate_proj", "up_proj", "down_proj"), mod.weights)]
+            first = ws[0][1]
+            for name, w in ws:
+                if w.dtype != first.dtype or w.device != first.device:
+                    raise TypeError(f"DuoFFN: its weights disagree: {name} is {w.dtype} on "
+                                    f"{w.device}, small.gate_proj.weight is {first.dtype} on "
+                                    f"{first.device}; cast the whole layer (e.g. .to())")
+            sig = self._sig = (first.dtype, first.device)
+        return sig
+
+    def _check_call(self, x, routes, residual, gate) -> None:
+        dtype, device = self._layer_sig()
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x: expected a torch.Tensor of shape (..., {self.d_model}), got "
+                            f"{type(x).__name__}")
+        if x.dtype != dtype:
+            raise TypeError(f"x: has dtype {x.dtype}, but the layer's weights are {dtype}; "
+                            f"cast x (or the layer) so that they match")
+        if x.device != device:
+            raise ValueError(f"x: is on {x.device}, but the layer's weights are on {device}")
+        if x.dim() < 1 or x.shape[-1] != self.d_model:
+            got = "a scalar" if x.dim() < 1 else f"{x.shape[-1]}"
+            raise ValueError(f"x: last dim is {got} (shape {tuple(x.shape)}), but the layer "
+                             f"expects d_model={self.d_model}")
+        lead = x.shape[:-1]
+        if isinstance(routes, torch.Tensor):
+            if routes.dtype.is_floating_point or routes.dtype.is_complex or \
+                    routes.dtype == torch.bool:
+                raise TypeError(f"routes: expected an integer tensor (SKIP=0, SMALL=1, BIG=2), "
+                                f"got dtype {routes.dtype}")
+            if routes.shape != lead:
+                raise ValueError(f"routes: has shape {tuple(routes.shape)}, but x of shape "
+                                 f"{tuple(x.shape)} needs one route per token: "
+                                 f"{tuple(lead)}")
+            if routes.device != x.device:
+                raise ValueError(f"routes: is on {routes.device}, but x is on {x.device}")
+        elif not isinstance(routes, int) or isinstance(routes, bool):
+            raise TypeError(f"routes: expected an integer tensor of shape {tuple(lead)} or an "
+                            f"int, got {type(routes).__name__}")
+        elif routes == SKIP and not self.skip:
+            raise ValueError("routes: SKIP (0) given to a DuoFFN built with skip=False")
+        if residual is not None:
+            if not isinstance(residual, torch.Tensor):
+                raise TypeError(f"residual: expected a tensor like x, got "
+                                f"{type(residual).__name__}")
+            if residual.shape != x.shape:
+                raise ValueError(f"residual: has shape {tuple(residual.shape)}, but x has "
+                                 f"{tuple(x.shape)}; they must match")
+            if residual.dtype != x.dtype:  # the output is x's dtype: it would be rounded
+                raise TypeError(f"residual: has dtype {residual.dtype}, but x (and the layer) "
+                                f"are {x.dtype}")
+            if residual.device != x.device:
+                raise ValueError(f"residual: is on {residual.device}, but x is on {x.device}")
+        if gate is not None:
+            if not isinstance(gate, torch.Tensor) or not gate.dtype.is_floating_point:
+                what = gate.dtype if isinstance(gate, torch.Tensor) else type(gate).__name__
+                raise TypeError(f"gate: expected a float tensor of shape {tuple(lead)}, got "
+                                f"{what}")
+            if gate.shape != lead:
+                raise ValueError(f"gate: has shape {tuple(gate.shape)}, but x of shape "
+                                 f"{tuple(x.shape)} needs one gate per token: {tuple(lead)}")
+            if gate.device != x.device:
+                raise ValueError(f"gate: is on {gate.device}, but x is on {x.device}")
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, d_big={self.big.width}, d_small={self.small.width}, "

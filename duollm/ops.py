@@ -105,12 +105,16 @@ def _check_cuda(device: Optional[torch.device]) -> Optional[str]:
 
 
 _BACKENDS: Dict[str, Backend] = {}
+# (op, backend name, device, TRITON_INTERPRET) -> implementation: what can run does not change
+# within a process, and the checks (CUDA availability, imports) cost microseconds per call.
+_resolved: Dict[tuple, Callable] = {}
 
 
 def register_backend(name: str, module: str,
                      check: Callable[[Optional[torch.device]], Optional[str]]) -> None:
     """Register (or replace) a backend implemented by the importable ``module``."""
     _BACKENDS[name] = Backend(name, module, check)
+    _resolved.clear()
 
 
 register_backend("torch", "duollm.torch_backend", _check_torch)
@@ -152,7 +156,7 @@ def use_backend(name: str) -> Iterator[None]:
 
 def current_backend() -> str:
     """The backend name in force here: the scope's, else ``DUOLLM_BACKEND``, else ``"auto"``."""
-    return _scoped_backend.get() or os.environ.get("DUOLLM_BACKEND", "auto")
+    return _scoped_backend.get() or env("DUOLLM_BACKEND", "auto")
 
 
 def _check_name(name: str) -> None:
@@ -164,6 +168,14 @@ def _check_name(name: str) -> None:
 def resolve(op: str, device: torch.device, backend: Optional[str] = None) -> Callable:
     """The implementation of ``op`` that runs for tensors on ``device``."""
     name = backend or current_backend()
+    key = (op, name, device, env("TRITON_INTERPRET", ""))
+    fn = _resolved.get(key)
+    if fn is None:
+        fn = _resolved[key] = _resolve(op, device, name)
+    return fn
+
+
+def _resolve(op: str, device: torch.device, name: str) -> Callable:
     _check_name(name)
     if name == "auto":
         order = _AUTO_ORDER_CUDA if device.type == "cuda" else ("torch",)
@@ -201,19 +213,153 @@ def _check_same(name: str, t: torch.Tensor, ref: torch.Tensor, ref_name: str,
         raise TypeError(f"{name}: dtype {t.dtype} differs from {ref_name}'s {ref.dtype}")
 
 
-def route_checks_enabled() -> bool:
-    # Reading route values back needs a host sync; skip it where a sync is impossible
-    # (graph capture, compilation). The kernels stay memory-safe on any value regardless.
+# --------------------------------------------------------------------------- route values
+#
+# How route (and token) values are checked, by ``DUOLLM_CHECK_ROUTES`` (docs/speed.md):
+#
+# * ``"1"`` (default): on the CPU the values are read and a bad one raises at once (reading a
+#   CPU tensor is not a synchronisation). On any other device nothing is read back: a token
+#   whose route is out of range skips the layer (its output row is the residual, never left
+#   unwritten) and a flag on the device records it; ``check_errors()`` raises from the flag
+#   (``DuoLLM.generate`` calls it once, after its last step).
+# * ``"device"``: the GPU behaviour everywhere, the CPU included (what tests use to run the
+#   GPU's code path here).
+# * ``"sync"``: debug mode: read the values back and raise at once on every device (one host
+#   synchronisation per call).
+# * ``"0"``: no check and no flag; the kernels stay memory-safe but rows of out-of-range
+#   tokens are unspecified.
+
+_MODES = {"1": "eager", "": "eager", "device": "device", "sync": "sync", "0": "off"}
+_mode_cache = ("1", "eager")
+ROUTE_ERROR, TOKEN_ERROR = 1, 2  # bits of the device-side error flag
+_flags: Dict[torch.device, torch.Tensor] = {}
+
+
+def env(name: str, default: str) -> str:
+    """``os.environ.get(name, default)`` at the cost of one dict lookup: the hot path reads a
+    few settings per call, and ``os.environ.get`` (encode, look up, decode) costs about a
+    microsecond each, a tenth of a decode step's whole budget on a small model."""
+    data = getattr(os.environ, "_data", None)
+    if os.name != "posix" or data is None or torch.compiler.is_compiling():
+        return os.environ.get(name, default)
+    raw = data.get(name.encode())
+    return default if raw is None else raw.decode()
+
+
+def check_mode() -> str:
+    """``"eager"``, ``"device"``, ``"sync"`` or ``"off"``, from ``DUOLLM_CHECK_ROUTES``."""
+    global _mode_cache
+    raw = env("DUOLLM_CHECK_ROUTES", "1")
+    if raw != _mode_cache[0]:
+        if raw not in _MODES:
+            raise ValueError(f"DUOLLM_CHECK_ROUTES: expected one of {sorted(_MODES)}, "
+                             f"got {raw!r}")
+        _mode_cache = (raw, _MODES[raw])
+    return _mode_cache[1]
+
+
+def _cannot_sync() -> bool:
+    # Graph capture and compilation cannot read values back: the device path runs instead.
     if torch.compiler.is_compiling():
+        return True
+    # is_initialized is cheap, is_available is not; no capture can run before CUDA starts.
+    return torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
+
+
+def route_checks_enabled() -> bool:
+    """Whether route/token values are checked at all (``DUOLLM_CHECK_ROUTES`` is not 0)."""
+    return check_mode() != "off"
+
+
+def host_reads(device: torch.device) -> bool:
+    """Whether values on ``device`` are read back and checked at once (eagerly) here."""
+    mode = check_mode()
+    if mode == "off" or mode == "device" or device.type == "meta" or _cannot_sync():
         return False
-    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-        return False
-    return os.environ.get("DUOLLM_CHECK_ROUTES", "1") != "0"
+    return mode == "sync" or device.type == "cpu"
+
+
+def _flag(device: torch.device) -> Optional[torch.Tensor]:
+    """The int32 error flag of ``device`` (a 0-d tensor on it), created on first use."""
+    f = _flags.get(device)
+    if f is None:
+        if _cannot_sync():  # no allocation inside a capture or a traced graph
+            return None
+        f = _flags[device] = torch.zeros((), dtype=torch.int32, device=device)
+    return f
+
+
+def _record(bad: torch.Tensor, bit: int) -> None:
+    """OR ``bit`` into the device's flag where any element of the bool tensor ``bad`` is set;
+    no host synchronisation (the flag stays on the device)."""
+    if torch.compiler.is_compiling():
+        return  # the values are still sanitised; a compiled graph keeps no side flag
+    f = _flag(bad.device)
+    if f is not None:
+        f.bitwise_or_(bad.any().to(torch.int32) * bit)
+
+
+def check_errors(device=None) -> None:
+    """Raise ``ValueError`` if a route or token out of range was seen on the device since the
+    last check (the flag of the "device" check mode), and clear the flag.
+
+    Reads one int per device: a host synchronisation, so call it at a point where the stream
+    may wait (after a generation, a training step's ``loss.item()``...). ``device``: only that
+    device's flag (default: every device's).
+    """
+    devices = [torch.device(device)] if device is not None else list(_flags)
+    for dev in devices:
+        f = _flags.get(dev)
+        if f is None:
+            continue
+        bits = int(f.item())
+        if bits:
+            f.zero_()
+            what = []
+            if bits & ROUTE_ERROR:
+                what.append("routes: a route outside the layer's paths (those tokens skipped "
+                            "the layer: their output is the residual)")
+            if bits & TOKEN_ERROR:
+                what.append("tokens: an id outside [0, vocab_size) (read as id 0)")
+            raise ValueError(f"found on {dev} since the last check: " + "; ".join(what)
+                             + ". Set DUOLLM_CHECK_ROUTES=sync to raise at the call that "
+                               "passed it.")
+
+
+def _raise_range(name: str, lo_ok: int, hi_ok: int, lo: int, hi: int, what: str) -> None:
+    if lo < lo_ok or hi >= hi_ok:
+        bad = lo if lo < lo_ok else hi
+        raise ValueError(f"{name}: {what} must lie in [{lo_ok}, {hi_ok}), found {bad}")
+
+
+def host_range_check(t: torch.Tensor, lo_ok: int, hi_ok: int, name: str,
+                     what: str = "values") -> None:
+    """Read ``t``'s min and max back (one read; free on the CPU) and raise ``ValueError``
+    naming ``name`` if a value lies outside ``[lo_ok, hi_ok)``."""
+    if t.numel() <= 8:  # tiny (decode): one small list beats aminmax's two reductions
+        vals = t.reshape(-1).tolist()
+        lo, hi = min(vals), max(vals)
+    else:
+        lo, hi = torch.stack(torch.aminmax(t)).tolist()
+    _raise_range(name, lo_ok, hi_ok, lo, hi, what)
+
+
+def sanitize_values(t: torch.Tensor, lo_ok: int, hi_ok: int, fill: int, bit: int
+                    ) -> torch.Tensor:
+    """``t`` with values outside ``[lo_ok, hi_ok)`` replaced by ``fill``, the device's error
+    flag set if any was; on the device, no host synchronisation."""
+    if lo_ok == 0:
+        bad = (t < 0) | (t >= hi_ok)
+    else:
+        bad = (t < lo_ok) | (t >= hi_ok)
+    _record(bad, bit)
+    return torch.where(bad, torch.full((), fill, dtype=t.dtype, device=t.device), t)
 
 
 def check_routes(routes, num_paths: int, shape: Optional[torch.Size] = None,
                  device: Optional[torch.device] = None, name: str = "routes") -> None:
-    """Validate a routes tensor: integer dtype, expected shape and device, values in range."""
+    """Validate a routes tensor: integer dtype, expected shape and device; values in range
+    where they can be read without a host synchronisation (see ``check_mode``)."""
     _check_tensor(name, routes, INT_DTYPES)
     if shape is not None and routes.shape != shape:
         raise ValueError(f"{name}: expected shape {tuple(shape)} (one route per token), "
@@ -222,11 +368,8 @@ def check_routes(routes, num_paths: int, shape: Optional[torch.Size] = None,
         raise ValueError(f"{name}: on {routes.device}, but x is on {device}")
     if not isinstance(num_paths, int) or num_paths < 1:
         raise ValueError(f"num_paths: expected a positive int, got {num_paths!r}")
-    if routes.numel() and routes.device.type != "meta" and route_checks_enabled():
-        lo, hi = torch.stack(torch.aminmax(routes)).tolist()  # one host sync, not two
-        if lo < 0 or hi >= num_paths:
-            raise ValueError(f"{name}: values must lie in [0, {num_paths}), found "
-                             f"{lo if lo < 0 else hi}")
+    if routes.numel() and host_reads(routes.device):
+        host_range_check(routes, 0, num_paths, name)
 
 
 def _check_groups(groups, n_tokens: Optional[int], device: torch.device) -> None:
@@ -334,18 +477,20 @@ def swiglu_ffn(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
     return resolve("swiglu_ffn", x.device, backend)(x, w_gate, w_up, w_down)
 
 
-def duo_ffn(x: torch.Tensor, routes: torch.Tensor, params: Sequence[Optional[FFNWeights]],
+def duo_ffn(x: torch.Tensor, routes, params: Sequence[Optional[FFNWeights]],
             residual: Optional[torch.Tensor] = None, gate: Optional[torch.Tensor] = None, *,
             backend: Optional[str] = None) -> torch.Tensor:
     """The routed layer: ``residual + gate * FFN_route(x)`` per token, zero FFN term on skip.
 
     Args:
       x: (..., d) FFN input.
-      routes: x.shape[:-1], integer path per token in ``[0, len(params))``.
+      routes: x.shape[:-1], integer path per token in ``[0, len(params))``; or a Python int:
+        every token takes that path.
       params: one ``(w_gate, w_up, w_down)`` per path, or None for a skip path.
       residual: x.shape and x's dtype, or None.
       gate: x.shape[:-1], any float dtype (cast to x's), or None.
-    Returns: x.shape, dtype of x.
+    Returns: x.shape, dtype of x. Route values are checked as ``check_mode`` says: at once on
+    the CPU, on the device (out-of-range tokens skip, ``check_errors`` raises) elsewhere.
     """
     _check_tensor("x", x)
     if x.dim() < 1:
@@ -356,7 +501,13 @@ def duo_ffn(x: torch.Tensor, routes: torch.Tensor, params: Sequence[Optional[FFN
     if not params:
         raise ValueError("params: expected at least one path, got an empty sequence")
     lead, d = x.shape[:-1], x.shape[-1]
-    check_routes(routes, len(params), shape=lead, device=x.device)
+    if not _is_int_route(routes):
+        _check_tensor("routes", routes, INT_DTYPES)
+        if routes.shape != lead:
+            raise ValueError(f"routes: expected shape {tuple(lead)} (one route per token), "
+                             f"got {tuple(routes.shape)}")
+        if routes.device != x.device:
+            raise ValueError(f"routes: on {routes.device}, but x is on {x.device}")
     x_ND = x.reshape(-1, d)
     for p, weights in enumerate(params):
         if weights is not None:
@@ -364,8 +515,83 @@ def duo_ffn(x: torch.Tensor, routes: torch.Tensor, params: Sequence[Optional[FFN
     # The output has x's dtype, so a residual of another dtype would be silently rounded.
     _check_like_rows("residual", residual, x, tuple(x.shape), same_dtype=True)
     _check_like_rows("gate", gate, x, tuple(lead))
+    return run_duo_ffn(x, routes, tuple(params), residual, gate, backend)
+
+
+def _is_int_route(routes) -> bool:
+    return isinstance(routes, int) and not isinstance(routes, bool)
+
+
+def run_duo_ffn(x: torch.Tensor, routes, params: Tuple[Optional[FFNWeights], ...],
+                residual: Optional[torch.Tensor] = None, gate: Optional[torch.Tensor] = None,
+                backend: Optional[str] = None, min_route: int = 0) -> torch.Tensor:
+    """``duo_ffn`` after validation: the lean hot path that modules call once they have
+    checked shapes, dtypes and devices (``DuoFFN`` does, naming its caller's arguments).
+
+    Route values are checked here (see ``check_mode``); routes below ``min_route`` count as
+    out of range too (``DuoFFN(skip=False)`` passes 1). Nothing here reads a value back to
+    the host except on the CPU in the default mode, where that is free. An int ``routes``
+    sends every token down that path without any routes tensor (policies, patterns).
+    """
+    P = len(params)
+    d = x.shape[-1]
+    if _is_int_route(routes):
+        if not min_route <= routes < P:
+            raise ValueError(f"routes: route {routes} is not a path of this layer; expected "
+                             f"an int in [{min_route}, {P})")
+        return _one_path(x, params[routes], residual, gate, backend)
+    flat = x.dim() == 2  # (N, d) already: no reshapes (each costs a microsecond at decode)
+    r_N = routes if flat else routes.reshape(-1)  # (N,)
+    if r_N.numel() and x.device.type != "meta":
+        mode = check_mode()
+        if mode == "off":
+            pass
+        elif (mode == "sync" or (mode == "eager" and x.device.type == "cpu")) and \
+                not _cannot_sync():
+            host_range_check(r_N, min_route, P, "routes")
+        else:
+            skip = next((p for p, w in enumerate(params) if w is None), None)
+            if skip is None:  # no skip path: bad tokens go to an extra one
+                params, skip = params + (None,), P
+            r_N = sanitize_values(r_N, min_route, P, skip, ROUTE_ERROR)
     fn = resolve("duo_ffn", x.device, backend)
-    out = fn(x_ND, routes.reshape(-1), tuple(params),
+    if flat:
+        return fn(x, r_N, params, residual, gate)
+    out = fn(x.reshape(-1, d), r_N, params,
              None if residual is None else residual.reshape(-1, d),
              None if gate is None else gate.reshape(-1))
     return out.reshape(x.shape)
+
+
+_one_path_impl: Dict[Callable, Callable] = {}
+
+
+def _one_path(x: torch.Tensor, weights: Optional[FFNWeights], residual, gate,
+              backend: Optional[str]) -> torch.Tensor:
+    """Every token on one path: the path's SwiGLU (or nothing for a skip path), gate and
+    residual applied; no routes tensor, no grouping."""
+    if weights is None:
+        return torch.zeros_like(x) if residual is None else residual.to(x.dtype, copy=True)
+    d = x.shape[-1]
+    swiglu = resolve("swiglu_ffn", x.device, backend)
+    fused = _one_path_impl.get(swiglu)
+    if fused is None:  # a backend may fuse the residual and gate into its GEMMs: one_path
+        fused = _one_path_impl[swiglu] = getattr(sys.modules.get(swiglu.__module__),
+                                                 "one_path", False)
+    if fused:
+        out = fused(x.reshape(-1, d), weights,
+                    None if residual is None else residual.reshape(-1, d),
+                    None if gate is None else gate.reshape(-1))
+        return out.view(x.shape)
+    y = swiglu(x.reshape(-1, d), *weights)  # (N, d)
+    y = y.to(x.dtype).view(x.shape)
+    in_place = not (torch.is_grad_enabled() and (y.requires_grad or (
+        residual is not None and residual.requires_grad)))
+    if gate is not None:
+        g = gate.to(y.dtype).unsqueeze(-1)
+        if residual is not None:
+            return torch.addcmul(residual, y, g)
+        return y.mul_(g) if in_place else y * g
+    if residual is None:
+        return y
+    return y.add_(residual) if in_place else residual + y

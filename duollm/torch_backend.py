@@ -35,10 +35,10 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from . import reference
+from . import ops, reference
 from .reference import FFNWeights, RouteGroups, group_tokens, rms_norm
 
-__all__ = ["group_tokens", "gather", "scatter_combine", "swiglu_ffn", "duo_ffn"]
+__all__ = ["group_tokens", "gather", "scatter_combine", "swiglu_ffn", "duo_ffn", "one_path"]
 
 
 def _wants_grad(*tensors: Optional[torch.Tensor]) -> bool:
@@ -358,6 +358,88 @@ def _duo_ffn_plain(x, plan: _Plan, params, residual, gate):
     return base.index_add(0, plan.rows, yg)
 
 
+# Up to this many tokens the routes are read as a Python list on the CPU (decode): building
+# the plan from it skips the sort, bincount and inverse permutation the general path needs.
+_HOST_PLAN_MAX = 16
+# Up to this many tokens on a device that cannot be read for free (a GPU, or the CPU in the
+# "device" check mode) every path runs on every row and masks pick each token's result: no
+# counts are read back, so no host synchronisation (decode's weight reads dominate there).
+_STATIC_MAX = 64
+
+
+def _reads_free(device: torch.device) -> bool:
+    """Whether route values on ``device`` may be read back here: on the CPU, unless the
+    ``"device"`` check mode asks for the GPU's code path, and never while tracing/capturing."""
+    if device.type != "cpu" or ops._cannot_sync():
+        return False
+    return ops.check_mode() != "device"
+
+
+def _swiglu_rows(x: torch.Tensor, weights: FFNWeights, gate: Optional[torch.Tensor],
+                 residual: Optional[torch.Tensor]) -> torch.Tensor:
+    """``residual + gate * swiglu(x)`` for x (n, d) on one path, no autograd: 5 kernels."""
+    w_gate, w_up, w_down = weights
+    h = F.silu(torch.mm(x, w_gate.t()), inplace=True).mul_(torch.mm(x, w_up.t()))  # (n, W)
+    if gate is not None:
+        h.mul_(gate.to(h.dtype).unsqueeze(-1))
+    if residual is None:
+        return torch.mm(h, w_down.t())
+    return torch.addmm(residual, h, w_down.t())
+
+
+def one_path(x: torch.Tensor, weights: FFNWeights, residual: Optional[torch.Tensor] = None,
+             gate: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Every token on one path: ``residual + gate * swiglu(x)``, x (N, d) -> (N, d).
+
+    The same arithmetic as ``duo_ffn`` gives those tokens (residual accumulated by the down
+    GEMM), so a policy and the equivalent routes tensor agree bit for bit."""
+    if x.is_meta or _autocasting(x.device) or (torch.is_grad_enabled() and (
+            _wants_grad(x, residual, gate, *weights))):
+        y = swiglu_ffn(x, *weights).to(x.dtype)
+        if gate is not None:
+            y = y * gate.to(y.dtype).unsqueeze(-1)
+        return y if residual is None else residual + y
+    return _swiglu_rows(x.contiguous(), weights, gate, residual)
+
+
+def _duo_host_small(x, vals: List[int], params, residual, gate) -> torch.Tensor:
+    """The layer for a few tokens whose routes are known on the host (decode on the CPU)."""
+    first = vals[0]
+    if all(v == first for v in vals):  # one path for all: no indexing at all
+        w = params[first]
+        if w is None:
+            return x.new_zeros(x.shape) if residual is None else residual.clone()
+        return _swiglu_rows(x, w, gate, residual)
+    out = x.new_zeros(x.shape) if residual is None else residual.clone()  # (N, d)
+    for p, w in enumerate(params):
+        if w is None:
+            continue
+        idx = [t for t, v in enumerate(vals) if v == p]
+        if not idx:
+            continue
+        rows = torch.tensor(idx, device=x.device)
+        out.index_copy_(0, rows, _swiglu_rows(
+            x.index_select(0, rows), w, None if gate is None else gate.index_select(0, rows),
+            None if residual is None else residual.index_select(0, rows)))
+    return out
+
+
+def _duo_static(x, routes, params, residual, gate) -> torch.Tensor:
+    """Every path on every row, each token keeping its own path's result (masks); ordinary
+    differentiable ops with static shapes: no value read back, traceable by
+    ``torch.compile(fullgraph=True)`` and capturable in a CUDA graph. A route matching no
+    path is a skip (the residual)."""
+    out = x.new_zeros(x.shape) if residual is None else residual.to(x.dtype)  # (N, d)
+    for p, w in enumerate(params):
+        if w is None:
+            continue
+        y = reference.swiglu_ffn(x, *w).to(x.dtype)  # (N, d)
+        if gate is not None:
+            y = y * gate.to(y.dtype).unsqueeze(-1)
+        out = torch.where((routes == p).unsqueeze(-1), out + y, out)  # NaN-safe masking
+    return out
+
+
 def duo_ffn(
     x: torch.Tensor,
     routes: torch.Tensor,
@@ -370,16 +452,32 @@ def duo_ffn(
     Args:
       x: (N, d).  routes: (N,) path per token.  params: per path ``(w_gate, w_up, w_down)``
       or None (skip).  residual: (N, d) or None.  gate: (N,) or None.
-    Returns: (N, d), dtype of x. Reads the per-path counts back to the host (see module doc).
+    Returns: (N, d), dtype of x.
+
+    Which path runs (docs/speed.md): on the CPU, up to 16 tokens without autograd read the
+    routes as a list (no sort, no plan); more tokens take the sorted plan, which reads the
+    per-path counts (free on the CPU). Where values cannot be read for free (a GPU, a
+    capture, ``torch.compile``, the "device" check mode) up to 64 tokens, and any number
+    while tracing or capturing, run the static masked layer (no read); more tokens on a GPU
+    read the counts once (one synchronisation: the triton backend is the GPU's sync-free one).
     """
     if x.is_meta:
         return reference.duo_ffn(x, routes, params, residual, gate)
+    N = x.shape[0]
+    grad = torch.is_grad_enabled() and (_wants_grad(x, residual, gate) or any(
+        w is not None and _wants_grad(*w) for w in params))
+    if not _reads_free(x.device):
+        if N <= _STATIC_MAX or ops._cannot_sync():
+            return _duo_static(x, routes, params, residual, gate)
+    elif N <= _HOST_PLAN_MAX and N and not grad and not _autocasting(x.device):
+        # residual arrives in x's dtype (duollm.ops checks it)
+        return _duo_host_small(x.contiguous(), routes.tolist(), params, residual, gate)
     x = x.contiguous()
     plan = _Plan(routes, params)
     if _autocasting(x.device):
         return _duo_ffn_plain(x, plan, params, residual, gate)
     params_idx, weights = _flatten(params)
-    if _wants_grad(x, residual, gate, *weights):
+    if grad:
         return _DuoFFNFn.apply(x, residual, gate, plan, params_idx, *weights)
     gate_r = None if gate is None else gate.index_select(0, plan.rows).to(x.dtype)
     out, _, _ = _duo_fwd(x, plan, params, residual, gate_r, save=False)
