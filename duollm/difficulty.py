@@ -15,17 +15,20 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from .model import DuoLLM
-from .oracle import AtMost, Exactly, FlopBudget, pattern_losses
+from .oracle import AtMost, Exactly, FlopBudget, PerPosition, oracle_label, pattern_losses
+from .oracle.budgets import ROUTE_NAMES, route_choices
 from .reference import BIG
+from .stack import as_stack
 
 
 def budget_name(budget) -> str:
-    """Column suffix of a budget: ``k`` for AtMost(k), ``eq{k}``, ``flops{fraction}``."""
-    if isinstance(budget, AtMost):
-        return str(budget.k)
-    if isinstance(budget, Exactly):
-        return f"eq{budget.k}"
+    """Column suffix of a budget: ``k`` for AtMost(k), ``eq{k}``, ``flops{fraction}``; a
+    route other than big is named (``3skip``, ``eq1skip``)."""
+    if isinstance(budget, (AtMost, Exactly)):
+        route = "" if budget.route == BIG else ROUTE_NAMES[budget.route]
+        return (f"{budget.k}" if isinstance(budget, AtMost) else f"eq{budget.k}") + route
+    if isinstance(budget, PerPosition):
+        return f"pp{budget.kind}{budget.mean:g}"
     if isinstance(budget, FlopBudget):
         return (f"flops{budget.fraction:g}" if budget.fraction is not None
                 else f"flops{budget.max_flops_per_token:g}")
@@ -54,6 +57,8 @@ class DifficultyTable:
     reference: str
     kind: Optional[torch.Tensor] = None
     oracle_big_layers: Dict[str, torch.Tensor] = field(default_factory=dict)
+    base: object = "small"
+    oracle: str = ""
 
     def columns(self) -> Dict[str, torch.Tensor]:
         cols = {"sequence": self.sequence, "position": self.position, "token": self.token,
@@ -70,15 +75,18 @@ class DifficultyTable:
 
 
 @torch.no_grad()
-def token_difficulty(model: DuoLLM, tokens: torch.Tensor, budgets: Sequence = (1,),
+def token_difficulty(model, tokens: torch.Tensor, budgets: Sequence = (1,),
                      base="small", reference=None, kinds: Optional[torch.Tensor] = None,
-                     skip: bool = False, progress: bool = False) -> DifficultyTable:
+                     skip: bool = False, progress: bool = False,
+                     paths=None) -> DifficultyTable:
     """Per-token losses under cheap, full and oracle routing, and the difficulty.
 
     Args:
+      model: a ``DuoLLM``, a converted HF model or a ``RoutedStack``.
       tokens: (B, T) int64.
       budgets: ints (at most k big layers) or budget objects; one oracle column each.
-      base: the context routing of the token oracle.
+      base: which token oracle: a fixed context (``"small"``, ``"big"``, a pattern) or
+        ``"pattern"`` (the paper's). skip, paths: the oracle's choices (``duollm.oracle``).
       reference: the budget whose oracle defines ``difficulty`` (default: the last budget).
       kinds: optional (B, T) ground-truth kind of every token (e.g. ``duollm.synthetic``).
     Returns: a ``DifficultyTable`` of B * (T-1) rows.
@@ -89,16 +97,18 @@ def token_difficulty(model: DuoLLM, tokens: torch.Tensor, budgets: Sequence = (1
         raise ValueError("budgets: expected at least one budget")
     reference = budgets[-1] if reference is None else (
         AtMost(reference) if isinstance(reference, int) else reference)
-    tokens = tokens.to(model.embed.weight.device, torch.int64)
+    stack = as_stack(model)
+    tokens = tokens.to(stack.device, torch.int64)
     B, T = tokens.shape
-    table = pattern_losses(model, tokens, "token", skip=skip, base=base, progress=progress)
+    table = pattern_losses(stack, tokens, "token", skip=skip, base=base, progress=progress,
+                           paths=paths)
     oracle, big_layers = {}, {}
     for b in budgets + ([reference] if reference not in budgets else []):
         res = table.select(b)
         oracle[budget_name(b)] = res.loss.reshape(-1)
         big_layers[budget_name(b)] = (res.routes[:, :, :-1] == BIG).sum(0).reshape(-1)
-    loss_small = model.token_losses(tokens, "small").reshape(-1)
-    loss_big = model.token_losses(tokens, "big").reshape(-1)
+    loss_small = stack.token_losses(tokens, "small").reshape(-1)
+    loss_big = stack.token_losses(tokens, "big").reshape(-1)
     ref = budget_name(reference)
     seq = torch.arange(B)[:, None].expand(B, T - 1).reshape(-1)
     pos = torch.arange(T - 1)[None].expand(B, T - 1).reshape(-1)
@@ -111,7 +121,8 @@ def token_difficulty(model: DuoLLM, tokens: torch.Tensor, budgets: Sequence = (1
         # The oracle table may live on the CPU while the model runs on a GPU.
         difficulty=loss_small.cpu() - oracle[ref].cpu(), reference=ref,
         kind=None if kinds is None else kinds[:, 1:].reshape(-1).cpu(),
-        oracle_big_layers=big_layers)
+        oracle_big_layers=big_layers, base=base,
+        oracle=oracle_label("token", base, route_choices(skip, paths)))
 
 
 def export_csv(path, table: DifficultyTable) -> None:
@@ -149,3 +160,82 @@ def high_loss_correlation(table: DifficultyTable, quantile: float = 0.75) -> Dic
             float("nan"),
             "mean_loss_high": float(raw[hi].mean()),
             "mean_loss_rest": float(raw[~hi].mean()) if bool((~hi).any()) else float("nan")}
+
+
+@dataclass
+class GainOverlap:
+    """How differently small-model loss and gain (``difficulty``) rank the tokens.
+
+    Fields: ``n`` tokens; ``n_top`` tokens in each top / bottom group (the ``1 - quantile``
+    share); ``top_overlap`` the share of the top group by loss that is also in the top group by
+    gain (1: the same tokens; ``chance_overlap`` = ``n_top / n`` when the two rankings are
+    independent); ``high_loss_low_gain`` the share of the top-loss group whose gain is in the
+    bottom group; ``low_loss_high_gain`` the share of the bottom-loss group whose gain is in the
+    top group; ``spearman`` the rank correlation of loss and gain; ``loss`` the loss column
+    ranked (``"loss_small"``).
+    """
+
+    n: int
+    n_top: int
+    quantile: float
+    top_overlap: float
+    chance_overlap: float
+    high_loss_low_gain: float
+    low_loss_high_gain: float
+    spearman: float
+    loss: str = "loss_small"
+
+    def describe(self) -> str:
+        q = round(100 * (1 - self.quantile))
+        return (f"top {q}% by {self.loss} vs by gain: overlap {self.top_overlap:.2f} (chance "
+                f"{self.chance_overlap:.2f}); high-loss tokens with low gain "
+                f"{self.high_loss_low_gain:.2f}, low-loss tokens with high gain "
+                f"{self.low_loss_high_gain:.2f}; Spearman {self.spearman:.2f} (n={self.n})")
+
+
+def _ranks(x: torch.Tensor) -> torch.Tensor:
+    """(N,) ranks 0..N-1 (ties by position, so groups have exactly the stated sizes)."""
+    r = torch.empty(x.numel(), dtype=torch.int64)
+    r[x.argsort(stable=True)] = torch.arange(x.numel())
+    return r
+
+
+def gain_overlap(table: DifficultyTable, quantile: float = 0.75,
+                 sequences: Optional[Sequence[int]] = None,
+                 loss: str = "loss_small") -> GainOverlap:
+    """The paper's difficulty claim as numbers: rank tokens by ``loss`` and by gain.
+
+    Args:
+      table: a ``DifficultyTable``.
+      quantile: the top group is the tokens above this quantile (0.75: the top quartile), the
+        bottom group the same number of tokens from the other end.
+      sequences: optional sequence ids to include, repeats allowed (a bootstrap resample over
+        sequences); default every row.
+      loss: ``"loss_small"`` (the paper's small-model loss) or ``"loss_big"``.
+    Returns: a ``GainOverlap``.
+    """
+    if not 0.0 < quantile < 1.0:
+        raise ValueError(f"quantile: expected a value in (0, 1), got {quantile!r}")
+    if loss not in ("loss_small", "loss_big"):
+        raise ValueError(f"loss: expected 'loss_small' or 'loss_big', got {loss!r}")
+    raw, gain = getattr(table, loss).double(), table.difficulty.double()
+    if sequences is not None:
+        rows = [torch.nonzero(table.sequence == int(s)).flatten() for s in sequences]
+        rows = torch.cat(rows) if rows else torch.zeros(0, dtype=torch.int64)
+        raw, gain = raw[rows], gain[rows]
+    n = raw.numel()
+    if n < 2:
+        raise ValueError(f"table: needs at least 2 tokens, got {n}")
+    n_top = max(1, round((1 - quantile) * n))
+    r_loss, r_gain = _ranks(raw), _ranks(gain)
+    top_loss, bot_loss = r_loss >= n - n_top, r_loss < n_top
+    top_gain, bot_gain = r_gain >= n - n_top, r_gain < n_top
+    rl, rg = r_loss.double(), r_gain.double()
+    spearman = float(((rl - rl.mean()) * (rg - rg.mean())).sum()
+                     / ((rl - rl.mean()).norm() * (rg - rg.mean()).norm()))
+    return GainOverlap(
+        n=n, n_top=n_top, quantile=quantile,
+        top_overlap=float((top_loss & top_gain).sum()) / n_top, chance_overlap=n_top / n,
+        high_loss_low_gain=float((top_loss & bot_gain).sum()) / n_top,
+        low_loss_high_gain=float((bot_loss & top_gain).sum()) / n_top,
+        spearman=spearman, loss=loss)
