@@ -193,7 +193,7 @@ def add_cli(p: argparse.ArgumentParser) -> None:
                    metavar="N", help="tokens of the embedded corpus for the activation-aware "
                                      "prune score (0: weights only)")
     p.add_argument("--dtype", choices=DTYPES, default=None,
-                   help="load (and save) in this dtype (default: the checkpoint's)")
+                   help="load (and save) in this dtype; None: the checkpoint's")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--out", dest="out_dir", required=True, metavar="DIR",
                    help="folder for the converted model (new or empty)")
