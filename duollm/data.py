@@ -3,7 +3,7 @@
 The default corpus is CPython's own documentation, ``pydoc_data.topics`` (about 466 KB of
 English and Python), read from the running interpreter so no text ships with duollm. Any
 UTF-8 text file works too, and ``"synthetic"`` gives a corpus whose per-token difficulty is
-known (``duollm.synthetic``).
+known (``duollm.study.synthetic``).
 
 Every corpus is a stream of byte ids (vocabulary 256). The validation split is the last
 ``val_fraction`` of the stream, contiguous and never shuffled, so the split is the same on every
@@ -12,35 +12,21 @@ machine and no validation text leaks into training windows.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from typing import List, Optional, Union
 
 import torch
 
+# TokenData lives in a leaf module so the synthetic corpus (duollm.study.synthetic) can build
+# one without importing this module: data -> study.synthetic -> tokendata, no cycle.
+from .study.synthetic import make_synthetic_data
+from .tokendata import TokenData
+
+__all__ = ["ByteTokenizer", "TokenData", "default_corpus_text", "eval_batches", "load_data",
+           "sample_batch", "split_tokens"]
+
 # Windows are seq_len + 1 tokens (inputs and next-token targets); a split shorter than this
 # many tokens cannot feed even a tiny model.
 MIN_SPLIT_TOKENS = 2
-
-
-@dataclass
-class TokenData:
-    """A tokenized corpus split for training.
-
-    Fields:
-      train: (N_train,) int64 token ids.
-      val:   (N_val,) int64 token ids, the text after ``train`` in the stream.
-      vocab_size: ids lie in ``[0, vocab_size)``.
-      name: where the text came from (for reports).
-    """
-
-    train: torch.Tensor
-    val: torch.Tensor
-    vocab_size: int
-    name: str
-
-    def __repr__(self) -> str:
-        return (f"TokenData(name={self.name!r}, train={self.train.numel()} tokens, "
-                f"val={self.val.numel()} tokens, vocab_size={self.vocab_size})")
 
 
 class ByteTokenizer:
@@ -94,7 +80,7 @@ def load_data(source: Optional[str] = None, val_fraction: float = 0.1) -> TokenD
 
     Args:
       source: ``None`` or ``"default"`` for the embedded pydoc corpus, ``"synthetic"`` for
-        ``duollm.synthetic.make_synthetic_data(val_fraction=...)``, anything else a path to a
+        ``duollm.study.synthetic.make_synthetic_data(val_fraction=...)``, anything else a path to a
         UTF-8 text file.
       val_fraction: share of the stream (its end) held out for validation.
     Returns: a ``TokenData`` with byte-level ids (vocab 256) for the text corpora.
@@ -105,8 +91,6 @@ def load_data(source: Optional[str] = None, val_fraction: float = 0.1) -> TokenD
         raise TypeError(f"source: expected None, 'default', 'synthetic' or a path, got "
                         f"{type(source).__name__}")
     if source == "synthetic":
-        from .synthetic import make_synthetic_data  # imported here: an optional dependency
-
         return make_synthetic_data(val_fraction=val_fraction)
     tok = ByteTokenizer()
     if source is None or source == "default":

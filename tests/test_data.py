@@ -128,18 +128,19 @@ def test_eval_batches_fixed_and_cover_the_split():
         eval_batches(tokens[:10], 1, 31, 1)
 
 
-def test_synthetic_source_dispatches_lazily(monkeypatch):
+def test_synthetic_corpus_does_not_import_data():
+    """data -> study.synthetic -> tokendata: the synthetic corpus builds its TokenData without
+    importing duollm.data, so the two modules no longer import each other."""
+    import subprocess
     import sys
-    import types
 
-    sentinel = TokenData(torch.zeros(10, dtype=torch.int64), torch.zeros(5, dtype=torch.int64),
-                         7, "fake-synthetic")
-    fake = types.ModuleType("duollm.synthetic")
-    calls = []
-    fake.make_synthetic_data = lambda **kw: calls.append(kw) or sentinel
-    monkeypatch.setitem(sys.modules, "duollm.synthetic", fake)
-    assert load_data("synthetic", val_fraction=0.2) is sentinel
-    assert calls == [{"val_fraction": 0.2}]
+    code = ("import sys, duollm.study.synthetic as s; "
+            "d = s.make_synthetic_data(n_tokens=100); "
+            "print('duollm.data' in sys.modules, type(d).__module__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out == ["False", "duollm.tokendata"]
+    assert load_data("synthetic", val_fraction=0.2).val.numel() == 60_000
 
 
 def test_synthetic_source_real_module():

@@ -505,13 +505,11 @@ def synthetic_check(sizes: StudySizes, seed: int, device: str, progress: bool,
     the least from compute; copy/compute tokens gain more. The check holds when both
     differences are above zero (95% intervals) and the criterion finds high-loss tokens that
     gain little."""
-    from ..data import TokenData
     from .holdouts import windows
     from .synthetic import COMPUTE, COPY, NOISE, make_synthetic_data
 
     data, labels = make_synthetic_data(n_tokens=sizes.n_tokens_synth, seed=seed,
                                        return_labels=True)
-    assert isinstance(data, TokenData)
     res = train_model(preset, data, sizes, sizes.synth_steps, seed, device, progress,
                       probs=(0.0, 0.5, 0.5))
     model = res.model.eval()

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..tokendata import TokenData
+
 STRUCTURE, COPY, COMPUTE, NOISE = 0, 1, 2, 3
 KIND_NAMES = {STRUCTURE: "structure", COPY: "copy", COMPUTE: "compute", NOISE: "noise"}
 
@@ -79,7 +81,6 @@ def make_synthetic_data(n_tokens: int = 300_000, seed: int = 0, val_fraction: fl
       return_labels: also return a ``SyntheticLabels`` with each token's kind.
     Returns: ``TokenData`` or ``(TokenData, SyntheticLabels)``.
     """
-    from ..data import TokenData
 
     if not isinstance(n_tokens, int) or n_tokens < 4:
         raise ValueError(f"n_tokens: expected an int >= 4, got {n_tokens!r}")
