@@ -26,6 +26,8 @@ _COMMANDS = {
     "model": ("duollm.bench.model_bench", "model forward/training throughput per mix, oracle "
                                           "patterns/s"),
     "report": ("duollm.bench.report", "Markdown tables from result files or folders"),
+    "hf": ("duollm.bench.hf_bench", "a converted Hugging Face model vs the original: prefill "
+                                    "and greedy decode at all-big, all-small and 1/12 big"),
 }
 
 
