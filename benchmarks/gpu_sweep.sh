@@ -25,8 +25,8 @@ if ! "$PY" -c "import duollm.kernels, duollm.bench" 2>/dev/null; then
   "$PY" -m pip install -q --no-build-isolation --no-deps -e . || exit 1
 fi
 if [ -z "$OUT_DIR" ]; then
-  OUT_DIR=$("$PY" -c "import torch; from duollm.bench.results import default_out_dir; \
-print(default_out_dir(torch.device('cuda')))")
+  OUT_DIR=$("$PY" -c "import torch; from duollm.bench.results import committed_results_dir; \
+print(committed_results_dir(torch.device('cuda')))")
 fi
 mkdir -p "$OUT_DIR"
 echo "== results in $OUT_DIR"

@@ -10,7 +10,8 @@ Subcommands (``duollm bench <cmd> --help``):
 * ``report``  — a Markdown table from any set of result files or folders.
 
 Every measuring command writes ``<kind>-<dtype>-<stamp>.csv/.json`` and PNG plots under
-``--out`` (default ``benchmarks/results/<device-slug>/``). ``python -m duollm.bench ...`` is the
+``--out`` (default ``runs/bench/<device-slug>/``; ``--commit-results`` writes into the
+repository's committed ``benchmarks/results/<device-slug>/``). ``python -m duollm.bench ...`` is the
 same program without the rest of the CLI.
 """
 from __future__ import annotations
@@ -42,13 +43,41 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
         importlib.import_module(module).add_args(p)
 
 
+def _check_common(args: argparse.Namespace) -> None:
+    """The options every measuring command shares, checked before it starts."""
+    from ..usage import UsageError, check_int, check_out_dir
+    from .common import resolve_device
+    from .results import committed_results_dir
+
+    if getattr(args, "threads", None) is not None:
+        check_int("--threads", args.threads, low=0)
+    if getattr(args, "commit_results", False):
+        if args.out:
+            raise UsageError("--commit-results", "give either --out DIR or --commit-results")
+        quick_cpu = getattr(args, "quick", False) and args.device is None
+        args.out = committed_results_dir(resolve_device("cpu" if quick_cpu else args.device))
+    if getattr(args, "out", None) is not None and args.bench_command != "report":
+        check_out_dir("--out", args.out)
+
+
 def run_cli(args: argparse.Namespace) -> int:
-    """Run the parsed ``duollm bench`` command; returns the exit status."""
+    """Run the parsed ``duollm bench`` command; returns the exit status.
+
+    A mistake in the options raises ``duollm.usage.UsageError`` (exit 2, no traceback, via
+    ``duollm.cli.main``); a ``ValueError`` whose message starts with ``--flag:`` is one too.
+    Any other exception is a bug and keeps its traceback.
+    """
     import importlib
+    import re
+
+    from ..usage import UsageError
 
     module = importlib.import_module(_COMMANDS[args.bench_command][0])
+    _check_common(args)
     try:
         return int(module.run(args) or 0)
-    except ValueError as e:  # bad arguments: say which, no traceback
-        print(f"duollm bench {args.bench_command}: error: {e}")
-        return 2
+    except ValueError as e:
+        match = re.match(r"^(--[a-z][\w-]*): (.*)$", str(e), re.DOTALL)
+        if match is None:
+            raise
+        raise UsageError(match.group(1), match.group(2)) from e

@@ -1,14 +1,13 @@
 """``python -m duollm.bench <speedup|decode|model|report> ...`` (same as ``duollm bench``)."""
-import argparse
 import sys
-
-from . import add_cli, run_cli
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="duollm bench", description=__doc__)
-    add_cli(parser)
-    return run_cli(parser.parse_args(argv))
+    """``duollm bench ARGV...``: the same parser, checks and error reporting (exit 2 for a
+    mistake, no traceback) as the ``duollm`` command."""
+    from ..cli import main as duollm_main
+
+    return duollm_main(["bench"] + list(sys.argv[1:] if argv is None else argv))
 
 
 if __name__ == "__main__":

@@ -141,7 +141,10 @@ def parse_list(text: str, parse, what: str) -> List:
 
 def parse_tokens(text: str) -> List[int]:
     def one(t: str) -> int:
-        v = int(t.lower().replace("k", "")) * (1024 if t.lower().endswith("k") else 1)
+        try:
+            v = int(t.lower().replace("k", "")) * (1024 if t.lower().endswith("k") else 1)
+        except ValueError:
+            raise ValueError(f"tokens: expected counts such as 64 or 16k, got {t!r}") from None
         if v < 1:
             raise ValueError(f"tokens: expected positive counts, got {t!r}")
         return v

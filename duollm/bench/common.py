@@ -1,4 +1,5 @@
-"""Pieces the bench commands share: device/dtype/backend arguments and the run's set-up."""
+"""Pieces the bench commands share: device/dtype/backend/output arguments, their checks (a
+mistake is a ``UsageError``: exit 2 before any measuring), and the run's set-up."""
 from __future__ import annotations
 
 import argparse
@@ -8,6 +9,9 @@ from typing import Dict, List, Optional
 import torch
 
 from .. import ops
+from ..usage import (UsageError, add_threads_arg, apply_thread_rule, check_device, check_float,
+                     check_int, check_out_dir)
+from .results import committed_results_dir, default_out_dir
 from .timing import tune_cpu_allocator
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -24,7 +28,11 @@ def add_device_args(p: argparse.ArgumentParser) -> None:
                    help="comma-separated op backends to measure (default: every available "
                         "one, except the Triton interpreter on the CPU)")
     p.add_argument("--out", default=None, metavar="DIR",
-                   help="results folder (default: benchmarks/results/<device-slug>/)")
+                   help="results folder (default: runs/bench/<device-slug>/ under the current "
+                        "folder)")
+    p.add_argument("--commit-results", action="store_true",
+                   help="write into the repository's committed benchmarks/results/"
+                        "<device-slug>/ instead (for results meant to be committed)")
     p.add_argument("--seed", type=int, default=0, help="seed of the data and routes")
     p.add_argument("--no-malloc-tune", dest="malloc_tune", action="store_false",
                    help="CPU: keep glibc's default allocator thresholds (see "
@@ -33,17 +41,13 @@ def add_device_args(p: argparse.ArgumentParser) -> None:
                    help="keep duollm.ops' route-value checks on (a host sync per call); off "
                         "by default, as in production")
     p.add_argument("--no-plots", dest="plots", action="store_false", help="skip the PNG plots")
-    p.add_argument("--threads", type=int, default=None,
-                   help="CPU: torch intra-op threads (default: torch's own choice)")
+    add_threads_arg(p)
 
 
 def resolve_device(spec: Optional[str]) -> torch.device:
-    device = torch.device(spec if spec is not None else
-                          "cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device: cuda requested but no CUDA GPU is visible to torch")
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device: expected cpu or cuda[:N], got {spec!r}")
+    """The device ``--device`` names (None: cuda when a GPU is visible, else cpu), checked to
+    exist here; UsageError otherwise."""
+    device = check_device("--device", spec)
     if device.type == "cuda" and device.index is None:
         # torch 2.11's set_device and friends refuse an index-less CUDA device.
         device = torch.device("cuda", torch.cuda.current_device())
@@ -66,19 +70,61 @@ def resolve_backends(spec: Optional[str], device: torch.device) -> Dict[str, Opt
             chosen.pop("triton", None)  # the interpreter: correct, far too slow to time
         return chosen
     names = [n.strip() for n in spec.split(",") if n.strip()]
+    if not names:
+        raise UsageError("--backends", f"expected a comma-separated list of "
+                                       f"{', '.join(sorted(status))}, got {spec!r}")
     unknown = [n for n in names if n not in status]
     if unknown:
-        raise ValueError(f"--backends: unknown {unknown}; registered: {sorted(status)}")
+        raise UsageError("--backends", f"unknown {', '.join(unknown)}; expected some of "
+                                       f"{', '.join(sorted(status))}")
+    # Asked for by name, a backend that cannot run is a mistake, not a silent empty row.
+    missing = [f"{n} ({status[n]})" for n in names if status[n] is not None]
+    if missing:
+        raise UsageError("--backends", f"cannot run on {device}: {'; '.join(missing)}")
     return {n: status[n] for n in names}
 
 
-def setup_run(args: argparse.Namespace, device: torch.device) -> Dict:
+def resolve_out_dir(args: argparse.Namespace, device: torch.device) -> str:
+    """Where a measuring command writes: ``--out``, else the committed
+    ``benchmarks/results/<device>/`` with ``--commit-results``, else ``runs/bench/<device>/``.
+    Checked (creatable, not a file); nothing is created here."""
+    if args.out and getattr(args, "commit_results", False):
+        raise UsageError("--commit-results", "give either --out DIR or --commit-results")
+    if args.out:
+        out = args.out
+    elif getattr(args, "commit_results", False):
+        out = committed_results_dir(device)
+    else:
+        out = default_out_dir(device)
+    return check_out_dir("--out", out)
+
+
+def check_number_args(args: argparse.Namespace, ints=(), positive=()) -> None:
+    """UsageError unless each named int option (``"--repeats"``) is >= 1 and each named
+    float option is > 0, when given."""
+    for flag in ints:
+        value = getattr(args, flag.lstrip("-").replace("-", "_"))
+        if value is not None:
+            check_int(flag, value, low=1)
+    for flag in positive:
+        value = getattr(args, flag.lstrip("-").replace("-", "_"))
+        if value is not None:
+            check_float(flag, value, low=0.0, low_open=True)
+
+
+def setup_run(args: argparse.Namespace, device: torch.device,
+              d_model: Optional[int] = None) -> Dict:
     """Apply the process-wide settings of a bench run on ``device`` (already resolved);
-    return what to record about them."""
+    return what to record about them.
+
+    ``d_model``: the widest model dimension measured; with it the CPU thread rule of every
+    command applies (one thread for d_model <= 128 unless ``--threads``, see
+    ``duollm.usage.apply_thread_rule``); without it only an explicit ``--threads`` does.
+    """
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if d_model is not None or args.threads is not None:
+        apply_thread_rule(args.threads, device, d_model if d_model is not None else 1 << 30)
     tuned = tune_cpu_allocator() if (device.type == "cpu" and args.malloc_tune) else False
     if not args.route_checks:
         os.environ["DUOLLM_CHECK_ROUTES"] = "0"

@@ -27,10 +27,13 @@ from .. import oracle
 from ..config import DuoConfig
 from ..model import DuoLLM
 from . import accounting as acc
-from .common import (add_device_args, resolve_backends, resolve_device, resolve_dtype,
-                     setup_run)
+from ..usage import UsageError, options_of
+from .common import (add_device_args, check_number_args, resolve_backends, resolve_device,
+                     resolve_dtype, resolve_out_dir, setup_run)
 from .dense_backend import register as register_dense
-from .results import default_out_dir, environment, stamp, write_results
+from .results import environment, stamp, write_results
+
+PHASES = ("forward", "train", "oracle")
 from .timing import Stats, time_cuda, time_interleaved
 
 
@@ -84,9 +87,11 @@ def _oracle_row(model, device, B, T, seed) -> Dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    # Every option is checked before anything is built, measured or written.
     device = resolve_device(args.device)
-    settings = setup_run(args, device)
     dtype = resolve_dtype(args.dtype, device)
+    check_number_args(args, ints=("--n-layers", "--batch", "--seq-len", "--oracle-batch",
+                                  "--oracle-seq-len", "--repeats"), positive=("--budget",))
     gpu = device.type == "cuda"
     name = args.config or ("tiny" if args.quick else "paper-1.4b" if gpu else "small")
     overrides = {"n_layers": args.n_layers} if args.n_layers else {}
@@ -95,9 +100,21 @@ def run(args: argparse.Namespace) -> int:
     T = args.seq_len or (32 if args.quick else 1024 if gpu else 128)
     T = min(T, config.max_seq_len)
     phases = [v.strip() for v in args.phases.split(",") if v.strip()]
+    unknown = [p for p in phases if p not in PHASES]
+    if unknown or not phases:
+        raise UsageError("--phases", f"expected some of {', '.join(PHASES)}, got "
+                                     f"{args.phases!r}")
     mixes = [v.strip() for v in args.mixes.split(",") if v.strip()]
-    status = resolve_backends(args.backends, device)
+    for mix in mixes:
+        if mix not in ("big", "small", "random"):
+            with options_of({"mix": "--mixes"}):
+                acc.parse_mix(mix)
+    if not mixes:
+        raise UsageError("--mixes", f"expected a comma-separated list, got {args.mixes!r}")
+    status = resolve_backends(args.backends, device)  # asked-for but unavailable: exit 2
     backends = [b for b, why in status.items() if why is None]
+    out_dir = resolve_out_dir(args, device)
+    settings = setup_run(args, device, d_model=config.d_model)
     repeats = args.repeats or (3 if args.quick else 10)
     budget = args.budget or (0.2 if args.quick else 3.0)
     dense_name = register_dense()
@@ -173,7 +190,6 @@ def run(args: argparse.Namespace) -> int:
                             row else row.get("error", "")))
     del model, opt
     gc.collect()
-    out_dir = args.out or default_out_dir(device)
     prefix = f"model-{env['dtype']}-{stamp()}"
     paths = write_results(out_dir, prefix, env, rows)
     if args.plots:

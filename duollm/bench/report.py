@@ -1,6 +1,7 @@
 """``duollm bench report FILES_OR_DIRS...``: Markdown tables from result files of any machines.
 
-Each result kind gets its own table (speedup, decode, model); one line per measured row, with
+Each result kind gets its own table (speedup, decode, model, and the kernel microbenchmarks of
+``benchmarks/ops/bench_kernels.py``; any other kind gets every column); one line per measured row, with
 the device and dtype so runs on different machines sit side by side. ``--summary`` keeps, for
 the speedup sweep, only the largest token count of each (device, shape, mix).
 """
@@ -11,6 +12,7 @@ import os
 import sys
 from typing import Dict, List, Sequence, Tuple
 
+from ..usage import UsageError, check_out_dir
 from .results import load_results
 
 
@@ -67,6 +69,12 @@ DECODE = [("device", "device", "text"), ("dtype", "dtype", "text"), ("level", "l
           ("N", "n_tokens", "num"), ("impl", "impl", "text"), ("mode", "mode", "text"),
           ("median us", "median_us", "num"), ("IQR us", "iqr_us", "text"),
           ("vs dense", "vs_dense", "num"), ("error", "error", "text")]
+KERNELS = [("device", "device", "text"), ("dtype", "dtype", "text"), ("kernel", "name", "text"),
+           ("impl", "impl", "text"), ("N", "N", "num"), ("d / width", "dims", "text"),
+           ("mix", "mix", "text"), ("ms", "ms", "num"), ("GB/s", "gbps", "num"),
+           ("of copy", "frac_of_copy", "pct"), ("TFLOP/s", "tflops", "num"),
+           ("ideal", "ideal_speedup", "num"), ("realised", "realized_speedup", "num"),
+           ("efficiency", "efficiency", "pct"), ("error", "error", "text")]
 MODEL = [("device", "device", "text"), ("dtype", "dtype", "text"), ("config", "config", "text"),
          ("phase", "phase", "text"), ("mix", "mix", "text"), ("impl", "impl", "text"),
          ("B x T", "batch_shape", "text"), ("median ms", "median_ms", "num"),
@@ -80,6 +88,9 @@ def _decorate(env: Dict, r: Dict) -> Dict:
         r["mix_label"] = f"{r['mix']} ({r['p_big']:.3g}/{r['p_small']:.3g}/{r['p_skip']:.3g})"
     if r.get("q1_ms") is not None and r.get("q3_ms") is not None:
         r["iqr"] = f"{r['q1_ms']:.4g}-{r['q3_ms']:.4g}"
+    dims = [str(r[k]) for k in ("d", "width", "shape") if r.get(k) not in (None, "")]
+    if dims:
+        r["dims"] = " / ".join(dims)
     if r.get("median_ms") is not None:
         r["median_us"] = r["median_ms"] * 1e3
         if r.get("q1_ms") is not None:
@@ -89,9 +100,13 @@ def _decorate(env: Dict, r: Dict) -> Dict:
 
 def render(paths: Sequence[str], impls: Sequence[str] = (), summary: bool = False) -> str:
     """The Markdown report of every result file under ``paths``."""
-    runs = load_results(paths)
+    try:
+        runs = load_results(paths)
+    except FileNotFoundError as e:
+        raise UsageError("FILES_OR_DIRS", str(e).removeprefix("results: ")) from None
     if not runs:
-        raise ValueError(f"report: no result files found under {list(paths)}")
+        raise UsageError("FILES_OR_DIRS", f"no result files (duollm bench or bench_kernels "
+                                          f"JSON) found under {', '.join(paths)}")
     by_kind: Dict[str, List[Dict]] = {}
     envs: List[Dict] = []
     for env, rows in runs:
@@ -112,7 +127,16 @@ def render(paths: Sequence[str], impls: Sequence[str] = (), summary: bool = Fals
                         copy=(e.get("ceilings") or {}).get("copy_GBps"),
                         mm=next((v for k, v in (e.get("ceilings") or {}).items()
                                  if k.startswith("matmul_TFLOPs")), None)) for e in envs])
-    for kind, header in (("speedup", SPEEDUP), ("decode", DECODE), ("model", MODEL)):
+    known = {"speedup": SPEEDUP, "decode": DECODE, "model": MODEL, "kernels": KERNELS}
+    # Kinds this report has no layout for (other tools' result files) get every column.
+    for kind in by_kind:
+        if kind not in known:
+            columns = ["device", "dtype"]
+            for r in by_kind[kind]:
+                columns += [k for k in r if k not in columns and k != "mix_label"]
+            known[kind] = [(c, c, "text" if c in ("device", "dtype") else "num")
+                           for c in columns]
+    for kind, header in known.items():
         rows = by_kind.get(kind)
         if not rows:
             continue
@@ -136,10 +160,11 @@ def _load(env: Dict) -> str:
 
 def run(args: argparse.Namespace) -> int:
     impls = [i.strip() for i in args.impls.split(",")] if args.impls else []
-    try:
-        text = render(args.paths, impls, args.summary)
-    except FileNotFoundError as e:
-        raise ValueError(str(e)) from None
+    if args.out is not None:
+        if os.path.isdir(args.out):
+            raise UsageError("--out", f"{args.out} is a folder; expected a file name")
+        check_out_dir("--out", os.path.dirname(os.path.abspath(args.out)))
+    text = render(args.paths, impls, args.summary)
     sys.stdout.write(text)
     if args.out:
         with open(args.out, "w") as f:

@@ -46,6 +46,13 @@ def device_slug(device: torch.device) -> str:
 
 
 def default_out_dir(device: torch.device) -> str:
+    """Where a bench run writes unless told: ``runs/bench/<device-slug>/`` under the current
+    folder (never the repository's committed results)."""
+    return os.path.join("runs", "bench", device_slug(device))
+
+
+def committed_results_dir(device: torch.device) -> str:
+    """The repository's committed ``benchmarks/results/<device-slug>/`` (``--commit-results``)."""
     return os.path.join(ROOT, "benchmarks", "results", device_slug(device))
 
 
@@ -125,7 +132,8 @@ def write_results(out_dir: str, prefix: str, env: Dict, rows: List[Dict]) -> Tup
 
 
 def find_result_files(paths: Iterable[str]) -> List[str]:
-    """The JSON result files named or found (recursively) under the given paths."""
+    """The JSON result files named or found (recursively) under the given paths; a missing
+    path is a FileNotFoundError."""
     files: List[str] = []
     for p in paths:
         if os.path.isdir(p):
@@ -140,7 +148,9 @@ def find_result_files(paths: Iterable[str]) -> List[str]:
 
 
 def load_results(paths: Iterable[str]) -> List[Tuple[Dict, List[Dict]]]:
-    """``[(env, rows)]`` of every result file under ``paths`` (JSON, or a CSV beside one)."""
+    """``[(env, rows)]`` of every result file under ``paths`` (JSON, or a CSV beside one): the
+    ``{"env", "rows"}`` files of ``duollm bench`` and the ``{"meta", "rows"}`` files of
+    ``benchmarks/ops/bench_kernels.py`` (``env["kind"] == "kernels"``)."""
     out = []
     for path in find_result_files(paths):
         with open(path) as f:
@@ -148,8 +158,16 @@ def load_results(paths: Iterable[str]) -> List[Tuple[Dict, List[Dict]]]:
                 data = json.load(f)
             except json.JSONDecodeError as e:
                 raise ValueError(f"results: {path} is not a JSON result file ({e})") from None
-        if not isinstance(data, dict) or "env" not in data or "rows" not in data:
+        if not isinstance(data, dict) or not isinstance(data.get("rows"), list):
             continue  # some other JSON file in the folder
-        env = dict(data["env"], file=path)
+        if isinstance(data.get("env"), dict):
+            env = dict(data["env"], file=path)
+        elif isinstance(data.get("meta"), dict):
+            # benchmarks/ops/bench_kernels.py writes {"meta", "rows"}: the kernel microbenchmarks.
+            env = dict(data["meta"], file=path)
+            env.setdefault("kind", "kernels")
+            env["dtype"] = str(env.get("dtype", "?")).replace("torch.", "")
+        else:
+            continue
         out.append((env, data["rows"]))
     return out

@@ -26,9 +26,11 @@ from .. import ops
 from .. import reference
 from . import accounting as acc
 from .baselines import dense_ffn, naive_routing, sorted_routing
-from .common import (add_device_args, input_sets, names_list, resolve_backends, resolve_device,
-                     resolve_dtype, setup_run)
-from .results import default_out_dir, environment, stamp, write_results
+from ..usage import UsageError, options_of
+from .common import (add_device_args, check_number_args, input_sets, names_list,
+                     resolve_backends, resolve_device, resolve_dtype, resolve_out_dir,
+                     setup_run)
+from .results import environment, stamp, write_results
 from .timing import Stats, measure_ceilings, time_cuda, time_interleaved
 
 BASELINE_FNS = {"naive": naive_routing, "sorted": sorted_routing,
@@ -223,33 +225,39 @@ def _log_row(row: Dict, log) -> None:
         + (f"  ERROR {row['error']}" if row.get("error") else ""))
 
 
+_LIST_OPTIONS = {"shape": "--shapes", "shapes": "--shapes", "mix": "--mixes",
+                 "mixes": "--mixes", "tokens": "--tokens"}
+
+
 def run(args: argparse.Namespace) -> int:
-    # --quick is the CPU smoke sweep: without an explicit --device it stays on the CPU.
+    # Every option is checked before anything is measured or written (a mistake: exit 2).
     # --quick is the CPU smoke sweep: without an explicit --device it stays on the CPU.
     device = resolve_device("cpu" if args.quick and args.device is None else args.device)
     dkind = device.type
-    if args.quick:
-        if dkind != "cpu":
-            raise ValueError("--quick is the CPU smoke sweep; drop --device or use cpu")
-    settings = setup_run(args, device)
+    if args.quick and dkind != "cpu":
+        raise UsageError("--quick", "is the CPU smoke sweep; drop --device or use cpu")
+    check_number_args(args, ints=("--repeats",), positive=("--budget", "--time-limit"))
     dtype = resolve_dtype(args.dtype, device)
-    shapes = acc.parse_list(args.shapes or (QUICK["shapes"] if args.quick else
-                                            ",".join(DEFAULT_SHAPES[dkind])),
-                            acc.parse_shape, "shapes")
-    tokens = acc.parse_tokens(args.tokens or (QUICK["tokens"] if args.quick else
-                                              ",".join(map(str, DEFAULT_TOKENS[dkind]))))
-    mixes = acc.parse_list(args.mixes or ",".join(acc.MIXES), acc.parse_mix, "mixes")
+    with options_of(_LIST_OPTIONS):
+        shapes = acc.parse_list(args.shapes or (QUICK["shapes"] if args.quick else
+                                                ",".join(DEFAULT_SHAPES[dkind])),
+                                acc.parse_shape, "shapes")
+        tokens = acc.parse_tokens(args.tokens or (QUICK["tokens"] if args.quick else
+                                                  ",".join(map(str, DEFAULT_TOKENS[dkind]))))
+        mixes = acc.parse_list(args.mixes or ",".join(acc.MIXES), acc.parse_mix, "mixes")
     baselines = names_list(args.baselines, [])
     for b in baselines:
         if b not in BASELINE_FNS:
-            raise ValueError(f"--baselines: unknown {b!r}; expected {sorted(BASELINE_FNS)}")
+            raise UsageError("--baselines", f"unknown {b!r}; expected some of "
+                                            f"{', '.join(sorted(BASELINE_FNS))}")
     if "sorted" not in baselines:
         baselines.append("sorted")  # the correctness check and vs_sorted read it
-    status = resolve_backends(args.backends, device)
+    status = resolve_backends(args.backends, device)  # asked-for but unavailable: exit 2
     backends = [b for b, why in status.items() if why is None]
-    unavailable = {b: why for b, why in status.items() if why is not None}
-    for b, why in unavailable.items():
-        print(f"backend {b}: not measured ({why})")
+    unavailable = {b: why for b, why in ops.backend_status(device).items()
+                   if why is not None and not b.startswith("bench-")}
+    out_dir = resolve_out_dir(args, device)
+    settings = setup_run(args, device, d_model=max(s.d_model for s in shapes))
     repeats = args.repeats or (QUICK["repeats"] if args.quick else
                                100 if dkind == "cuda" else 20)
     budget = args.budget or (QUICK["budget"] if args.quick else 1.0 if dkind == "cuda" else 8.0)
@@ -263,7 +271,6 @@ def run(args: argparse.Namespace) -> int:
                       mixes=[vars(m) for m in mixes], tokens=tokens, backends=backends,
                       unavailable_backends=unavailable, baselines=["dense"] + baselines,
                       router=args.router, repeats=repeats, ceilings=ceilings, **settings)
-    out_dir = args.out or default_out_dir(device)
     prefix = f"speedup-{env['dtype']}-{stamp()}"
     rows = sweep(device, dtype, shapes, mixes, tokens, backends, baselines, repeats, budget,
                  router=args.router, seed=args.seed, time_limit=args.time_limit,
