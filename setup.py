@@ -28,9 +28,10 @@ def cuda_extension():
               "the CUDA backend (duollm._C) is not built", file=sys.stderr)
         return None
     if torch.version.cuda is None or (CUDA_HOME is None and shutil.which("nvcc") is None):
+        # pip shows this only with -v; `duollm info` says the same after any install.
         print(f"duollm: torch {torch.__version__} has no CUDA or nvcc is missing; the CUDA "
-              "backend (duollm._C) is not built (the torch and triton backends still work)",
-              file=sys.stderr)
+              "backend (duollm._C) is not built (the torch and triton backends still work; "
+              "`duollm info` reports this)", file=sys.stderr)
         return None
     sources = sorted(glob.glob("csrc/*.cu")) + sorted(glob.glob("csrc/*.cpp"))
     if not sources:

@@ -44,6 +44,28 @@ def _version(dist: str) -> str:
         return "not installed"
 
 
+def cuda_extension_status() -> str:
+    """One plain sentence: is the CUDA backend's extension ``duollm._C`` built, and if not, why.
+
+    pip hides setup.py's own message unless run with ``-v``, so ``duollm info`` says it."""
+    import shutil
+
+    import torch
+
+    if importlib.util.find_spec("duollm._C") is not None:
+        return "built (duollm._C)"
+    if torch.version.cuda is None:
+        why = (f"this torch ({torch.__version__}) has no CUDA, so the install skipped it; the "
+               f"torch and triton backends still work")
+    elif shutil.which("nvcc") is None and not os.environ.get("CUDA_HOME"):
+        why = ("nvcc is not on PATH (nor CUDA_HOME set), so the install skipped it; install "
+               "the CUDA toolkit and reinstall with `pip install --no-build-isolation -e .`")
+    else:
+        why = ("skipped (DUOLLM_SKIP_CUDA_BUILD=1) or its build failed; reinstall with "
+               "`pip install -v --no-build-isolation -e .` to see the build's messages")
+    return f"NOT built (duollm._C, the CUDA backend): {why}"
+
+
 def run_info(args: argparse.Namespace) -> int:
     import torch
 
@@ -61,6 +83,7 @@ def run_info(args: argparse.Namespace) -> int:
     else:
         print("devices  cpu only")
     print(f"cpu      {os.cpu_count()} cores, torch uses {torch.get_num_threads()} threads")
+    print(f"cuda ext {cuda_extension_status()}")
     print("backends (current: " + ops.current_backend() + ")")
     for name, why in ops.backend_status().items():
         print(f"  {name:<7} {'available' if why is None else 'unavailable: ' + why}")
