@@ -13,7 +13,9 @@ Three passes over N tokens in blocks of ``BLOCK_N`` and P paths (padded to ``P_P
    routes.
 
 When all tokens fit one block (up to 4096 tokens for P = 3: decode, small batches) pass 3
-alone does everything: one launch.
+alone does everything: one launch. With ``one_launch`` (the persistent layer path) pass 3
+alone serves up to ``ONE_LAUNCH_BLOCKS`` blocks (65536 tokens for P = 3): every program
+histograms all N routes itself, trading N extra reads per program (from L2) for two launches.
 Bytes moved per token: the route read twice (once with one block), 24 written (perm, inv and
 the int64 routes); plus 12 * P_PAD bytes per block for the histogram and scan.
 
@@ -35,13 +37,15 @@ from duollm.reference import RouteGroups
 from ._common import custom_op, interpreting, next_pow2
 
 MAX_PATHS = 63  # paths are also encoded as bits of an int64 skip mask (see permute.py)
+ONE_LAUNCH_BLOCKS = 16  # one_launch: at most this many programs, each reading all N routes
 
 
 @triton.jit
-def _route_bucket(r, P):
-    """Bucket of each route value: the route itself when in [0, P), else the overflow bucket P."""
+def _route_bucket(r, P, BAD):
+    """Bucket of each route value: the route itself when in [0, P), else bucket ``BAD`` (the
+    overflow bucket P, or a skip path the caller names)."""
     valid = (r >= 0) & (r < P)
-    return tl.where(valid, r, P).to(tl.int32)
+    return tl.where(valid, r, BAD).to(tl.int32)
 
 
 @triton.jit
@@ -50,13 +54,14 @@ def _group_hist_kernel(
     hist_ptr,  # (num_blocks, P_PAD) int32 out: tokens per bucket in each block
     N,
     P,
+    BAD,  # bucket of out-of-range routes
     BLOCK_N: tl.constexpr,
     P_PAD: tl.constexpr,
 ):
     pid = tl.program_id(0)
     offs = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = offs < N
-    bucket = _route_bucket(tl.load(routes_ptr + offs, mask=mask, other=0), P)
+    bucket = _route_bucket(tl.load(routes_ptr + offs, mask=mask, other=0), P, BAD)
     cols = tl.arange(0, P_PAD)
     onehot = ((bucket[:, None] == cols[None, :]) & mask[:, None]).to(tl.int32)
     tl.store(hist_ptr + pid * P_PAD + cols, tl.sum(onehot, axis=0))
@@ -105,37 +110,61 @@ def _group_scan_kernel(
 def _group_scatter_kernel(
     routes_ptr,  # (N,) any integer dtype: path per token
     base_ptr,  # (num_blocks, P_PAD) int64: first slot of each block inside each bucket
-    offsets_ptr,  # (P+1,) int64: first slot of each bucket (written here if SINGLE_BLOCK)
-    counts_ptr,  # (P,) int64 out if SINGLE_BLOCK
+    offsets_ptr,  # (P+1,) int64: first slot of each bucket (written here if MODE != 1)
+    counts_ptr,  # (P,) int64 out if MODE != 1
     perm_ptr,  # (N,) int64 out: token id at each slot
-    inv_ptr,  # (N,) int64 out: slot of each token
-    routes64_ptr,  # (N,) int64 out: the routes, widened
+    inv_ptr,  # (N,) int64 out (WRITE_INV): slot of each token
+    routes64_ptr,  # (N,) int64 out (WRITE_ROUTES): the routes, widened
     N,
     P,
+    BAD,  # bucket of out-of-range routes
+    num_blocks,
     BLOCK_N: tl.constexpr,
     P_PAD: tl.constexpr,
-    SINGLE_BLOCK: tl.constexpr,
+    MODE: tl.constexpr,  # 0: one block; 1: after hist + scan; 2: each program scans itself
+    WRITE_INV: tl.constexpr,
+    WRITE_ROUTES: tl.constexpr,
 ):
     pid = tl.program_id(0)
     offs = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = offs < N
     r = tl.load(routes_ptr + offs, mask=mask, other=0)
-    tl.store(routes64_ptr + offs, r.to(tl.int64), mask=mask)
+    if WRITE_ROUTES:
+        tl.store(routes64_ptr + offs, r.to(tl.int64), mask=mask)
     cols = tl.arange(0, P_PAD)
-    onehot = (_route_bucket(r, P)[:, None] == cols[None, :]) & mask[:, None]
+    onehot = (_route_bucket(r, P, BAD)[:, None] == cols[None, :]) & mask[:, None]
     oh = onehot.to(tl.int32)
     # Rank among the block's earlier tokens of the same bucket: what makes the sort stable.
     rank = tl.sum(tl.where(onehot, tl.cumsum(oh, axis=0) - oh, 0), axis=1)
-    if SINGLE_BLOCK:
+    if MODE == 0:
         start = _store_counts_offsets(tl.sum(oh, axis=0).to(tl.int64), counts_ptr,
                                       offsets_ptr, P, P_PAD)
-    else:
+    elif MODE == 1:
         start = (tl.load(offsets_ptr + cols, mask=cols <= P, other=0)
                  + tl.load(base_ptr + pid * P_PAD + cols))
+    else:
+        # One launch for any block count: every program histograms all N routes itself
+        # (N reads per program, from L2), so no second pass waits for a scan; used up to
+        # a few blocks, where that costs less than two more launches.
+        total = tl.zeros((P_PAD,), dtype=tl.int64)
+        before = tl.zeros((P_PAD,), dtype=tl.int64)
+        for b in range(0, num_blocks):
+            o = b * BLOCK_N + tl.arange(0, BLOCK_N)
+            m = o < N
+            rb = tl.load(routes_ptr + o, mask=m, other=0)
+            hb = tl.sum(((_route_bucket(rb, P, BAD)[:, None] == cols[None, :])
+                         & m[:, None]).to(tl.int64), axis=0)
+            total += hb
+            before += tl.where(b < pid, hb, 0)
+        first = tl.cumsum(total, axis=0) - total
+        if pid == 0:
+            _store_counts_offsets(total, counts_ptr, offsets_ptr, P, P_PAD)
+        start = first + before
     # Every valid token has exactly one bucket in [0, P], so slot lies in [0, N), N < 2**31
     # (int32 keeps the tile's registers down).
     slot = tl.sum(tl.where(onehot, start.to(tl.int32)[None, :], 0), axis=1) + rank
-    tl.store(inv_ptr + offs, slot.to(tl.int64), mask=mask)
+    if WRITE_INV:
+        tl.store(inv_ptr + offs, slot.to(tl.int64), mask=mask)
     tl.store(perm_ptr + slot, offs.to(tl.int64), mask=mask)
 
 
@@ -154,21 +183,34 @@ def _group_config(n: int, num_paths: int, block_n: Optional[int] = None):
                 num_warps=max(2, min(16, block_n * p_pad // 1024)))
 
 
-def group_tokens_fwd(routes: torch.Tensor, num_paths: int, block_n: Optional[int] = None
+def group_tokens_fwd(routes: torch.Tensor, num_paths: int, block_n: Optional[int] = None,
+                     bad_bucket: Optional[int] = None, write_inv: bool = True,
+                     write_routes: bool = True, one_launch: bool = False
                      ) -> Tuple[torch.Tensor, ...]:
     """Launch the grouping kernels.
 
     Args:
       routes: (...) any integer dtype, flattened; values outside ``[0, num_paths)`` are put
-        after all paths (see the module docstring).
+        after all paths (see the module docstring), or into path ``bad_bucket``.
       num_paths: P, 1 <= P <= MAX_PATHS.
       block_n: tokens per program (a power of two); None picks it (tests pass small blocks
         to exercise the multi-block scan).
+      bad_bucket: where out-of-range routes go: None for the overflow bucket P, else a path
+        index (the routed layer names a skip path, whose tokens get the residual too); the
+        counts then include those tokens.
+      write_inv, write_routes: False leaves ``inv`` / ``routes_N`` unwritten (the forward of
+        the routed layer reads neither).
+      one_launch: group any N (up to ``ONE_LAUNCH_BLOCKS`` blocks) in one launch, each
+        program scanning all routes itself, instead of three launches.
     Returns: (perm, inv, counts, offsets, routes_N), all int64, as in ``RouteGroups``.
     """
     if not 1 <= num_paths <= MAX_PATHS:
         raise ValueError(f"num_paths: the triton backend supports 1 to {MAX_PATHS} paths, "
                          f"got {num_paths}")
+    bad = num_paths if bad_bucket is None else int(bad_bucket)
+    if not 0 <= bad <= num_paths:
+        raise ValueError(f"bad_bucket: expected a path index in [0, {num_paths}] or None, "
+                         f"got {bad_bucket}")
     routes = routes.reshape(-1)
     if routes.dtype.is_floating_point or routes.dtype.is_complex or routes.dtype == torch.bool:
         raise TypeError(f"routes: expected an integer dtype, got {routes.dtype}")
@@ -177,8 +219,8 @@ def group_tokens_fwd(routes: torch.Tensor, num_paths: int, block_n: Optional[int
     if n >= 2 ** 31:  # token ids and slots are int32 inside the kernels
         raise ValueError(f"routes: the triton backend groups fewer than 2**31 tokens, got {n}")
     perm = torch.empty(n, dtype=torch.int64, device=dev)
-    inv = torch.empty(n, dtype=torch.int64, device=dev)
-    routes_N = torch.empty(n, dtype=torch.int64, device=dev)
+    inv = torch.empty(n if write_inv else 0, dtype=torch.int64, device=dev)
+    routes_N = torch.empty(n if write_routes else 0, dtype=torch.int64, device=dev)
     counts = torch.empty(num_paths, dtype=torch.int64, device=dev)
     offsets = torch.empty(num_paths + 1, dtype=torch.int64, device=dev)
     if n == 0:
@@ -187,20 +229,31 @@ def group_tokens_fwd(routes: torch.Tensor, num_paths: int, block_n: Optional[int
         return perm, inv, counts, offsets, routes_N
     cfg = _group_config(n, num_paths, block_n)
     nb, p_pad, warps = cfg["num_blocks"], cfg["P_PAD"], cfg["num_warps"]
+    flags = dict(P_PAD=p_pad, WRITE_INV=write_inv, WRITE_ROUTES=write_routes)
+    if nb > 1 and one_launch and block_n is None:
+        # the single-block tile size: fewer programs, each scanning all N routes
+        bn = max(16, (1 << 14) // p_pad)
+        nb1 = triton.cdiv(n, bn)
+        if nb1 <= ONE_LAUNCH_BLOCKS:
+            _group_scatter_kernel[(nb1,)](routes, offsets, offsets, counts, perm, inv,
+                                          routes_N, n, num_paths, bad, nb1, BLOCK_N=bn, MODE=2,
+                                          num_warps=max(4, min(16, bn * p_pad // 1024)),
+                                          **flags)
+            return perm, inv, counts, offsets, routes_N
     if nb == 1:
         _group_scatter_kernel[(1,)](routes, offsets, offsets, counts, perm, inv, routes_N,
-                                    n, num_paths, BLOCK_N=cfg["BLOCK_N"], P_PAD=p_pad,
-                                    SINGLE_BLOCK=True, num_warps=warps)
+                                    n, num_paths, bad, 1, BLOCK_N=cfg["BLOCK_N"], MODE=0,
+                                    num_warps=warps, **flags)
         return perm, inv, counts, offsets, routes_N
     hist = torch.empty((nb, p_pad), dtype=torch.int32, device=dev)
     base = torch.empty((nb, p_pad), dtype=torch.int64, device=dev)
-    _group_hist_kernel[(nb,)](routes, hist, n, num_paths, BLOCK_N=cfg["BLOCK_N"], P_PAD=p_pad,
-                              num_warps=warps)
+    _group_hist_kernel[(nb,)](routes, hist, n, num_paths, bad, BLOCK_N=cfg["BLOCK_N"],
+                              P_PAD=p_pad, num_warps=warps)
     _group_scan_kernel[(1,)](hist, base, counts, offsets, nb, num_paths,
                              BLOCK_B=cfg["BLOCK_B"], P_PAD=p_pad, num_warps=4)
     _group_scatter_kernel[(nb,)](routes, base, offsets, counts, perm, inv, routes_N, n,
-                                 num_paths, BLOCK_N=cfg["BLOCK_N"], P_PAD=p_pad,
-                                 SINGLE_BLOCK=False, num_warps=warps)
+                                 num_paths, bad, nb, BLOCK_N=cfg["BLOCK_N"], MODE=1,
+                                 num_warps=warps, **flags)
     return perm, inv, counts, offsets, routes_N
 
 

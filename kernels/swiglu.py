@@ -25,8 +25,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import custom_op, interpreting as _interpreting
-from .ffn_gemm import Slot, _acc, _precision, down_fwd, ffn_bwd, gateup_fwd
+from ._common import (Slot, acc_dtypes, custom_op, int32_guard, interpreting as _interpreting,
+                      precision)
+from .ffn_gemm import down_fwd, gateup_fwd
+from .ffn_gemm_bwd import ffn_bwd
 
 FUSED_MAX_D = 128
 
@@ -40,7 +42,7 @@ def _swiglu_fused_fwd_kernel(
     wg_ptr,   # (W, d) gate weight
     wu_ptr,   # (W, d) up weight
     wd_ptr,   # (d, W) down weight
-    out_ptr,  # (N, d) output
+    out_ptr,  # (N, d) out
     N, d, W,
     BM: tl.constexpr, BD: tl.constexpr, BW: tl.constexpr,
     UPCAST: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
@@ -97,6 +99,7 @@ def swiglu_ffn_fwd(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
         return x.new_empty((N, d))
     if W == 0:
         return x.new_zeros((N, d))
+    int32_guard("w_gate", W, d)
     if fused is None:
         fused = d <= FUSED_MAX_D
     BD = triton.next_power_of_2(max(d, 16))
@@ -113,7 +116,7 @@ def swiglu_ffn_fwd(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
             BM, BW, nw = (64, 64, 8) if BD <= 128 else (64, 32, 8)
         _swiglu_fused_fwd_kernel[(triton.cdiv(N, BM),)](
             x, w_gate, w_up, w_down, out, N, d, W, BM=BM, BD=BD, BW=BW,
-            UPCAST=_interpreting(), PREC=_precision(x.dtype), ACC=_acc(x.dtype)[0],
+            UPCAST=_interpreting(), PREC=precision(x.dtype), ACC=acc_dtypes(x.dtype)[0],
             num_warps=nw)
         return out
     h = torch.empty((N, W), dtype=x.dtype, device=x.device)

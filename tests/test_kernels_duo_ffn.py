@@ -164,7 +164,8 @@ def test_duo_ffn_custom_op_fake(device):
     x, res, gt, params, _, g = _make(9, 17, DUO_WIDTHS, torch.float32, device)
     routes = _routes("random", 9, 3, g).to(device)
     weights = [t for p in params if p is not None for t in p]
-    torch.library.opcheck(torch.ops.duollm.duo_ffn_fwd, (x, routes, weights, [-1, 24, 40], res, gt),
+    torch.library.opcheck(torch.ops.duollm.duo_ffn_fwd,
+                          (x, routes, weights, [-1, 24, 40], res, gt, 0),
                           test_utils=("test_schema", "test_faketensor"))
 
 

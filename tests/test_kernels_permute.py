@@ -34,8 +34,8 @@ def _routes(n, mix, device, seed=0):
 def _check_against_reference(kernel_fn, ref_fn, inputs, dout, names):
     """Kernel vs reference in float64 from the same inputs, with torch's same-dtype budget."""
     out, grads = run_with_grads(kernel_fn, leaves(*inputs), dout)
-    ref, ref_grads = run_with_grads(ref_fn, leaves(*[None if t is None else t.double() for t in inputs]),
-                          dout.double())
+    ref, ref_grads = run_with_grads(
+        ref_fn, leaves(*[None if t is None else t.double() for t in inputs]), dout.double())
     same, same_grads = run_with_grads(ref_fn, leaves(*inputs), dout)
     assert out.dtype == same.dtype
     assert_close_to_ref(out, ref, same, "out")
