@@ -65,8 +65,15 @@ from .budgets import (
     spec_of,
 )
 from .results import OracleResult, PatternTable, oracle_label
-from .search import pattern_losses, search
+from .walk import pattern_losses, search
 
 __all__ = ["AtMost", "Budget", "Exactly", "FlopBudget", "PerPosition", "all_patterns",
            "as_budget", "linear_schedule", "route_choices", "route_flops", "spec_of",
            "OracleResult", "PatternTable", "oracle_label", "pattern_losses", "search"]
+
+# Public names report the public path (reprs, docs, pickles), not the private file they live in.
+for _obj in (AtMost, Exactly, FlopBudget, PerPosition, all_patterns, as_budget, linear_schedule,
+             route_choices, route_flops, spec_of, OracleResult, PatternTable, oracle_label,
+             pattern_losses, search):
+    _obj.__module__ = __name__
+del _obj

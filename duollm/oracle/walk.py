@@ -1,4 +1,4 @@
-"""Exhaustive walk over the layer tree (``pattern_losses``) and ``search``."""
+"""The exhaustive walk over the layer tree (``pattern_losses``) and ``search``."""
 from __future__ import annotations
 
 import time
