@@ -21,7 +21,8 @@ from duollm.usage import (UsageError, add_threads_arg, apply_thread_rule, check_
                           check_device, check_int, check_out_dir, options_of)
 
 DTYPES = ("float32", "bfloat16", "float16")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+SPEC_FILE = "duollm.json"  # duollm.hf.export.SPEC_FILE: marks a save_converted folder
 # Calibration windows for the activation-aware prune score: long enough to see real context,
 # short enough that one all-big forward over them is cheap.
 CALIBRATION_SEQ = 256
@@ -89,7 +90,7 @@ def check_checkpoint(option: str, path) -> Checkpoint:
                 return value
         return None
 
-    converted = any(n.startswith("duollm") and n.endswith(".json") for n in names)
+    converted = SPEC_FILE in names
     return Checkpoint(path=path, config=config, converted=converted,
                       has_tokenizer=any(n in names for n in TOKENIZER_FILES),
                       d_big=int_field("intermediate_size"),
@@ -112,7 +113,7 @@ def load_tokenizer(option: str, ckpt: Checkpoint):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(ckpt.path)
+        return AutoTokenizer.from_pretrained(ckpt.path, local_files_only=True)
     except (OSError, ValueError) as e:
         raise UsageError(option, f"cannot load the tokenizer in {ckpt.path}: {e}") from None
 
@@ -232,7 +233,8 @@ def run_cli(args: argparse.Namespace) -> int:
     if args.init == "prune" and n_calib:
         calibration = calibration_tokens(n_calib, tokenizer, ckpt.vocab_size or 0,
                                          ckpt.max_positions)
-    model = AutoModelForCausalLM.from_pretrained(ckpt.path, dtype=_dtype(args.dtype))
+    model = AutoModelForCausalLM.from_pretrained(ckpt.path, dtype=_dtype(args.dtype),
+                                                 local_files_only=True)
     model = model.to(device).eval()
     n_before = sum(p.numel() for p in model.parameters())
     if calibration is not None:
@@ -242,9 +244,7 @@ def run_cli(args: argparse.Namespace) -> int:
     except (TypeError, ValueError) as e:  # a model it cannot convert: say why, no traceback
         raise UsageError("PATH", str(e)) from None
     n_after = sum(p.numel() for p in model.parameters())
-    hf.save_converted(model, args.out_dir)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(args.out_dir)
+    hf.save_converted(model, args.out_dir, tokenizer=tokenizer)
     if args.init == "random":
         how = "random"
     elif calibration is None:
