@@ -269,11 +269,20 @@ class DuoLLM(nn.Module):
     def generate(self, tokens: torch.Tensor, max_new_tokens: int, routes: Routes = "big", *,
                  temperature: float = 0.0, top_k: Optional[int] = None,
                  use_cache: bool = True, generator: Optional[torch.Generator] = None,
-                 backend: Optional[str] = None) -> torch.Tensor:
+                 backend: Optional[str] = None, cuda_graph: bool = False) -> torch.Tensor:
         """Extend tokens (B, T) by ``max_new_tokens``; greedy when ``temperature == 0``.
 
         ``routes`` must be a policy, a per-layer pattern or a router (a full per-token tensor
         cannot cover tokens not yet generated).
+
+        ``cuda_graph=True`` (CUDA tensors): the prompt runs eagerly into a static KV cache,
+        then one decode step is captured in a CUDA graph and replayed for every new token
+        (no host synchronisation, no Python per layer). Routes: ``"big"``, ``"small"``,
+        ``"skip"``, a pattern, or a router that itself reads nothing back to the host (it runs
+        inside the graph); ``"random"`` is refused (a graph would replay one draw).
+
+        Route or token values found out of range on a GPU (see ``duollm.ops.check_mode``)
+        raise here, once, after the last step.
         """
         if isinstance(routes, torch.Tensor) and routes.dim() == 3:
             raise ValueError("routes: generate takes a policy, a (n_layers,) pattern or a "
@@ -288,27 +297,100 @@ class DuoLLM(nn.Module):
         if tokens.shape[1] + max_new_tokens > self.config.max_seq_len:
             raise ValueError(f"max_new_tokens: {tokens.shape[1]} + {max_new_tokens} exceeds "
                              f"max_seq_len {self.config.max_seq_len}")
-        B = tokens.shape[0]
-        cache = None
+        if cuda_graph:
+            if tokens.device.type != "cuda":
+                raise ValueError(f"cuda_graph: needs the model and tokens on a CUDA device, "
+                                 f"tokens are on {tokens.device}")
+            if not use_cache:
+                raise ValueError("cuda_graph: needs use_cache=True (the graph replays a "
+                                 "static KV cache)")
+            if isinstance(routes, str) and routes == "random":
+                raise ValueError("routes: 'random' cannot run in a CUDA graph (every replay "
+                                 "would reuse one draw); use a policy, a pattern or a router")
         if use_cache:
-            # Under autocast the keys and values come out in the autocast dtype: store that.
-            dtype = self.embed.weight.dtype
-            if torch.is_autocast_enabled(tokens.device.type):
-                dtype = torch.get_autocast_dtype(tokens.device.type)
-            cache = KVCache.empty(self.config, B, tokens.shape[1] + max_new_tokens,
-                                  tokens.device, dtype)
-        out, step_in = tokens, tokens
-        for _ in range(max_new_tokens):
-            logits = self(step_in if use_cache else out, routes, cache=cache,
-                          generator=generator, backend=backend)[:, -1].float()  # (B, V)
-            if temperature == 0:
-                nxt = logits.argmax(-1, keepdim=True)
-            else:
-                logits = logits / temperature
-                if top_k is not None:
-                    kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                nxt = torch.multinomial(F.softmax(logits, -1), 1, generator=generator)
-            out = torch.cat([out, nxt], dim=1)
-            step_in = nxt
+            out = self._generate_cached(tokens, max_new_tokens, routes, temperature, top_k,
+                                        generator, backend, static=cuda_graph,
+                                        graph=cuda_graph)
+        else:
+            out = tokens
+            for _ in range(max_new_tokens):
+                logits = self(out, routes, generator=generator,
+                              backend=backend)[:, -1].float()  # (B, V)
+                out = torch.cat([out, self._sample(logits, temperature, top_k, generator)],
+                                dim=1)
+        if tokens.device in ops._flags:  # the one read of the device's error flag
+            ops.check_errors(tokens.device)
         return out
+
+    @staticmethod
+    def _sample(logits: torch.Tensor, temperature: float, top_k: Optional[int],
+                generator: Optional[torch.Generator]) -> torch.Tensor:
+        """Next token (B, 1) from logits (B, V): argmax at temperature 0, else sampled."""
+        if temperature == 0:
+            return logits.argmax(-1, keepdim=True)
+        logits = logits / temperature
+        if top_k is not None:
+            kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        return torch.multinomial(F.softmax(logits, -1), 1, generator=generator)
+
+    def _generate_cached(self, tokens, max_new_tokens, routes, temperature, top_k, generator,
+                         backend, static: bool = False, graph: bool = False) -> torch.Tensor:
+        """generate with a KV cache: ``static`` fixes every shape (KVCache), ``graph``
+        captures the decode step in a CUDA graph and replays it."""
+        B, T = tokens.shape
+        if max_new_tokens == 0:
+            return tokens
+        # Under autocast the keys and values come out in the autocast dtype: store that.
+        dtype = self.embed.weight.dtype
+        if torch.is_autocast_enabled(tokens.device.type):
+            dtype = torch.get_autocast_dtype(tokens.device.type)
+        cache = KVCache.empty(self.config, B, T + max_new_tokens, tokens.device, dtype,
+                              static=static)
+        logits = self(tokens, routes, cache=cache, generator=generator,
+                      backend=backend)[:, -1].float()  # (B, V)
+        pieces = [tokens, self._sample(logits, temperature, top_k, generator)]
+        if max_new_tokens == 1:
+            return torch.cat(pieces, dim=1)
+        step_in = pieces[-1].clone()  # (B, 1): a static input the graph reads
+
+        def step() -> torch.Tensor:
+            return self(step_in, routes, cache=cache, generator=generator,
+                        backend=backend)[:, -1].float()
+
+        run = step
+        if graph:
+            run = self._capture_step(step, cache)
+        for _ in range(max_new_tokens - 1):
+            nxt = self._sample(run(), temperature, top_k, generator)
+            pieces.append(nxt)
+            step_in.copy_(nxt)
+        return torch.cat(pieces, dim=1)
+
+    @staticmethod
+    def _capture_step(step, cache: KVCache):
+        """Capture ``step`` (a decode step on a static cache) in a CUDA graph; returns a
+        function that replays it and returns its (static) logits."""
+        pos, pos_t = cache.pos, cache.pos_t.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up: lazy allocations, kernel compilation
+            step()
+        torch.cuda.current_stream().wait_stream(side)
+        cache.pos = pos
+        cache.pos_t.copy_(pos_t)
+        g = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(g):
+                logits = step()
+        except RuntimeError as e:
+            raise RuntimeError(f"cuda_graph: the decode step could not be captured (a router "
+                               f"or backend that reads values back to the host cannot be): "
+                               f"{e}") from e
+        cache.pos = pos  # the graph advances pos_t itself; pos is Python bookkeeping
+
+        def replay() -> torch.Tensor:
+            g.replay()
+            return logits
+
+        return replay

@@ -86,13 +86,15 @@ class DuoFFN(nn.Module):
         Returns: x.shape. Out-of-range routes raise at once on the CPU; on a GPU those tokens
         skip and ``duollm.ops.check_errors()`` raises (docs/speed.md).
         """
-        self._check_call(x, routes, residual, gate)
-        return ops.run_duo_ffn(x, routes, self._params(), residual, gate, backend,
+        params = self._params()
+        self._check_call(params, x, routes, residual, gate)
+        return ops.run_duo_ffn(x, routes, params, residual, gate, backend,
                                min_route=SKIP if self.skip else SMALL)
 
-    # Validation names the caller's arguments and compares them with the layer (docs/style.md);
-    # what depends only on the layer's weights is checked once per (dtype, device, shapes)
-    # and cached until the module is moved or cast (``_apply``).
+    # Validation names the caller's arguments and compares them with the layer (docs/style.md).
+    # What depends only on the layer's weights is checked once and cached: until the layer is
+    # moved or cast as a whole (``_apply``) or one of its paths changes dtype (``ffn.small.half()``:
+    # the key holds each path's dtype, two attribute reads instead of checking six weights).
 
     def _apply(self, *args, **kwargs):
         self._sig = None
@@ -109,23 +111,24 @@ class DuoFFN(nn.Module):
                 (big["gate_proj"]._parameters["weight"], big["up_proj"]._parameters["weight"],
                  big["down_proj"]._parameters["weight"]))
 
-    def _layer_sig(self):
+    def _layer_sig(self, params):
+        key = (params[SMALL][0].dtype, params[BIG][0].dtype)
         sig = getattr(self, "_sig", None)
-        if sig is None:
-            ws = [(f"{name}.{proj}.weight", w) for name, mod in (("small", self.small),
-                                                               ("big", self.big))
-                  for proj, w in zip(("gate_proj", "up_proj", "down_proj"), mod.weights)]
+        if sig is None or sig[0] != key:
+            ws = [(f"{name}.{proj}.weight", w) for name, p in (("small", params[SMALL]),
+                                                             ("big", params[BIG]))
+                  for proj, w in zip(("gate_proj", "up_proj", "down_proj"), p)]
             first = ws[0][1]
             for name, w in ws:
                 if w.dtype != first.dtype or w.device != first.device:
                     raise TypeError(f"DuoFFN: its weights disagree: {name} is {w.dtype} on "
                                     f"{w.device}, small.gate_proj.weight is {first.dtype} on "
                                     f"{first.device}; cast the whole layer (e.g. .to())")
-            sig = self._sig = (first.dtype, first.device)
-        return sig
+            sig = self._sig = (key, first.dtype, first.device)
+        return sig[1], sig[2]
 
-    def _check_call(self, x, routes, residual, gate) -> None:
-        dtype, device = self._layer_sig()
+    def _check_call(self, params, x, routes, residual, gate) -> None:
+        dtype, device = self._layer_sig(params)
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x: expected a torch.Tensor of shape (..., {self.d_model}), got "
                             f"{type(x).__name__}")

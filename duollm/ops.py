@@ -141,21 +141,28 @@ def is_available(name: str, device: Optional[torch.device] = None) -> bool:
 
 _scoped_backend: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar(
     "duollm_backend", default=None)
+# The innermost scope's name as a plain global, for code being compiled (dynamo guards on it).
+_scope_mirror: Optional[str] = None
 
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
     """Run the ops inside the ``with`` block on backend ``name`` (unless a call says otherwise)."""
+    global _scope_mirror
     _check_name(name)
     token = _scoped_backend.set(name)
+    outer, _scope_mirror = _scope_mirror, name
     try:
         yield
     finally:
         _scoped_backend.reset(token)
+        _scope_mirror = outer
 
 
 def current_backend() -> str:
     """The backend name in force here: the scope's, else ``DUOLLM_BACKEND``, else ``"auto"``."""
+    if torch.compiler.is_compiling():  # dynamo cannot trace ContextVar.get: read the mirror
+        return _scope_mirror or env("DUOLLM_BACKEND", "auto")
     return _scoped_backend.get() or env("DUOLLM_BACKEND", "auto")
 
 
@@ -168,6 +175,8 @@ def _check_name(name: str) -> None:
 def resolve(op: str, device: torch.device, backend: Optional[str] = None) -> Callable:
     """The implementation of ``op`` that runs for tensors on ``device``."""
     name = backend or current_backend()
+    if torch.compiler.is_compiling():  # traced once per graph; dynamo mis-guards the cache
+        return _resolve(op, device, name)
     key = (op, name, device, env("TRITON_INTERPRET", ""))
     fn = _resolved.get(key)
     if fn is None:
@@ -574,10 +583,14 @@ def _one_path(x: torch.Tensor, weights: Optional[FFNWeights], residual, gate,
         return torch.zeros_like(x) if residual is None else residual.to(x.dtype, copy=True)
     d = x.shape[-1]
     swiglu = resolve("swiglu_ffn", x.device, backend)
-    fused = _one_path_impl.get(swiglu)
-    if fused is None:  # a backend may fuse the residual and gate into its GEMMs: one_path
-        fused = _one_path_impl[swiglu] = getattr(sys.modules.get(swiglu.__module__),
-                                                 "one_path", False)
+    # A backend may fuse the residual and gate into its GEMMs: its ``one_path``.
+    if torch.compiler.is_compiling():
+        fused = getattr(sys.modules.get(swiglu.__module__), "one_path", False)
+    else:
+        fused = _one_path_impl.get(swiglu)
+        if fused is None:
+            fused = _one_path_impl[swiglu] = getattr(sys.modules.get(swiglu.__module__),
+                                                     "one_path", False)
     if fused:
         out = fused(x.reshape(-1, d), weights,
                     None if residual is None else residual.reshape(-1, d),
@@ -595,3 +608,8 @@ def _one_path(x: torch.Tensor, weights: Optional[FFNWeights], residual, gate,
     if residual is None:
         return y
     return y.add_(residual) if in_place else residual + y
+
+
+# The CPU's backend is loaded up front: code compiled by torch.compile cannot import a module
+# (dynamo refuses import_module), and every process that uses duollm.ops can use this one.
+from . import torch_backend as _torch_backend  # noqa: E402,F401
