@@ -17,6 +17,7 @@ if importlib.util.find_spec("transformers") is None:
 
 from .convert import convert, decoder_layers  # noqa: E402
 from .routing import HFDuoFFN, HFDuoSpec, active_routes, is_converted, routing, spec_of  # noqa: E402
+from .export import export, load_converted, load_pretrained, save_converted  # noqa: E402
 from .stack import HFStack  # noqa: E402
 from .train import train_small  # noqa: E402
 
@@ -25,4 +26,5 @@ from ..stack import register_stack  # noqa: E402
 register_stack(is_converted, HFStack)
 
 __all__ = ["convert", "routing", "is_converted", "spec_of", "active_routes", "decoder_layers",
+           "export", "save_converted", "load_converted", "load_pretrained",
            "HFDuoFFN", "HFDuoSpec", "HFStack", "train_small"]
