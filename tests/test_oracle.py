@@ -312,5 +312,7 @@ def test_argument_errors(model, tokens):
         PerPosition([1, 2], kind="between")
     with pytest.raises(TypeError, match="model"):
         search(torch.nn.Linear(2, 2), tokens, 1)
+    with pytest.raises(ValueError, match="base"):
+        search(model, tokens, 1, "token", base="medium")
     with pytest.raises(TypeError, match="router"):
         search(model, tokens, 1, "token", base=lambda i, h: h[..., 0].long())

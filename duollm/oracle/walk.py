@@ -35,6 +35,9 @@ def _prepare(model, tokens, granularity, method, skip, paths, base):
     if callable(base) and not isinstance(base, torch.Tensor):
         raise TypeError("base: expected 'pattern', a policy name, a (n_layers,) pattern or "
                         "(n_layers, B, T) routes, not a router")
+    if isinstance(base, str) and base not in ("pattern", "big", "small", "skip", "random"):
+        raise ValueError(f"base: expected 'pattern', 'big', 'small', 'skip', 'random', a "
+                         f"pattern or routes, got {base!r}")
     mode = "rows" if granularity == "sequence" or _is_pattern_base(base) else "context"
     return stack, tokens.to(stack.device, torch.int64), choices, mode
 
