@@ -1,54 +1,180 @@
-"""`duollm study --quick` end to end: every file of the report is written."""
-import csv
+"""The study pipeline: `duollm study --quick` end to end, the paper's token oracle read from
+the pattern table against brute force and against duollm.oracle, and option validation."""
+import dataclasses
+import itertools
 import json
-import os
 
-from duollm.study.report import PLOTS
+import pytest
+import torch
+
+from duollm.reference import BIG, SKIP, SMALL
+from duollm.study import results as R
+from duollm.study import stages as St
+from duollm.study.report import plot_names
 
 
-
-def test_study_quick_writes_the_whole_report(tmp_path, capsys):
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
     from duollm.cli import main
 
-    out = tmp_path / "run"
+    out = tmp_path_factory.mktemp("study") / "run"
     rc = main(["study", "--quick", "--out", str(out), "--no-progress", "--n-random", "10"])
     assert rc == 0
-    for name in PLOTS + ("report.md", "results.json", "difficulty.csv"):
-        path = out / name
-        assert path.is_file() and path.stat().st_size > 0, name
-    for name in PLOTS:
-        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-        assert f"({name})" in (out / "report.md").read_text()
+    return out
+
+
+def test_study_quick_writes_report_and_every_plot(quick_run, capsys):
+    out = quick_run
     res = json.loads((out / "results.json").read_text())
-    L = res["n_layers"]
-    assert res["ks"] == list(range(L + 1))
-    for curve in res["curves"].values():
-        assert len(curve) == L + 1
-    # the oracle at k = L (all big) is all-big, and the at-most oracle never rises with k
-    assert abs(res["curves"]["oracle_token_exactly"][L] - res["all_big"]) < 1e-4
-    at_most = res["curves"]["oracle_token_at_most"]
-    assert all(b <= a + 1e-6 for a, b in zip(at_most, at_most[1:]))
-    for k, e in res["routers"].items():
-        assert abs(e["realised"] - e["target"]) < 0.2
-        assert len(e["agreement"]) == L
-    for f in ("a", "b", "c"):
-        assert isinstance(res["findings"][f]["holds"], bool)
+    names = [h["name"] for h in res["holdouts"]]
+    assert names == ["prose", "code"]
     report = (out / "report.md").read_text()
-    assert "(a)" in report and "(b)" in report and "(c)" in report
-    with open(out / "difficulty.csv") as f:
-        header = next(csv.reader(f))
-    assert header[:6] == ["sequence", "position", "token", "target", "loss_small", "loss_big"]
-    assert "difficulty" in header and any(h.startswith("loss_oracle_") for h in header)
-    printed = capsys.readouterr().out
-    assert "oracle-tok" in printed and "report:" in printed
+    for name in plot_names(names, synthetic=True):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+        assert f"({name})" in report, name
+    assert "## Holdout: prose" in report and "## Holdout: code" in report
+    assert "base='pattern'" in report and "base='big'" in report
+    rows = [r for r in report.splitlines() if r.startswith("| 4a, ") or r.startswith("| 2d, ")]
+    assert rows and all(any(f"**{o}**" in r for o in ("holds", "does not hold",
+                                                      "not resolved")) for r in rows)
 
 
-def test_study_synthetic_reports_difficulty_by_kind(tmp_path):
+def test_results_json_has_the_typed_fields(quick_run):
+    res = json.loads((quick_run / "results.json").read_text())
+    assert set(f.name for f in dataclasses.fields(R.StudyResult)) == set(res)
+    L = res["config"]["n_layers"]
+    for h in res["holdouts"]:
+        assert set(f.name for f in dataclasses.fields(R.HoldoutResult)) == set(h)
+        assert h["n_selection"] + h["n_evaluation"] == h["n_sequences"]
+        curves = {c["name"]: c for c in h["curves"]}
+        assert set(curves) == {"oracle", "fixed", "random", "oracle_context_big", "router"}
+        for name in ("oracle", "fixed", "random", "oracle_context_big"):
+            assert len(curves[name]["points"]) == L + 1
+        # the oracle picks per token among the fixed patterns: never worse than the best one
+        for o, f in zip(curves["oracle"]["points"], curves["fixed"]["points"]):
+            assert o["estimate"] <= f["estimate"] + 1e-9
+        # k = L: one pattern (all big) for every method
+        assert curves["oracle"]["points"][L]["estimate"] == pytest.approx(
+            h["all_big"]["estimate"])
+        for iv in (h["all_big"], h["oracle_vs_random"]["interval"]):
+            assert iv["low"] <= iv["estimate"] <= iv["high"]
+        assert h["capacity"]["verdict"]["outcome"] in ("holds", "does not hold",
+                                                       "not resolved")
+        for r in h["routers"]:
+            assert r["realised_big"] + r["realised_small"] + r["realised_skip"] == \
+                pytest.approx(1.0)
+    printed_keys = res["timings"]
+    assert "total_s" in printed_keys
+
+
+def test_run_study_returns_typed_result_with_known_kinds(tmp_path):
     from duollm.study import run_study
 
     res = run_study(data="synthetic", quick=True, steps=5, router_steps=2, n_random=5,
-                    out=str(tmp_path / "syn"), progress=False, budgets=[1])
-    assert set(res["difficulty"]["by_kind"]) >= {"noise", "compute"}
-    assert os.path.isfile(tmp_path / "syn" / "report.md")
-    with open(tmp_path / "syn" / "difficulty.csv") as f:
-        assert next(csv.reader(f))[-1] == "kind"
+                    out=str(tmp_path / "syn"), progress=False, synthetic_check=False,
+                    budgets=[1, 2])
+    assert isinstance(res, R.StudyResult) and res.synthetic is None
+    h = res.holdouts[0]
+    assert isinstance(h, R.HoldoutResult) and h.name == "synthetic"
+    assert set(h.difficulty.by_kind) >= {"noise", "compute"}
+    assert h.capacity.budgets == [1, 2]
+    assert (tmp_path / "syn" / "report.md").is_file()
+
+
+def _tiny_model(skip=True):
+    from duollm.config import DuoConfig
+    from duollm.model import DuoLLM
+
+    torch.manual_seed(0)
+    cfg = DuoConfig.from_name("tiny", n_layers=3, d_model=32, n_heads=2, d_big=64, d_small=8,
+                              skip=skip)
+    return DuoLLM(cfg).eval()
+
+
+def _brute(model, tokens, patterns):
+    """(n, B, T-1): each pattern run over the whole sequence with the plain forward."""
+    with torch.no_grad():
+        return torch.stack([model.token_losses(tokens, list(p)) for p in patterns]).double()
+
+
+def test_table_oracle_equals_brute_force_and_duollm_oracle():
+    from duollm import oracle as O
+
+    model = _tiny_model()
+    tokens = torch.randint(0, 256, (3, 9), generator=torch.Generator().manual_seed(1))
+    tab = St.pattern_table(model, tokens)
+    pats = list(itertools.product((SKIP, SMALL, BIG), repeat=3))
+    brute = _brute(model, tokens, pats)
+    order = [tab.index(p) for p in pats]
+    assert torch.allclose(tab.losses[order], brute, atol=1e-5)
+    n_big = torch.tensor([sum(x == BIG for x in p) for p in pats])
+    n_small = torch.tensor([sum(x == SMALL for x in p) for p in pats])
+    n_skip = torch.tensor([sum(x == SKIP for x in p) for p in pats])
+    for k in range(4):
+        # big/small only, exactly k
+        m = (n_big == k) & (n_skip == 0)
+        want = brute[m].min(0).values
+        got, idx = tab.oracle(tab.mask(k))
+        assert torch.allclose(got, want, atol=1e-5)
+        # the chosen pattern realises the loss at every position
+        routes = tab.routes(idx)
+        for b in range(tokens.shape[0]):
+            for t in range(tokens.shape[1] - 1):
+                p = routes[b, t].tolist()
+                assert abs(brute[pats.index(tuple(p)), b, t] - got[b, t]) < 1e-5
+        lib = O.search(model, tokens, O.Exactly(k), "token", base="pattern")
+        assert torch.allclose(lib.loss.double(), got, atol=1e-5)
+        # big-or-skip and the full 3^L oracle with exactly k big
+        bos = brute[(n_big == k) & (n_small == 0)].min(0).values
+        assert torch.allclose(tab.oracle(tab.mask(k, small=False, skip=True))[0], bos,
+                              atol=1e-5)
+        full = brute[n_big == k].min(0).values
+        assert torch.allclose(tab.oracle(tab.mask(k, skip=True))[0], full, atol=1e-5)
+
+
+def test_position_budget_holds_per_position():
+    model = _tiny_model()
+    tokens = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(2))
+    tab = St.pattern_table(model, tokens)
+    kc, sched = St.schedules(3, 8)
+    assert sched["increasing"] == sched["decreasing"][::-1]
+    assert sum(sched["decreasing"]) / 8 == pytest.approx(kc, abs=0.5)
+    res = St.position_budget(tab, n_boot=50, seed=0)
+    for name, ks in sched.items():
+        m = (tab.n_big[:, None] == torch.tensor(ks)[None]) & (tab.n_skip == 0)[:, None]
+        _, idx = tab.oracle(m)
+        routes = tab.routes(idx)  # (B, T-1, L)
+        assert ((routes == BIG).sum(-1) == torch.tensor(ks)[None]).all()
+        assert ((routes == SKIP).sum(-1) == 0).all()
+        assert res.loss[name].estimate == pytest.approx(float(
+            tab.oracle(m)[0].mean(1).mean()))
+
+
+def test_rank_overlap_known_answers():
+    loss = torch.arange(100.0)
+    same = St.rank_overlap(loss, loss * 2)
+    assert same["overlap"] == 1.0 and same["high_loss_low_gain"] == 0.0
+    assert same["spearman"] == pytest.approx(1.0)
+    rev = St.rank_overlap(loss, -loss)
+    assert rev["overlap"] == 0.0 and rev["high_loss_low_gain"] == 1.0
+    assert rev["low_loss_high_gain"] == pytest.approx(0.5)  # 25 of the 50 low-loss tokens
+
+
+@pytest.mark.parametrize("argv, option", [
+    (["--budgets", "9"], "--budgets"),
+    (["--budgets", "x"], "--budgets"),
+    (["--device", "tpu"], "--device"),
+    (["--data", "/nonexistent/file.txt"], "--data"),
+    (["--steps", "0"], "--steps"),
+    (["--n-random", "0"], "--n-random"),
+    (["--preset", "huge"], "--preset"),
+    (["--hf", "/nonexistent"], "--hf"),
+])
+def test_bad_options_fail_before_any_work(argv, option, tmp_path, capsys):
+    from duollm.cli import main
+
+    out = tmp_path / "never"
+    rc = main(["study", "--quick", "--out", str(out)] + argv)
+    assert rc == 2
+    assert option in capsys.readouterr().err
+    assert not out.exists()  # nothing was written
