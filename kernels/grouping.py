@@ -230,11 +230,11 @@ def group_tokens_fwd(routes: torch.Tensor, num_paths: int, block_n: Optional[int
     cfg = _group_config(n, num_paths, block_n)
     nb, p_pad, warps = cfg["num_blocks"], cfg["P_PAD"], cfg["num_warps"]
     flags = dict(P_PAD=p_pad, WRITE_INV=write_inv, WRITE_ROUTES=write_routes)
-    if nb > 1 and one_launch and block_n is None:
-        # the single-block tile size: fewer programs, each scanning all N routes
-        bn = max(16, (1 << 14) // p_pad)
+    if one_launch:
+        # the single-block tile size (or the caller's): few programs, each scanning all N
+        bn = block_n or max(16, (1 << 14) // p_pad)
         nb1 = triton.cdiv(n, bn)
-        if nb1 <= ONE_LAUNCH_BLOCKS:
+        if 1 < nb1 <= ONE_LAUNCH_BLOCKS:
             _group_scatter_kernel[(nb1,)](routes, offsets, offsets, counts, perm, inv,
                                           routes_N, n, num_paths, bad, nb1, BLOCK_N=bn, MODE=2,
                                           num_warps=max(4, min(16, bn * p_pad // 1024)),

@@ -7,8 +7,9 @@ import importlib
 import pytest
 import torch
 
-from duollm import BIG, SKIP, SMALL, ops, reference
+from duollm import ops, reference
 from duollm.modules import DuoFFN
+from duo_inputs import MIXES, check, make, make_routes, run
 from tolerance import assert_close_to_ref, dtypes_for
 
 duo = importlib.import_module("duollm.kernels.duo_ffn")
@@ -22,112 +23,46 @@ def _skip_dtype(dtype, device):
         pytest.skip(f"{dtype} is tested only on a CUDA GPU (the interpreter mangles it)")
 
 
-def _routes(mix, N, P, g):
-    """Routes for a named mix: 'big', 'small', 'skip', 'no_small', 'random'."""
-    if mix == "big":
-        return torch.full((N,), BIG, dtype=torch.int64)
-    if mix == "small":
-        return torch.full((N,), SMALL, dtype=torch.int64)
-    if mix == "skip":
-        return torch.full((N,), SKIP, dtype=torch.int64)
-    if mix == "no_small":
-        return torch.where(torch.rand(N, generator=g) < 0.5, BIG, SKIP).long()
-    return torch.randint(0, P, (N,), generator=g)
-
-
-def _make(N, d, widths, dtype, device, residual=True, gate=True, seed=0):
-    """Inputs as a flat list of leaves: [x, residual?, gate?, *weights] plus the layout."""
-    g = torch.Generator().manual_seed(seed)
-    to = dict(dtype=dtype, device=device)
-    x = torch.randn(N, d, generator=g).to(**to)
-    res = torch.randn(N, d, generator=g).to(**to) if residual else None
-    gt = (torch.rand(N, generator=g) + 0.5).to(**to) if gate else None
-    params = []
-    for w in widths:
-        if w == 0:
-            params.append(None)
-            continue
-        params.append([(torch.randn(w, d, generator=g) / d ** 0.5).to(**to),
-                       (torch.randn(w, d, generator=g) / d ** 0.5).to(**to),
-                       (torch.randn(d, w, generator=g) / w ** 0.5).to(**to)])
-    dy = torch.randn(N, d, generator=g).to(**to)
-    return x, res, gt, params, dy, g
-
-
-def _leaves(x, res, gt, params, cast=None):
-    """Fresh leaf copies (optionally cast) of all differentiable inputs, and their names."""
-    def leaf(t):
-        return None if t is None else t.detach().to(cast or t.dtype).clone().requires_grad_()
-    x, res, gt = leaf(x), leaf(res), leaf(gt)
-    params = [None if p is None else [leaf(t) for t in p] for p in params]
-    named = [("x", x), ("residual", res), ("gate", gt)]
-    for i, p in enumerate(params):
-        if p is not None:
-            named += [(f"params[{i}].{n}", t) for n, t in zip(("w_gate", "w_up", "w_down"), p)]
-    return x, res, gt, params, [(n, t) for n, t in named if t is not None]
-
-
-def _run(fn, x, routes, res, gt, params, dy, cast=None):
-    x, res, gt, params, named = _leaves(x, res, gt, params, cast)
-    y = fn(x, routes, params, res, gt)
-    y.backward(dy.to(y.dtype))
-    return y.detach(), [(n, t.grad if t.grad is not None else torch.zeros_like(t))
-                        for n, t in named]
-
-
-def _check(device, dtype, N, d, widths, mix, residual=True, gate=True, seed=0):
-    x, res, gt, params, dy, g = _make(N, d, widths, dtype, device, residual, gate, seed)
-    routes = _routes(mix, N, len(widths), g).to(device)
-    y, grads = _run(duo.duo_ffn, x, routes, res, gt, params, dy)
-    y64, g64 = _run(reference.duo_ffn, x, routes, res, gt, params, dy, torch.float64)
-    yd, gd = _run(reference.duo_ffn, x, routes, res, gt, params, dy)
-    assert y.dtype == dtype
-    assert_close_to_ref(y, y64, yd, "y")
-    for (name, a), (_, r64), (_, rd) in zip(grads, g64, gd):
-        assert a.dtype == rd.dtype, name
-        assert_close_to_ref(a, r64, rd, name)
-
-
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
-@pytest.mark.parametrize("mix", ["big", "small", "skip", "no_small", "random"])
+@pytest.mark.parametrize("mix", MIXES)
 def test_duo_ffn_mixes(device, dtype, mix):
     _skip_dtype(dtype, device)
-    _check(device, dtype, 37, 48, DUO_WIDTHS, mix)
+    check(device, dtype, 37, 48, DUO_WIDTHS, mix)
 
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
 def test_duo_ffn_four_generic_paths(device, dtype):
     """Widths (0, 24, 0, 40): two skip paths, two routed ones of different widths, odd d."""
     _skip_dtype(dtype, device)
-    _check(device, dtype, 37, 17, (0, 24, 0, 40), "random", seed=1)
+    check(device, dtype, 37, 17, (0, 24, 0, 40), "random", seed=1)
 
 
 def test_duo_ffn_more_paths_than_one_launch(device):
     """Six paths (two skip): the grouped GEMMs take at most four paths per launch, so the
     routed paths are split over several launches."""
-    _check(device, torch.float32, 37, 17, (0, 24, 16, 0, 40, 24), "random", seed=13)
+    check(device, torch.float32, 37, 17, (0, 24, 16, 0, 40, 24), "random", seed=13)
 
 
 @pytest.mark.parametrize("N", [0, 1])
 @pytest.mark.parametrize("residual,gate", [(True, True), (False, False)])
 def test_duo_ffn_tiny_n(device, N, residual, gate):
-    _check(device, torch.float32, N, 17, DUO_WIDTHS, "random", residual, gate, seed=2)
+    check(device, torch.float32, N, 17, DUO_WIDTHS, "random", residual, gate, seed=2)
 
 
 @pytest.mark.parametrize("residual,gate", [(False, True), (True, False), (False, False)])
 def test_duo_ffn_optional_residual_gate(device, residual, gate):
-    _check(device, torch.float32, 37, 48, DUO_WIDTHS, "random", residual, gate, seed=3)
+    check(device, torch.float32, 37, 48, DUO_WIDTHS, "random", residual, gate, seed=3)
 
 
 def test_duo_ffn_float64(device):
     """float64 accumulates in float64: the budget is the reference's own rounding."""
-    _check(device, torch.float64, 37, 17, DUO_WIDTHS, "random", seed=12)
+    check(device, torch.float64, 37, 17, DUO_WIDTHS, "random", seed=12)
 
 
 def test_duo_ffn_wide_odd_d_forward(device):
     """d = 341 with random routes (K tails and row tails in every kernel)."""
-    x, res, gt, params, _, g = _make(70, 341, DUO_WIDTHS, torch.float32, device, seed=4)
-    routes = _routes("random", 70, 3, g).to(device)
+    x, res, gt, params, _, g = make(70, 341, DUO_WIDTHS, torch.float32, device, seed=4)
+    routes = make_routes("random", 70, 3, g).to(device)
     y = duo.duo_ffn(x, routes, params, res, gt)
     y64 = reference.duo_ffn(*[t.double() for t in (x,)], routes,
                             [None if p is None else [t.double() for t in p] for p in params],
@@ -135,14 +70,14 @@ def test_duo_ffn_wide_odd_d_forward(device):
     assert_close_to_ref(y, y64, reference.duo_ffn(x, routes, params, res, gt), "y")
 
 
-def test_duo_ffn_mixed_dtypes_and_int8_routes(device):
+def test_duo_ffn_mixed_dtypes_and_int8routes(device):
     """fp32 residual and gate on fp16 x, int8 routes: out in x's dtype, grads in theirs."""
-    x, res, gt, params, dy, g = _make(37, 48, DUO_WIDTHS, torch.float16, device, seed=5)
+    x, res, gt, params, dy, g = make(37, 48, DUO_WIDTHS, torch.float16, device, seed=5)
     res, gt = res.float(), gt.float()
-    routes = _routes("random", 37, 3, g).to(device=device, dtype=torch.int8)
-    y, grads = _run(duo.duo_ffn, x, routes, res, gt, params, dy)
-    y64, g64 = _run(reference.duo_ffn, x, routes, res, gt, params, dy, torch.float64)
-    yd, gd = _run(reference.duo_ffn, x, routes, res, gt, params, dy)
+    routes = make_routes("random", 37, 3, g).to(device=device, dtype=torch.int8)
+    y, grads = run(duo.duo_ffn, x, routes, res, gt, params, dy)
+    y64, g64 = run(reference.duo_ffn, x, routes, res, gt, params, dy, torch.float64)
+    yd, gd = run(reference.duo_ffn, x, routes, res, gt, params, dy)
     assert y.dtype == torch.float16
     assert_close_to_ref(y, y64, yd, "y")
     for (name, a), (_, r64), (_, rd) in zip(grads, g64, gd):
@@ -151,18 +86,18 @@ def test_duo_ffn_mixed_dtypes_and_int8_routes(device):
 
 
 def test_duo_ffn_deterministic(device):
-    x, res, gt, params, dy, g = _make(37, 48, DUO_WIDTHS, torch.float32, device, seed=6)
-    routes = _routes("random", 37, 3, g).to(device)
-    a = _run(duo.duo_ffn, x, routes, res, gt, params, dy)
-    b = _run(duo.duo_ffn, x, routes, res, gt, params, dy)
+    x, res, gt, params, dy, g = make(37, 48, DUO_WIDTHS, torch.float32, device, seed=6)
+    routes = make_routes("random", 37, 3, g).to(device)
+    a = run(duo.duo_ffn, x, routes, res, gt, params, dy)
+    b = run(duo.duo_ffn, x, routes, res, gt, params, dy)
     assert torch.equal(a[0], b[0])
     for (name, ga), (_, gb) in zip(a[1], b[1]):
         assert torch.equal(ga, gb), name
 
 
 def test_duo_ffn_custom_op_fake(device):
-    x, res, gt, params, _, g = _make(9, 17, DUO_WIDTHS, torch.float32, device)
-    routes = _routes("random", 9, 3, g).to(device)
+    x, res, gt, params, _, g = make(9, 17, DUO_WIDTHS, torch.float32, device)
+    routes = make_routes("random", 9, 3, g).to(device)
     weights = [t for p in params if p is not None for t in p]
     torch.library.opcheck(torch.ops.duollm.duo_ffn_fwd,
                           (x, routes, weights, [-1, 24, 40], res, gt, 0),
@@ -227,8 +162,8 @@ def test_duo_ffn_module_compile_fullgraph(device):
 
 
 def test_duo_ffn_bad_input_raises(device):
-    x, res, gt, params, _, g = _make(5, 17, DUO_WIDTHS, torch.float32, device)
-    routes = _routes("random", 5, 3, g).to(device)
+    x, res, gt, params, _, g = make(5, 17, DUO_WIDTHS, torch.float32, device)
+    routes = make_routes("random", 5, 3, g).to(device)
     with pytest.raises(ValueError, match="routes"):
         ops.duo_ffn(x, torch.full_like(routes, 3), params, backend="triton")
     with pytest.raises(ValueError, match="routes"):
@@ -249,8 +184,8 @@ def test_duo_ffn_bad_input_raises(device):
 
 def test_duo_ffn_via_ops_batched(device):
     """(B, T, d) input through duollm.ops with the triton backend."""
-    x, res, gt, params, _, g = _make(12, 17, DUO_WIDTHS, torch.float32, device, seed=9)
-    routes = _routes("random", 12, 3, g).to(device)
+    x, res, gt, params, _, g = make(12, 17, DUO_WIDTHS, torch.float32, device, seed=9)
+    routes = make_routes("random", 12, 3, g).to(device)
     y = ops.duo_ffn(x.view(3, 4, 17), routes.view(3, 4), params, res.view(3, 4, 17),
                     gt.view(3, 4), backend="triton")
     ref = reference.duo_ffn(x, routes, params, res, gt)
@@ -261,12 +196,12 @@ def test_duo_ffn_via_ops_batched(device):
 
 
 @pytest.mark.gpu
-def test_duo_ffn_cuda_graph_replay_new_routes():
+def test_duo_ffn_cuda_graph_replay_newroutes():
     """Capture with one routes tensor, copy new routes in place, replay: the output matches
     eager for the new routes (no host sync; counts are read on the device)."""
     dev = torch.device("cuda")
-    x, res, gt, params, _, g = _make(1000, 256, (0, 64, 384), torch.bfloat16, dev, seed=10)
-    routes = _routes("random", 1000, 3, g).to(dev)
+    x, res, gt, params, _, g = make(1000, 256, (0, 64, 384), torch.bfloat16, dev, seed=10)
+    routes = make_routes("random", 1000, 3, g).to(dev)
     static_routes = routes.clone()
     duo.duo_ffn(x, static_routes, params, res, gt)  # warm-up: compile the kernels
     torch.cuda.synchronize()
@@ -274,7 +209,7 @@ def test_duo_ffn_cuda_graph_replay_new_routes():
     with torch.cuda.graph(graph):
         out = duo.duo_ffn(x, static_routes, params, res, gt)
     for mix in ("big", "small", "skip", "no_small", "random"):
-        new = _routes(mix, 1000, 3, g).to(dev)
+        new = make_routes(mix, 1000, 3, g).to(dev)
         static_routes.copy_(new)
         graph.replay()
         torch.cuda.synchronize()
@@ -304,10 +239,10 @@ def test_duo_ffn_module_cuda_graph():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_duo_ffn_large_n_gpu(dtype):
     """N = 4096 takes the 128-row tile configurations (the CPU-sized tests never do)."""
-    _check(torch.device("cuda"), dtype, 4096, 256, (0, 128, 512), "random", seed=14)
+    check(torch.device("cuda"), dtype, 4096, 256, (0, 128, 512), "random", seed=14)
 
 
 @pytest.mark.gpu
 def test_duo_ffn_paper_shape_bf16_gpu():
     """The paper's layer (d 2560, big 10240, small 640) in bf16 at N 512, all gradients."""
-    _check(torch.device("cuda"), torch.bfloat16, 512, 2560, (0, 640, 10240), "random", seed=11)
+    check(torch.device("cuda"), torch.bfloat16, 512, 2560, (0, 640, 10240), "random", seed=11)
