@@ -108,6 +108,16 @@ def mixtral(seed: int = 0):
     return transformers.MixtralForCausalLM(config).eval()
 
 
+def qwen2_moe(seed: int = 0):
+    """Qwen2-MoE with every second layer sparse: layer 0 is a plain SwiGLU, layer 1 is not, so
+    a converter that swaps as it validates would leave layer 0 converted."""
+    config = transformers.Qwen2MoeConfig(**_common(
+        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+        shared_expert_intermediate_size=24, decoder_sparse_step=2))
+    torch.manual_seed(seed)
+    return transformers.Qwen2MoeForCausalLM(config).eval()
+
+
 def gpt2(seed: int = 0):
     """GPT-2: no ``model.layers`` at all (its blocks live at ``transformer.h``)."""
     config = transformers.GPT2Config(vocab_size=VOCAB, n_embd=D_MODEL, n_layer=2, n_head=4,
@@ -144,6 +154,7 @@ UNSUPPORTED: Dict[str, tuple] = {
     "gemma": (gemma, "SiLU"),
     "fused_gate_up": (phi3, "gate_up"),
     "moe": (mixtral, "gate_proj"),
+    "moe_every_second_layer": (qwen2_moe, "layer 1"),
     "no_layers": (gpt2, "layers"),
     "custom_mlp": (llama_custom_last_layer, "parameter"),
 }
