@@ -419,11 +419,13 @@ def _holdout_md(res: StudyResult, h: HoldoutResult) -> List[str]:
     out.append(f"At k={_router_k(h)}: router minus oracle "
                f"{_iv(h.router_vs['router_minus_oracle'])}, router minus best random "
                f"{_iv(h.router_vs['router_minus_random'])}.")
-    out += ["", "| router | paths | target big | threshold | loss | big | small | skip | "
+    out += ["", "| router | paths | budget | threshold | loss | big | small | skip | "
             "objective first -> last |", "|---|---|---|---|---|---|---|---|---|"]
     for r in h.routers:
         thr = "argmax" if r.threshold is None else f"{r.threshold:.3f}"
-        out.append(f"| {r.name} | {r.paths} | {r.target_big:.3f} | {thr} | {_iv(r.loss)} | "
+        budget = (f"compute {r.target_compute:.2f}" if r.target_compute is not None
+                  else f"big {r.target_big:.3f}")
+        out.append(f"| {r.name} | {r.paths} | {budget} | {thr} | {_iv(r.loss)} | "
                    f"{r.realised_big:.3f} | {r.realised_small:.3f} | {r.realised_skip:.3f} | "
                    f"{r.objective_first:.3f} -> {r.objective_last:.3f} |")
     c = h.capacity

@@ -32,12 +32,14 @@ class RouterResult:
     """One trained router scored on a holdout's evaluation split.
 
     ``paths`` the routes it chooses among ("small,big" or "skip,small,big"); ``target_big``
-    the budget it was trained to; ``threshold`` chosen on the selection split (None for
-    argmax routing); realised fractions of big/small/skip over (token, layer) pairs."""
+    or ``target_compute`` (FFN FLOPs over all big's) the budget it was trained and calibrated
+    to; ``threshold`` chosen on the selection split; realised fractions of big/small/skip over
+    (token, layer) pairs."""
 
     name: str
     paths: str
     target_big: float
+    target_compute: Optional[float]
     threshold: Optional[float]
     loss: Interval
     realised_big: float

@@ -430,17 +430,23 @@ def difficulty(ev: PatternLosses, tokens: torch.Tensor, n_boot: int, seed: int,
 
 @dataclass
 class TrainedRouter:
+    """A router trained on the training text; ``target_compute`` (FFN FLOPs as a fraction of
+    all big) is set for routers with a skip path, whose budget is on compute, not on big."""
+
     name: str
     router: object
     target_big: float
+    target_compute: Optional[float]
     history: List[Dict]
 
 
-def router_specs(L: int, budgets: List[int]) -> List[Tuple[str, Tuple[int, ...], float]]:
-    """(name, paths, target big fraction): one big/small router per budget and one with a
-    skip path at L/2 big."""
-    specs = [(f"k{k}", (SMALL, BIG), k / L) for k in budgets]
-    specs.append((f"skip-k{max(1, L // 2)}", (SKIP, SMALL, BIG), max(1, L // 2) / L))
+def router_specs(L: int, budgets: List[int]
+                 ) -> List[Tuple[str, Tuple[int, ...], float, Optional[float]]]:
+    """(name, paths, target big fraction, target compute fraction): one big/small router per
+    budget (budget on big usage, as in the paper) and one with a skip path whose budget is on
+    compute: half of all-big's FFN FLOPs."""
+    specs = [(f"k{k}", (SMALL, BIG), k / L, None) for k in budgets]
+    specs.append(("skip-c50", (SKIP, SMALL, BIG), 0.5, 0.5))
     return specs
 
 
@@ -451,30 +457,33 @@ def train_routers(model, data, sizes: StudySizes, seq_len: int, steps: int, seed
     from ..routers import train_router
 
     out = []
-    for name, paths, target in router_specs(model.config.n_layers, budgets):
-        log(f"router {name}: {steps} steps, paths {paths}, target big {target:.2f}")
+    for name, paths, target, compute in router_specs(model.config.n_layers, budgets):
+        log(f"router {name}: {steps} steps, paths {paths}, target "
+            + (f"compute {compute:.2f}" if compute is not None else f"big {target:.2f}"))
         torch.manual_seed(seed)
         r, hist = train_router(model, data, target_big=target, steps=steps,
                                batch_size=sizes.router_batch, seq_len=seq_len, paths=paths,
-                               seed=seed, progress=progress)
-        out.append(TrainedRouter(name, r, target, hist))
+                               seed=seed, progress=progress, target_compute=compute)
+        out.append(TrainedRouter(name, r, target, compute, hist))
     return out
 
 
 def evaluate_router(model, tr: TrainedRouter, sel_tokens: torch.Tensor,
                     ev_tokens: torch.Tensor, n_boot: int, seed: int
                     ) -> Tuple[RouterResult, torch.Tensor, torch.Tensor]:
-    """Score a router on a holdout: a two-path router's threshold is calibrated to its budget
-    on the selection split; the loss is measured on the evaluation split.
+    """Score a router on a holdout: its threshold is calibrated to its budget (big usage, or
+    compute for a skip router) on the selection split; the loss is measured on the
+    evaluation split.
 
     Returns (result, per-sequence losses (n_eval,), routes (n_eval, T-1, L))."""
     from ..routers import calibrate, route_and_loss
 
     router = tr.router
-    threshold = None
-    if router.paths == (SMALL, BIG):
+    if tr.target_compute is not None:
+        calibrate(model, router, sel_tokens, target_compute=tr.target_compute)
+    else:
         calibrate(model, router, sel_tokens, tr.target_big)
-        threshold = float(router.threshold)
+    threshold = float(router.threshold)
     loss, routes = route_and_loss(model, router, ev_tokens)
     routes = routes.permute(1, 2, 0).cpu()  # (B, T-1, L)
     per_seq = seq_mean(loss.cpu())
@@ -482,7 +491,7 @@ def evaluate_router(model, tr: TrainedRouter, sel_tokens: torch.Tensor,
     res = RouterResult(
         name=tr.name, paths=",".join({SKIP: "skip", SMALL: "small", BIG: "big"}[p]
                                      for p in router.paths),
-        target_big=tr.target_big, threshold=threshold,
+        target_big=tr.target_big, target_compute=tr.target_compute, threshold=threshold,
         loss=S.bootstrap_mean(per_seq, n_boot=n_boot, seed=seed),
         realised_big=float((routes == BIG).double().mean()),
         realised_small=float((routes == SMALL).double().mean()),
