@@ -216,3 +216,37 @@ def test_decode_and_model_quick(cmd, tmp_path):
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert glob.glob(str(tmp_path / f"{cmd}-*.json")) and glob.glob(str(tmp_path / "*.png"))
+
+
+def test_default_out_dir_is_not_the_committed_results():
+    from duollm.bench.results import ROOT as PKG_ROOT
+    from duollm.bench.results import committed_results_dir, default_out_dir
+
+    cpu = torch.device("cpu")
+    assert default_out_dir(cpu).startswith(os.path.join("runs", "bench", ""))
+    assert committed_results_dir(cpu).startswith(os.path.join(PKG_ROOT, "benchmarks",
+                                                              "results", ""))
+
+
+def test_report_reads_kernel_microbenchmarks(tmp_path):
+    """``benchmarks/ops/bench_kernels.py`` writes ``{"meta", "rows"}``; the report reads it."""
+    from duollm.bench.report import render
+
+    data = {"meta": {"device": "Some GPU", "dtype": "torch.bfloat16", "git_sha": "abc"},
+            "rows": [{"name": "gather", "ms": 0.0625, "N": 16384, "d": 2560, "impl": "triton",
+                      "gbps": 2707.4, "frac_of_copy": 0.912, "error": None},
+                     {"name": "duo_ffn", "ms": 4.87, "N": 16384, "impl": "torch",
+                      "mix": "1/12", "ideal_speedup": 9.5, "realized_speedup": 4.75,
+                      "efficiency": 0.5, "error": None}]}
+    (tmp_path / "kernels.json").write_text(json.dumps(data))
+    (tmp_path / "other.json").write_text(json.dumps({"env": {"kind": "hf", "device": "cpu",
+                                                              "dtype": "float32"},
+                                                      "rows": [{"model": "m", "tok_s": 12.5}]}))
+    text = render([str(tmp_path)])
+    assert "## kernels" in text and "## hf" in text
+    gather = next(l for l in text.splitlines() if "| gather |" in l)
+    assert "Some GPU" in gather and "bfloat16" in gather and "91.2%" in gather
+    assert "2560" in gather
+    duo = next(l for l in text.splitlines() if "| duo_ffn |" in l)
+    assert "50.0%" in duo and "4.75" in duo
+    assert "12.5" in next(l for l in text.splitlines() if "| m |" in l)

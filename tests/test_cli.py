@@ -63,6 +63,11 @@ def test_info(capsys):
     assert "torch   available" in out
     if not torch.cuda.is_available():
         assert "cpu only" in out and "cuda    unavailable: " in out
+    # Whether the CUDA extension is built is said plainly (pip hides setup.py's message).
+    ext = next(l for l in out.splitlines() if l.startswith("cuda ext"))
+    assert ("NOT built" in ext) == (importlib.util.find_spec("duollm._C") is None)
+    if torch.version.cuda is None:
+        assert "has no CUDA" in ext
 
 
 def test_train_prints_three_losses(capsys, tmp_path):
