@@ -142,8 +142,12 @@ def rows_of(offsets_ptr, R, N, P, ROUTED: tl.constexpr):
     """(first grouped row (int64), row count (int32)) of bucket ``R``; ``R == P`` is the
     overflow bucket of out-of-range routes, which ends at row N."""
     if ROUTED:
+        # "+ 0 * program_id": R, P or N may be ints Triton specialised to constants (== 1)
+        zero = tl.program_id(0) * 0
+        R = R + zero
         start = tl.load(offsets_ptr + R)
-        end = tl.where(R < P, tl.load(offsets_ptr + tl.minimum(R + 1, P)), N)
+        end = tl.where(R < P + zero, tl.load(offsets_ptr + tl.minimum(R + 1, P + zero)),
+                       N + zero)
         cnt = (end - start).to(tl.int32)
     else:
         zero = tl.program_id(0) * 0

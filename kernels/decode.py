@@ -48,28 +48,35 @@ __all__ = ["DECODE_MAX_N", "decode_ok", "duo_ffn_decode"]
 
 
 @triton.jit
+def _has(r, R, tmask):
+    """Whether any of the (masked) routes ``r`` equals ``R``."""
+    return tl.sum(((r == R) & tmask).to(tl.int32), axis=0) > 0
+
+
+@triton.jit
 def _active_prefix(routes_ptr, N, R0, R1, R2, R3, C0, C1, C2, C3,
                    NSLOT: tl.constexpr, BT: tl.constexpr):
     """Work items of each slot that has tokens (C_s items, 0 when the slot has none), as the
     first item of slots 1..3 and the total; also the routes tile (BT,) and its mask."""
+    zero = tl.program_id(0) * 0  # makes ints Triton specialised to constants (== 1) tensors
     t = tl.arange(0, BT)
     tmask = t < N
     # compared in their own dtype: a narrowing cast could wrap a bad route onto a good one
     r = tl.load(routes_ptr + t, mask=tmask, other=0)
-    a0 = tl.where(tl.sum(((r == R0) & tmask).to(tl.int32), axis=0) > 0, C0, 0)
+    a0 = tl.where(_has(r, R0, tmask), C0 + zero, zero)
     A1 = a0
     A2 = a0
     A3 = a0
     total = a0
     if NSLOT > 1:
-        A2 = A1 + tl.where(tl.sum(((r == R1) & tmask).to(tl.int32), axis=0) > 0, C1, 0)
+        A2 = A1 + tl.where(_has(r, R1, tmask), C1 + zero, zero)
         A3 = A2
         total = A2
     if NSLOT > 2:
-        A3 = A2 + tl.where(tl.sum(((r == R2) & tmask).to(tl.int32), axis=0) > 0, C2, 0)
+        A3 = A2 + tl.where(_has(r, R2, tmask), C2 + zero, zero)
         total = A3
     if NSLOT > 3:
-        total = A3 + tl.where(tl.sum(((r == R3) & tmask).to(tl.int32), axis=0) > 0, C3, 0)
+        total = A3 + tl.where(_has(r, R3, tmask), C3 + zero, zero)
     return A1, A2, A3, total, r, tmask
 
 
