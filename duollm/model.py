@@ -33,13 +33,22 @@ def rope_tables(head_dim: int, max_len: int, theta: float) -> torch.Tensor:
     return torch.stack([angles.cos(), angles.sin()], dim=-1)
 
 
-def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """Rotate x (B, H, T, hd) by table (T, hd/2, 2), the rotate-half (Llama/HF) convention."""
-    half = x.shape[-1] // 2
-    xf = x.float()  # one copy, not one per half
-    x1, x2 = xf[..., :half], xf[..., half:]
+def rope_cos_sin(table: torch.Tensor):
+    """(cos, sin), each (T, head_dim) float32, of a (T, hd/2, 2) table: the form
+    ``apply_rope`` uses fastest. A forward computes it once for all its layers."""
     cos, sin = table[..., 0], table[..., 1]  # (T, hd/2)
-    out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    return torch.cat([cos, cos], dim=-1), torch.cat([sin, sin], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, table) -> torch.Tensor:
+    """Rotate x (B, H, T, hd) by table (T, hd/2, 2), or by its ``rope_cos_sin`` pair, the
+    rotate-half (Llama/HF) convention: ``x * cos + rotate_half(x) * sin``."""
+    cos, sin = rope_cos_sin(table) if isinstance(table, torch.Tensor) else table
+    half = x.shape[-1] // 2
+    xf = x.float()  # one copy, not one per half (a no-op for float32)
+    rotated = torch.cat([-xf[..., half:], xf[..., :half]], dim=-1)  # rotate_half
+    # x1*cos - x2*sin and x2*cos + x1*sin, the same roundings as the two-half form
+    out = torch.addcmul(xf * cos, rotated, sin)
     return out.to(x.dtype)
 
 
@@ -110,10 +119,13 @@ class Attention(nn.Module):
             cache.v[layer, :, :, start:start + T] = v
             k_all = cache.k[layer, :, :, :start + T]  # (B, H, start+T, hd)
             v_all = cache.v[layer, :, :, :start + T]
-            q_pos = torch.arange(start, start + T, device=x.device)
-            k_pos = torch.arange(start + T, device=x.device)
-            mask = k_pos[None, :] <= q_pos[:, None]  # (T, start+T)
-            out = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask)
+            if T == 1 or start == 0:  # one query sees every key; or plain causal
+                out = F.scaled_dot_product_attention(q, k_all, v_all, is_causal=T > 1)
+            else:
+                q_pos = torch.arange(start, start + T, device=x.device)
+                k_pos = torch.arange(start + T, device=x.device)
+                mask = k_pos[None, :] <= q_pos[:, None]  # (T, start+T)
+                out = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask)
         return self.out(out)
 
 
@@ -219,6 +231,7 @@ class DuoLLM(nn.Module):
             rope = self.rope.index_select(0, cache.pos_t + torch.arange(T, device=tokens.device))
         else:
             rope = self.rope[start:start + T]
+        rope = rope_cos_sin(rope)  # once for every layer
         h = self.embed(tokens)  # (B, T, d)
         hidden: Optional[List[torch.Tensor]] = [] if return_hidden else None
         for i, layer in enumerate(self.layers):
