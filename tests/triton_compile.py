@@ -55,8 +55,10 @@ MMA = dict(UPCAST=False, PREC="tf32", ACC=tl.float32)
 
 def variants():
     """(name, thunk) of every kernel variant checked."""
-    dec, fwd, grp = _mod("decode"), _mod("ffn_gemm"), _mod("grouping")
+    dec, fwd, grp, bwd = _mod("decode"), _mod("ffn_gemm"), _mod("grouping"), _mod("ffn_gemm_bwd")
     i64 = {"routes_ptr": "*i64", "perm_ptr": "*i64", "offsets_ptr": "*i64"}
+    group_ptrs = dict(routes_ptr="*i64", base_ptr="*i64", offsets_ptr="*i64",
+                      counts_ptr="*i64", perm_ptr="*i64", inv_ptr="*i64", routes64_ptr="*i64")
     return [
         # decode at N = 1 (N, the small path's route 1 and its single split all constants)
         ("decode_gateup_n1", lambda: compile_kernel(
@@ -78,11 +80,28 @@ def variants():
             fwd._down_kernel, dict(R1=1, NSLOT=3, ROUTED=True, DX=False, PERSISTENT=True,
                                    HAS_RES=True, HAS_GATE=True, BM=128, BN=128, BK=64,
                                    GROUP_M=8, **MMA), i64, 8, 4)),
+        # the default paths, after the refactor onto slot_tile (worst-case grids)
+        ("gateup_default", lambda: compile_kernel(
+            fwd._gateup_fwd_kernel, dict(R0=1, NSLOT=2, ROUTED=True, PERSISTENT=False, BM=64,
+                                         BN=64, BK=64, GROUP_M=1, **MMA), i64, 4, 4)),
+        ("down_dx_default", lambda: compile_kernel(
+            fwd._down_kernel, dict(R1=1, NSLOT=3, ROUTED=True, DX=True, PERSISTENT=False,
+                                   HAS_RES=False, HAS_GATE=False, BM=128, BN=128, BK=32,
+                                   GROUP_M=8, **MMA), i64, 8, 4)),
+        ("gateup_bwd", lambda: compile_kernel(
+            bwd._gateup_bwd_kernel, dict(R0=1, NSLOT=2, ROUTED=True, HAS_GATE=True, SPLIT=True,
+                                         BM=64, BN=128, BK=32, GROUP_M=8, **MMA),
+            dict(i64, dgp_ptr="*fp32"), 8, 4)),
+        ("wgrad2", lambda: compile_kernel(
+            bwd._wgrad_kernel, dict(R0=1, NSLOT=2, ROUTED=True, A_TOK=False, B_TOK=True,
+                                    TWO=True, SPLIT=True, BM=128, BN=64, BK=64, **MMA),
+            dict(i64, p1_ptr="*fp32", p2_ptr="*fp32"), 8, 3)),
         ("group_one_launch", lambda: compile_kernel(
             grp._group_scatter_kernel, dict(BLOCK_N=4096, P_PAD=4, MODE=2, WRITE_INV=False,
-                                            WRITE_ROUTES=False),
-            dict(routes_ptr="*i64", base_ptr="*i64", offsets_ptr="*i64", counts_ptr="*i64",
-                 perm_ptr="*i64", inv_ptr="*i64", routes64_ptr="*i64"), 16, 1)),
+                                            WRITE_ROUTES=False), group_ptrs, 16, 1)),
+        ("group_scatter_single_block_n1", lambda: compile_kernel(
+            grp._group_scatter_kernel, dict(N=1, BLOCK_N=16, P_PAD=4, MODE=0, WRITE_INV=True,
+                                            WRITE_ROUTES=True), group_ptrs, 2, 1)),
     ]
 
 
