@@ -223,7 +223,6 @@ def model_rows(device, dtype, config: DuoConfig, config_name: str, mixes, tokens
 
 def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
-    settings = setup_run(args, device)
     dtype = resolve_dtype(args.dtype, device)
     gpu = device.type == "cuda"
     shape = acc.parse_shape(args.shape or ("tiny" if args.quick else
@@ -244,6 +243,8 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--levels: expected layer and/or model, got {v!r}")
     status = resolve_backends(args.backends, device)
     backends = [b for b, why in status.items() if why is None]
+    # The thread rule every command shares, by the widest model measured (after the checks).
+    settings = setup_run(args, device, d_model=max(shape.d_model, config.d_model))
     graphs = gpu and args.graphs
     repeats = args.repeats or (5 if args.quick else 200 if gpu else 30)
     budget = args.budget or (0.1 if args.quick else 0.5)
