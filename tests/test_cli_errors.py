@@ -44,6 +44,7 @@ def no_work(monkeypatch):
     def forbidden(*a, **k):
         raise AssertionError("work started despite a bad option")
 
+    import duollm.bench.decode as decode
     import duollm.bench.model_bench as model_bench
     import duollm.bench.speedup as speedup
     import duollm.train as train_mod
@@ -51,6 +52,8 @@ def no_work(monkeypatch):
     monkeypatch.setattr(train_mod, "train", forbidden)
     monkeypatch.setattr(speedup, "sweep", forbidden)
     monkeypatch.setattr(model_bench, "DuoLLM", forbidden)
+    monkeypatch.setattr(decode, "layer_rows", forbidden)
+    monkeypatch.setattr(decode, "model_rows", forbidden)
 
 
 # (argv, the option the message must name, a fragment of the message)
@@ -116,6 +119,8 @@ BAD = [
     (["bench", "model", "--quick", "--batch", "0"], "--batch", ">= 1"),
     (["bench", "model", "--quick", "--backends", "cuda"], "--backends", "cannot run"),
     (["bench", "decode", "--quick", "--device", "cuda"], "--device", "this machine has"),
+    (["bench", "decode", "--quick", "--shape", "huge"], "--shape", "huge"),
+    (["bench", "decode", "--quick", "--mixes", "2:0:0"], "--mixes", "summing to 1"),
     (["bench", "report", "missing_results"], "FILES_OR_DIRS", "no such file"),
     (["bench", "report", "a_dir"], "FILES_OR_DIRS", "no result files"),
     (["study", "--quick", "--budgets", "9"], "--budgets", "9"),

@@ -78,6 +78,12 @@ def run_cli(args: argparse.Namespace) -> int:
         return int(module.run(args) or 0)
     except ValueError as e:
         match = re.match(r"^(--[a-z][\w-]*): (.*)$", str(e), re.DOTALL)
-        if match is None:
+        if match is not None:
+            raise UsageError(match.group(1), match.group(2)) from e
+        # The list parsers of duollm.bench.accounting name what they parse ("shape: ...").
+        match = re.match(r"^(shape|mix|tokens): (.*)$", str(e), re.DOTALL)
+        option = match and next((o for o in (match.group(1), match.group(1) + "s",
+                                             match.group(1) + "es") if hasattr(args, o)), None)
+        if option is None:
             raise
-        raise UsageError(match.group(1), match.group(2)) from e
+        raise UsageError("--" + option, match.group(2)) from e
