@@ -1,55 +1,109 @@
 #!/usr/bin/env bash
-# The GPU pass of docs/kernels.md in two phases, each under 10 minutes on an H100:
+# The GPU pass of docs/kernels.md, ready to run on the next GPU machine:
 #
-#   bash benchmarks/gpu_check.sh tests OUT_DIR   # build duollm._C, whole suite, no interpreter
-#   bash benchmarks/gpu_check.sh bench OUT_DIR   # kernel microbenchmarks + the speedup sweep
+#   bash benchmarks/gpu_check.sh [all] [OUT_DIR]   # everything below, about 6-8 minutes
+#   bash benchmarks/gpu_check.sh tests OUT_DIR     # build + tests only
+#   bash benchmarks/gpu_check.sh bench OUT_DIR     # build + benchmarks + the speedup sweep
 #
-# Uses the machine's python3 as it is (torch with CUDA, triton, nvcc, pytest): the package is
-# installed with `pip install --no-build-isolation --no-deps -e .`, which builds the CUDA
-# extension. Bench results land in benchmarks/results/<gpu>/ and, packed, in OUT_DIR.
+# `all` (the default) is one call of at most about 8 minutes: every step has a time limit.
+#   1. build: pip install --no-build-isolation --no-deps -e . (builds duollm._C) with the
+#      machine's own python (torch with CUDA, triton, nvcc, pytest);
+#   2. the GPU-only tests (-m gpu: bf16, the CUDA backend, graph capture, the decode and
+#      persistent paths in bf16 and replayed from CUDA graphs);
+#   3. the whole default suite, Triton compiled (not interpreted), then the layer's kernel
+#      tests again with the decode and persistent switches on (DUOLLM_TRITON_DECODE=1
+#      DUOLLM_TRITON_PERSISTENT=1), so every default test also runs the new paths;
+#   4. benchmarks/ops/bench_kernels.py --sections routing,layer,decode at the paper's layer in
+#      bf16: the device's copy bandwidth and bf16 matmul rate; grouping of 16K tokens (public
+#      op, lean, one launch); the layer at 16K tokens for every mix (triton default,
+#      triton-persistent, torch) against the dense big FFN; decode N = 1, 16, 64 for the 1/12,
+#      big and small mixes, default vs decode path, eager and CUDA graph, against the dense
+#      big and small layers and the active weights' read time at the measured bandwidth.
+# Writes logs, junit XML and kernels.csv / kernels.json under OUT_DIR (default $OUT, else
+# /tmp/duollm-gpu), and prints one short table last. Copy the CSV/JSON into
+# benchmarks/results/<gpu>/ and commit them; a switched-on path becomes the default only
+# where these rows show it faster.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PHASE=${1:?usage: gpu_check.sh tests|bench OUT_DIR}
+PHASE=${1:-all}
+case "$PHASE" in all|tests|bench) ;; *)
+  echo "usage: gpu_check.sh [all|tests|bench] [OUT_DIR]" >&2; exit 2 ;;
+esac
 OUT_DIR=${2:-${OUT:-/tmp/duollm-gpu}}
 PY=${PYTHON:-python3}
 mkdir -p "$OUT_DIR"
-unset TRITON_INTERPRET DUOLLM_BACKEND
-export PYTHONUNBUFFERED=1
+unset TRITON_INTERPRET DUOLLM_BACKEND DUOLLM_TRITON_DECODE DUOLLM_TRITON_PERSISTENT
+export PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1
+t0=$SECONDS
+status=0
+step() { echo "== [$((SECONDS - t0)) s] $*"; }
 
-echo "== build (pip install --no-build-isolation --no-deps -e .)"
-if ! "$PY" -m pip install -v --no-build-isolation --no-deps -e . >"$OUT_DIR/build.log" 2>&1; then
+step "build (pip install --no-build-isolation --no-deps -e .)"
+if ! timeout 240 "$PY" -m pip install -v --no-build-isolation --no-deps -e . \
+    >"$OUT_DIR/build.log" 2>&1; then
   tail -40 "$OUT_DIR/build.log"; exit 1
 fi
-"$PY" -c "import duollm._C, duollm.ops as o, torch; print(o.backend_status(torch.device('cuda')))" \
-  || exit 1
-status=0
+"$PY" -c "import duollm._C, duollm.ops as o, torch; print(torch.cuda.get_device_name(), \
+o.backend_status(torch.device('cuda')))" || exit 1
 
-if [ "$PHASE" = tests ]; then
-  echo "== the whole suite (default + gpu markers), Triton compiled, not interpreted"
+summary() {  # name log: the pass/fail line and the first failures of a pytest log
+  grep -E "^(FAILED|ERROR)" "$2" | head -15
+  echo "$1: $(tail -1 "$2")"
+}
+
+if [ "$PHASE" != bench ]; then
+  step "GPU-only tests (-m gpu)"
+  timeout 120 "$PY" -m pytest -q -m gpu -p no:cacheprovider --junitxml="$OUT_DIR/junit-gpu.xml" \
+    >"$OUT_DIR/tests-gpu.log" 2>&1 || status=1
+  summary "gpu tests" "$OUT_DIR/tests-gpu.log"
+
+  step "the default suite, Triton compiled"
   xdist=()
   "$PY" -c "import xdist" 2>/dev/null && xdist=(-n 4 --dist loadfile)
-  timeout 480 "$PY" -m pytest -q -m "not slow" -p no:cacheprovider "${xdist[@]}" \
+  timeout 150 "$PY" -m pytest -q -m "not slow and not gpu" -p no:cacheprovider "${xdist[@]}" \
     --junitxml="$OUT_DIR/junit.xml" >"$OUT_DIR/tests.log" 2>&1 || status=1
-  grep -E "^(FAILED|ERROR)" "$OUT_DIR/tests.log" | head -40
-  tail -2 "$OUT_DIR/tests.log"
+  summary "default suite" "$OUT_DIR/tests.log"
+
+  step "the layer's kernel tests with the decode and persistent switches on"
+  DUOLLM_TRITON_DECODE=1 DUOLLM_TRITON_PERSISTENT=1 timeout 60 "$PY" -m pytest -q \
+    -p no:cacheprovider tests/test_kernels_duo_ffn.py tests/test_modules.py \
+    >"$OUT_DIR/tests-switched.log" 2>&1 || status=1
+  summary "switched-on paths" "$OUT_DIR/tests-switched.log"
 fi
 
-if [ "$PHASE" = bench ]; then
-  # Every step is time-boxed so the results are always packed inside a 10-minute call.
-  echo "== study and bench smoke tests on the GPU machine"
-  timeout 90 "$PY" -m pytest -q -p no:cacheprovider tests/test_study.py tests/test_bench.py \
-    >"$OUT_DIR/smoke.log" 2>&1 || status=1
-  grep -E "^(FAILED|ERROR)" "$OUT_DIR/smoke.log" | head; tail -1 "$OUT_DIR/smoke.log"
-  name=$("$PY" -c "import torch; print(torch.cuda.get_device_name().split()[1].lower())")
-  RES=benchmarks/results/$name
-  mkdir -p "$RES"
-  echo "== kernel microbenchmarks -> $RES"
-  timeout 120 "$PY" benchmarks/ops/bench_kernels.py --out "$RES" >"$RES/kernels.log" 2>&1 \
-    || status=1
-  tail -45 "$RES/kernels.log"
-  echo "== speedup sweep and decode latency -> $RES (most important rows first)"
-  timeout 300 bash benchmarks/gpu_sweep.sh "$RES" >"$RES/sweep.log" 2>&1 || status=1
-  tail -50 "$RES/sweep.log"
-  tar czf "$OUT_DIR/results.tgz" "$RES"
+if [ "$PHASE" != tests ]; then
+  step "kernel benchmarks (ceilings, grouping, layer at 16K per mix, decode) -> $OUT_DIR"
+  sections=routing,layer,decode
+  [ "$PHASE" = bench ] && sections=routing,swiglu,layer,fwd_bwd,decode
+  timeout 200 "$PY" benchmarks/ops/bench_kernels.py --out "$OUT_DIR" --sections "$sections" \
+    >"$OUT_DIR/kernels.log" 2>&1 || status=1
+  grep -E "Error|Traceback" "$OUT_DIR/kernels.log" | head -5
+  if [ "$PHASE" = bench ]; then
+    step "speedup sweep and decode latency (duollm bench) -> $OUT_DIR/sweep"
+    timeout 300 bash benchmarks/gpu_sweep.sh "$OUT_DIR/sweep" >"$OUT_DIR/sweep.log" 2>&1 \
+      || status=1
+    tail -30 "$OUT_DIR/sweep.log"
+  fi
+  step "table (kernels.csv)"
+  "$PY" - "$OUT_DIR/kernels.json" <<'EOF' || status=1
+import json, sys
+doc = json.load(open(sys.argv[1]))
+m = doc["meta"]
+print(f"{m['device']}  torch {m['torch']}  triton {m['triton']}  {m['dtype']}  "
+      f"sha {m['git_sha'][:10]}")
+def f(v, spec):  # a number, or "-" padded to the same width
+    return format(v, spec) if v is not None else "-".rjust(int(spec.split(".")[0]))
+print(f"{'row':<16}{'impl':<22}{'N':>6} {'mix':<18}{'graph':<6}{'us':>9}{'read_us':>9}"
+      f"{'GB/s|TF':>9}{'x dense':>8}{'eff':>6}  err")
+for r in doc["rows"]:
+    rate = r.get("gbps") or r.get("tflops")
+    x = r.get("vs_dense_big") or r.get("realized_speedup")
+    us = r["ms"] * 1e3 if r.get("ms") is not None else None
+    print(f"{r['name'][:15]:<16}{str(r.get('impl', ''))[:21]:<22}{str(r.get('N', '')):>6} "
+          f"{str(r.get('mix', ''))[:17]:<18}{str(r.get('graph', '')):<6}{f(us, '9.1f')}"
+          f"{f(r.get('read_us'), '9.1f')}{f(rate, '9.0f')}{f(x, '8.2f')}"
+          f"{f(r.get('efficiency'), '6.2f')}  {(r.get('error') or '')[:40]}")
+EOF
 fi
+step "done (status $status)"
 exit $status

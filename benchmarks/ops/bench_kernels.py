@@ -15,7 +15,15 @@ the L2 cache does not flatter; never zeros):
   dense big FFN (torch: three matmuls + F.silu * mul + residual) at N=16384 for the paper's
   route mixes: realised speedup = time(dense) / time(routed) next to the ideal speedup
   (docs/routes-and-budgets.md: dense FLOPs / (router 2*d*3 + p_big*N big + p_small*N small FLOPs));
-* forward + backward of duo_ffn (triton) vs torch autograd on the dense big FFN at N=4096.
+* forward + backward of duo_ffn (triton) vs torch autograd on the dense big FFN at N=4096;
+* the switched-on paths next to the default one, same run: ``triton-persistent``
+  (``DUOLLM_TRITON_PERSISTENT``: persistent grouped GEMMs, one-launch grouping) in the layer
+  rows and a one-launch grouping row; decode (N = 1, 16, 64) of the layer for the 1/12, big
+  and small mixes with the default and the ``decode`` path (``DUOLLM_TRITON_DECODE``), eager
+  and replayed from a CUDA graph, against the dense big and dense small layers, with the
+  time the active weights take to read at the measured copy bandwidth.
+
+``--sections`` picks a subset (ceilings always run: every row is compared with them).
 
 Writes ``kernels.csv`` and ``kernels.json`` (device, torch/triton versions, git SHA, dtype,
 shapes, every row) into ``--out`` and prints a table last. A failing row is recorded with its
@@ -45,6 +53,9 @@ N_FWD_BWD = 4096
 COPY_ELEMS = 256 * 1024 * 1024  # 512 MiB per bf16 tensor for the copy ceiling
 MM_N = 8192                     # the matmul ceiling's size
 N_ROT = 3  # input sets cycled through while timing
+SECTIONS = ("routing", "swiglu", "layer", "fwd_bwd", "decode")
+DECODE_NS = (1, 16, 64)
+DECODE_MIXES = {"1/12": (1 / 12, 11 / 12, 0.0), "big": (1.0, 0.0, 0.0), "small": (0.0, 1.0, 0.0)}
 
 
 def _fail(msg: str) -> None:
@@ -71,6 +82,20 @@ def bench_ms(fn, sets, grad_to_none=None) -> float:
                                    grad_to_none=grad_to_none, return_mode="median")
 
 
+def graph_ms(fn, sets) -> float:
+    """Median ms of replaying ``fn(*set)`` captured in one CUDA graph per input set."""
+    for args in sets:
+        fn(*args)  # compile and warm up outside the capture
+    torch.cuda.synchronize()
+    graphs = []
+    for args in sets:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn(*args)
+        graphs.append((graph,))
+    return bench_ms(lambda graph: graph.replay(), graphs)
+
+
 def _routes_for(mix, n, g, device):
     """Routes with exactly round(p * n) tokens per path, shuffled (SKIP=0, SMALL=1, BIG=2)."""
     p_big, p_small, _ = mix
@@ -85,7 +110,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, help="directory for kernels.csv / kernels.json")
     ap.add_argument("--n", type=int, default=N_LAYER, help="tokens for the layer rows")
+    ap.add_argument("--sections", default=",".join(SECTIONS),
+                    help=f"comma list of {','.join(SECTIONS)} (default: all)")
     args = ap.parse_args()
+    sections = set(args.sections.split(","))
+    if not sections <= set(SECTIONS):
+        _fail(f"--sections: unknown {sorted(sections - set(SECTIONS))}; expected a comma list "
+              f"of {','.join(SECTIONS)}")
 
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         _fail("TRITON_INTERPRET=1 is set; unset it: timing the interpreter means nothing")
@@ -151,12 +182,20 @@ def main() -> None:
 
     # ---------------------------------------------------------------- routing ops
     route_sets = [(torch.randint(0, 3, (N,), generator=g).to(dev),) for _ in range(N_ROT)]
+    from duollm.kernels.grouping import group_tokens_fwd
 
-    def group_row():
-        ms = bench_ms(lambda r: K.group_tokens(r, 3), route_sets)
-        return dict(ms=ms, us=ms * 1e3)
-
-    record("group_tokens", group_row, N=N, impl="triton")
+    groupers = {
+        "triton": lambda r: K.group_tokens(r, 3),  # the public op: every output
+        # what the routed layer's forward runs: no inv / widened routes
+        "triton-lean": lambda r: group_tokens_fwd(r, 3, write_inv=False, write_routes=False),
+        "triton-one-launch": lambda r: group_tokens_fwd(r, 3, write_inv=False,
+                                                        write_routes=False, one_launch=True),
+    }
+    for impl, grouper in groupers.items() if "routing" in sections else ():
+        def group_row(grouper=grouper):
+            ms = bench_ms(grouper, route_sets)
+            return dict(ms=ms, us=ms * 1e3)
+        record("group_tokens", group_row, N=N, impl=impl)
     groups = [K.group_tokens(r[0], 3) for r in route_sets]
     xs = [randn(N, d) for _ in range(N_ROT)]
     res = [randn(N, d) for _ in range(N_ROT)]
@@ -168,18 +207,20 @@ def main() -> None:
         return dict(ms=ms, gbps=gbps, frac_of_copy=gbps / copy_gb["v"] if copy_gb else None)
 
     row_bytes = N * d * 2
-    record("gather", lambda: bw_row(K.gather, list(zip(xs, groups)), 2 * row_bytes + 8 * N),
-           N=N, d=d, impl="triton")
-    record("scatter_combine",
-           lambda: bw_row(lambda y, gr, r, gt: K.scatter_combine(y, gr, r, gt, (0,)),
-                          list(zip(xs, groups, res, gates)), 3 * row_bytes + 10 * N),
-           N=N, d=d, impl="triton")
+    if "routing" in sections:
+        record("gather",
+               lambda: bw_row(K.gather, list(zip(xs, groups)), 2 * row_bytes + 8 * N),
+               N=N, d=d, impl="triton")
+        record("scatter_combine",
+               lambda: bw_row(lambda y, gr, r, gt: K.scatter_combine(y, gr, r, gt, (0,)),
+                              list(zip(xs, groups, res, gates)), 3 * row_bytes + 10 * N),
+               N=N, d=d, impl="triton")
 
     # ---------------------------------------------------------------- swiglu_ffn
     def cublas_swiglu(x, wg, wu, wd):
         return (F.silu(x @ wg.t()) * (x @ wu.t())) @ wd.t()
 
-    for width in (D_SMALL, D_BIG):
+    for width in (D_SMALL, D_BIG) if "swiglu" in sections else ():
         ws = weights(width, 2)
         for n in SWIGLU_NS:
             xn = [randn(n, d) for _ in range(2)]
@@ -198,18 +239,20 @@ def main() -> None:
     small = weights(D_SMALL)[0]
     params = (None, small, big)
     dense_flops = 6 * N * d * D_BIG
-    dense = record("dense_big", lambda: dict(
+    dense = {} if "layer" not in sections else record("dense_big", lambda: dict(
         ms=bench_ms(lambda x, r: r + cublas_swiglu(x, *big), list(zip(xs, res)))),
         N=N, impl="torch")
-    for mix in MIXES:
+    for mix in MIXES if "layer" in sections else ():
         p_big, p_small, p_skip = mix
         routed_flops = 2 * d * 3 * N + p_big * N * 6 * d * D_BIG + p_small * N * 6 * d * D_SMALL
         ideal = dense_flops / routed_flops
         rsets = [(x, _routes_for(mix, N, g, dev), r) for x, r in zip(xs, res)]
-        for impl in ("triton", "torch"):
+        for impl in ("triton", "triton-persistent", "torch"):
             # the torch backend as dispatched by duollm.ops (fast plain PyTorch; it reads the
             # per-path counts back to the host, which the triton path never does)
-            fn = K.duo_ffn if impl == "triton" else ops.resolve("duo_ffn", dev, "torch")
+            fn = {"triton": lambda *a: K.duo_ffn(*a, mode="default"),
+                  "triton-persistent": lambda *a: K.duo_ffn(*a, mode="persistent"),
+                  "torch": ops.resolve("duo_ffn", dev, "torch")}[impl]
 
             def duo_row(fn=fn, rsets=rsets, ideal=ideal):
                 ms = bench_ms(lambda x, rt, r: fn(x, rt, params, r, None), rsets)
@@ -243,10 +286,12 @@ def main() -> None:
     def fb_ms(step, sets):
         return bench_ms(step, sets, grad_to_none=leaves)
 
-    dense_fb = record("dense_big_fwd_bwd", lambda: dict(ms=fb_ms(
+    if "fwd_bwd" not in sections:
+        nb = 0  # skipped
+    dense_fb = {} if not nb else record("dense_big_fwd_bwd", lambda: dict(ms=fb_ms(
         lambda x: cublas_swiglu(x, *big_g).backward(dyb), [(x,) for x in xb])),
         N=nb, impl="torch")
-    for mix in (MIXES[0], MIXES[2], MIXES[4]):
+    for mix in (MIXES[0], MIXES[2], MIXES[4]) if nb else ():
         rs = [(x, _routes_for(mix, nb, g, dev)) for x in xb]
 
         def fb_row(rs=rs):
@@ -257,6 +302,51 @@ def main() -> None:
             return out
         record("duo_ffn_fwd_bwd", fb_row, N=nb, mix="/".join(f"{p:.3f}" for p in mix),
                impl="triton")
+
+    # ---------------------------------------------------------------- decode
+    # The layer at decode sizes is a weight stream: compare with the dense layers and with
+    # the time the active paths' weights take to read at the measured copy bandwidth.
+    def read_us(nbytes):
+        return nbytes / (copy_gb["v"] * 1e3) if copy_gb else None
+
+    wbytes = {"big": 3 * d * D_BIG * 2, "small": 3 * d * D_SMALL * 2}
+    for n in DECODE_NS if "decode" in sections else ():
+        xs_n = [randn(n, d) for _ in range(N_ROT)]
+        res_n = [randn(n, d) for _ in range(N_ROT)]
+        dense_ms = {}
+        for which, w in (("big", big), ("small", small)):
+            for graph in (False, True):
+                def dense_row(w=w, graph=graph):
+                    timer = graph_ms if graph else bench_ms
+                    ms = timer(lambda x, r: r + cublas_swiglu(x, *w), list(zip(xs_n, res_n)))
+                    return dict(ms=ms, us=ms * 1e3, read_us=read_us(wbytes[which]))
+                row = record("decode_dense", dense_row, N=n, impl=f"torch-dense-{which}",
+                             graph=graph)
+                dense_ms[which, graph] = row.get("ms")
+        for mix_name, mix in DECODE_MIXES.items():
+            rsets = [(x, _routes_for(mix, n, g, dev), r) for x, r in zip(xs_n, res_n)]
+            active = sum(wbytes[p] for p in ("big", "small")
+                         if any(((rt == (2 if p == "big" else 1)).any().item()
+                                 for _, rt, _ in rsets)))
+            for mode in ("default", "decode"):
+                for graph in (False, True):
+                    def dec_row(mode=mode, graph=graph, rsets=rsets, active=active):
+                        timer = graph_ms if graph else bench_ms
+                        ms = timer(lambda x, rt, r: K.duo_ffn(x, rt, params, r, None,
+                                                               mode=mode), rsets)
+                        out = dict(ms=ms, us=ms * 1e3, read_us=read_us(active))
+                        if dense_ms.get(("big", graph)):
+                            out["vs_dense_big"] = dense_ms["big", graph] / ms
+                        x0, rt0, r0 = rsets[0]
+                        want = reference.duo_ffn(x0.float(), rt0, [None if p is None else
+                                                                   [w.float() for w in p]
+                                                                   for p in params], r0.float())
+                        got = K.duo_ffn(x0, rt0, params, r0, None, mode=mode).float()
+                        out["max_rel_err"] = ((got - want).abs().max()
+                                              / want.abs().max()).item()
+                        return out
+                    record("decode_layer", dec_row, N=n, mix=mix_name, impl=f"triton-{mode}",
+                           graph=graph)
 
     # ---------------------------------------------------------------- output
     os.makedirs(args.out, exist_ok=True)
@@ -284,8 +374,9 @@ def main() -> None:
 
     print(f"\n{meta['device']}  torch {meta['torch']}  triton {meta['triton']}  "
           f"sha {meta['git_sha'][:10]}  {dtype}  wall {meta['wall_s']} s")
-    cols = ["name", "impl", "N", "width", "mix", "ms", "us", "gbps", "frac_of_copy", "tflops",
-            "ideal_speedup", "realized_speedup", "efficiency", "max_rel_err", "error"]
+    cols = ["name", "impl", "N", "width", "mix", "graph", "ms", "us", "read_us", "gbps",
+            "frac_of_copy", "tflops", "ideal_speedup", "realized_speedup", "efficiency",
+            "vs_dense_big", "max_rel_err", "error"]
     print(" | ".join(cols))
     for r in rows:
         print(" | ".join(fmt(r.get(c)) for c in cols))
