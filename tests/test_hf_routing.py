@@ -157,6 +157,16 @@ def test_two_converted_models_route_independently():
     assert torch.equal(la, _logits(a, t, "small"))
 
 
+def test_a_deep_copy_routes_independently_of_its_original():
+    import copy
+    a = _converted()
+    b = copy.deepcopy(a)
+    t = H.tokens()
+    with torch.no_grad(), hf.routing(b, "small"):
+        assert torch.equal(a(t).logits, _logits(H.llama(), t))
+        assert torch.equal(b(t).logits, _logits(a, t, "small"))
+
+
 def test_random_policy_uses_the_conversions_probs_and_generator():
     model = _converted(probs=(0.0, 1.0, 0.0))
     t = H.tokens()

@@ -104,3 +104,11 @@ def test_stack_attributes():
     assert (stack.n_layers, stack.d_model, stack.vocab_size) == (L, H.D_MODEL, H.VOCAB)
     assert (stack.d_big, stack.d_small, stack.skip) == (H.D_FF, 24, True)
     assert stack.ffn_module(1) is model.model.layers[1].mlp
+
+
+def test_stack_refuses_a_layer_it_would_not_replay_exactly():
+    # OLMo2: a SwiGLU MLP (so convert and routing work) but post-norms instead of pre-norms.
+    config = H.transformers.Olmo2Config(**H._common())
+    model = hf.convert(H.transformers.Olmo2ForCausalLM(config).eval(), 8)
+    with pytest.raises(ValueError, match="layer 0: the RoutedStack replays pre-norm"):
+        as_stack(model)

@@ -224,6 +224,11 @@ def routing(model, routes: Routes, *, backend: Optional[str] = None,
 
     Works with ``model(...)`` and ``model.generate(...)``. The previous routing comes back on
     exit, exception or not. Yields the model.
+
+    Routes are read when an MLP runs, so anything that re-runs MLPs later (gradient
+    checkpointing recomputes them in ``backward``) must run inside the same block; ``"random"``
+    with an explicit ``generator`` then draws new routes on recompute (the default generator's
+    state is restored by checkpointing, an explicit one is not).
     """
     spec = spec_of(model)
     if backend is not None and backend != "auto" and backend not in ops.backends():

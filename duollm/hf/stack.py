@@ -22,6 +22,11 @@ from .convert import decoder_layers
 from .routing import spec_of
 
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager")  # the ones that honour an explicit additive mask
+# The pre-norm decoder HFStack replays step by step. convert accepts any SwiGLU MLP, but the
+# stack would silently compute another model for a layer built otherwise (post-norms as in
+# OLMo2, parallel attention and MLP as in Cohere), so it checks the modules by name.
+LAYER_MODULES = {"input_layernorm", "self_attn", "post_attention_layernorm", "mlp"}
+BASE_MODULES = {"embed_tokens", "layers", "norm", "rotary_emb"}
 
 
 class _KVTap:
@@ -54,6 +59,20 @@ def _cache_kwarg(attn: nn.Module) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
+def _check_structure(model: nn.Module) -> None:
+    base = {name for name, _ in model.model.named_children()}
+    if base != BASE_MODULES:
+        raise ValueError(f"model: the RoutedStack of a converted model needs a decoder made of "
+                         f"{sorted(BASE_MODULES)}, {type(model.model).__name__} has "
+                         f"{sorted(base)}")
+    for i, layer in enumerate(decoder_layers(model)):
+        names = {name for name, _ in layer.named_children()}
+        if names != LAYER_MODULES:
+            raise ValueError(f"model layer {i}: the RoutedStack replays pre-norm layers made of "
+                             f"{sorted(LAYER_MODULES)}; {type(layer).__name__} has "
+                             f"{sorted(names)}")
+
+
 class HFStack(RoutedStack):
     """``RoutedStack`` of a ``...ForCausalLM`` converted by ``duollm.hf.convert``."""
 
@@ -65,6 +84,7 @@ class HFStack(RoutedStack):
             raise TypeError(f"model: the RoutedStack of a converted model needs a ...ForCausalLM "
                             f"(model.model.embed_tokens and model.lm_head), got "
                             f"{type(model).__name__}")
+        _check_structure(model)
         impl = getattr(model.config, "_attn_implementation", None) or "eager"
         if impl not in ATTN_IMPLEMENTATIONS:
             raise ValueError(f"model: attn_implementation {impl!r} ignores explicit attention "
