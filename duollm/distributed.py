@@ -164,3 +164,43 @@ def fsdp_load_optimizer(model: torch.nn.Module, optimizer, state_by_name) -> Non
 
     dcp.set_optimizer_state_dict(model, optimizer, optim_state_dict=state_by_name,
                                  options=dcp.StateDictOptions(full_state_dict=True))
+
+
+# --------------------------------------------------------------------------- sharding work
+
+
+def shard_range(info: DistInfo, n: int) -> range:
+    """The items ``0..n-1`` this rank handles: contiguous shares, sizes differing by at most
+    one (the first ``n % world_size`` ranks take one more); empty when ``n < world_size``
+    leaves a rank nothing."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"n: expected an int >= 0, got {n!r}")
+    per, extra = divmod(n, info.world_size)
+    start = info.rank * per + min(info.rank, extra)
+    return range(start, start + per + (1 if info.rank < extra else 0))
+
+
+def gather_objects(info: DistInfo, obj) -> list:
+    """``obj`` of every rank, in rank order, on every rank (``[obj]`` in one process).
+
+    Objects travel pickled; tensors inside should be on the CPU (a CUDA tensor would be
+    rebuilt on the receiving rank's GPU of the same index).
+    """
+    if not info.enabled:
+        return [obj]
+    out = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def join(device: str = "cpu") -> DistInfo:
+    """Like ``init``, but the process group, once joined, stays joined until the process
+    exits (then it is left): for helpers called many times in one ``torchrun`` process,
+    since leaving and re-joining a group between calls is not reliable with gloo."""
+    info = init(device)
+    if info.owns_group:
+        import atexit
+
+        atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
+        info = DistInfo(info.rank, info.world_size, info.local_rank, info.device, False)
+    return info

@@ -124,3 +124,66 @@ def test_fsdp_is_a_no_op_in_one_process():
     b = train(TINY, data, TrainConfig(**kw))
     for name, t in a.model.state_dict().items():
         assert torch.equal(t, b.model.state_dict()[name]), name
+
+
+# --------------------------------------------------------------------------- sharded oracle
+
+_ORACLE_SCRIPT = """
+    import os, sys, torch
+    from duollm import DuoConfig, DuoLLM
+    from duollm.study.parallel import sharded_pattern_losses, sharded_search
+    torch.manual_seed(0)
+    model = DuoLLM(DuoConfig.from_name("tiny", n_layers=3)).eval()  # the same on every rank
+    tokens = torch.load(os.path.join(sys.argv[1], "tokens.pt"))
+    out = {}
+    for name, kw in eval(sys.argv[2]).items():
+        r = sharded_search(model, tokens, **kw)
+        out[name] = {"routes": r.routes, "loss": r.loss, "n": r.patterns_evaluated,
+                     "label": r.label}
+    table = sharded_pattern_losses(model, tokens, "token", base="pattern")
+    out["table"] = {"losses": table.losses, "patterns": table.patterns,
+                    "select2": table.select(2).loss}
+    torch.save(out, os.path.join(sys.argv[1], f"oracle{os.environ['RANK']}.pt"))
+"""
+
+# B = 5 splits 3 + 2: uneven shares, each rank's GEMMs see a different batch than one process's.
+_SEARCHES = {
+    "sequence": dict(budget=1, granularity="sequence"),
+    "paper_token": dict(budget=2, granularity="token", base="pattern"),
+    "context_token_skip": dict(budget=None, granularity="token", base="small", skip=True),
+    "beam_sequence": dict(budget=2, granularity="sequence", method="beam", beam_width=2),
+    "greedy_context": dict(budget=1, granularity="token", base="big", method="greedy"),
+}
+
+
+def test_sharded_oracle_equals_one_process(tmp_path):
+    from duollm import DuoLLM
+    from duollm.oracle import pattern_losses, search
+
+    data = load_data("default")
+    tokens = torch.stack([data.val[i * 40:i * 40 + 17] for i in range(5)])  # (5, 17)
+    torch.save(tokens, tmp_path / "tokens.pt")
+    torchrun(_ORACLE_SCRIPT, tmp_path, str(tmp_path), repr(_SEARCHES))
+    ranks = [torch.load(tmp_path / f"oracle{r}.pt", weights_only=True) for r in (0, 1)]
+    torch.manual_seed(0)
+    model = DuoLLM(DuoConfig.from_name("tiny", n_layers=3)).eval()
+    for name, kw in _SEARCHES.items():
+        one = search(model, tokens, **kw)
+        for got in (ranks[0][name], ranks[1][name]):  # every rank gets the whole result
+            assert torch.equal(got["routes"], one.routes), name  # exact, in batch order
+            assert torch.equal(got["loss"], one.loss), name
+            assert got["n"] == one.patterns_evaluated and got["label"] == one.label, name
+    table = pattern_losses(model, tokens, "token", base="pattern")
+    assert torch.equal(ranks[0]["table"]["patterns"], table.patterns)
+    assert torch.equal(ranks[0]["table"]["losses"], table.losses)
+    assert torch.equal(ranks[0]["table"]["select2"], table.select(2).loss)
+
+
+def test_sharded_search_refuses_the_batch_wide_beam():
+    from duollm import DuoLLM
+    from duollm.study.parallel import sharded_search
+
+    model = DuoLLM(TINY)
+    with pytest.raises(ValueError, match="method"):
+        sharded_search(model, torch.zeros(2, 9, dtype=torch.int64), 1, "token",
+                       method="beam", base="pattern")
