@@ -22,7 +22,9 @@ def _section_code(title: str) -> str:
 
 
 def test_hf_example_runs_as_written(tmp_path, monkeypatch):
-    monkeypatch.setattr(tempfile, "mkdtemp", lambda *a, **k: str(tmp_path))  # no litter
+    real = tempfile.mkdtemp  # the example's own bare mkdtemp() lands in tmp_path: no litter
+    monkeypatch.setattr(tempfile, "mkdtemp",
+                        lambda *a, **k: real(*a, **k) if a or k else str(tmp_path))
     code = _section_code("Drop into a Hugging Face model")
     namespace = {"__name__": "readme_example"}
     exec(compile(code, "README.md (Drop into a Hugging Face model)", "exec"), namespace)
