@@ -73,6 +73,7 @@ class TrainConfig:
     keep_checkpoints: int = 2  # the newest checkpoints kept in out_dir
     fsdp: bool = False         # shard with FSDP2 under torchrun (a no-op in one process)
     trainable: Optional[str] = None  # regex over parameter names; None: train all
+    data_parallel: bool = True  # False: train alone even under torchrun (runs sharded by rank)
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "seq_len", "eval_batches", "keep_checkpoints"):
@@ -95,8 +96,9 @@ class TrainConfig:
         except (RuntimeError, TypeError):
             raise ValueError(f"device: expected a torch device such as 'cpu' or 'cuda:0', "
                              f"got {self.device!r}") from None
-        if not isinstance(self.fsdp, bool):
-            raise ValueError(f"fsdp: expected a bool, got {self.fsdp!r}")
+        for name in ("fsdp", "data_parallel"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}: expected a bool, got {getattr(self, name)!r}")
         if self.trainable is not None:
             if not isinstance(self.trainable, str) or not self.trainable:
                 raise ValueError(f"trainable: expected a non-empty regular expression, got "
@@ -263,7 +265,8 @@ def train(model_config: DuoConfig, data: TokenData, cfg: TrainConfig,
         raise ValueError(f"seq_len: {cfg.seq_len} exceeds the model's max_seq_len "
                          f"{model_config.max_seq_len}")
     config = _training_config(model_config, cfg)
-    info = distributed.init(cfg.device)
+    info = distributed.init(cfg.device) if cfg.data_parallel else \
+        distributed.DistInfo(device=cfg.device)
     try:
         return _train(config, data, cfg, model, info)
     finally:
