@@ -178,3 +178,26 @@ def test_bad_options_fail_before_any_work(argv, option, tmp_path, capsys):
     assert rc == 2
     assert option in capsys.readouterr().err
     assert not out.exists()  # nothing was written
+
+
+def test_study_runs_on_a_converted_hf_checkpoint(tmp_path):
+    """--hf: the study on a converted Hugging Face model (no tokenizer saved, byte vocab),
+    stage 1 skipped with --steps 0."""
+    import sys
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    import hf_models
+    from duollm import hf as H
+    from duollm.cli import main
+
+    m = hf_models.llama(vocab_size=256)
+    H.convert(m, 16)
+    H.save_converted(m, tmp_path / "ckpt")
+    out = tmp_path / "run"
+    rc = main(["study", "--quick", "--hf", str(tmp_path / "ckpt"), "--steps", "0", "--out",
+               str(out), "--no-synthetic-check", "--n-random", "5", "--no-progress"])
+    assert rc == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["source"] == str(tmp_path / "ckpt") and res["steps"] == 0
+    assert res["config"]["n_layers"] == hf_models.N_LAYERS
+    assert [h["name"] for h in res["holdouts"]] == ["prose", "code"]

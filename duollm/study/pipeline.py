@@ -27,12 +27,26 @@ def _holdouts(data, sizes: St.StudySizes, seed: int) -> List[Holdout]:
     return [load_holdout(os.path.basename(str(data)), path=str(data)), load_holdout(CODE)]
 
 
+def model_shape(model) -> Dict:
+    """``n_layers, d_model, d_big, d_small, max_seq_len`` of a DuoLLM or a converted HF
+    model (read through ``duollm.stack.as_stack``)."""
+    from ..stack import as_stack
+
+    st = as_stack(model)
+    cfg = getattr(model, "config", None)
+    max_len = getattr(cfg, "max_seq_len", None) or getattr(cfg, "max_position_embeddings",
+                                                           None) or 2048
+    return {"n_layers": st.n_layers, "d_model": st.d_model, "d_big": st.d_big,
+            "d_small": st.d_small, "vocab_size": st.vocab_size, "max_seq_len": int(max_len)}
+
+
 def analyse_holdout(model, h: Holdout, routers: List[St.TrainedRouter], sizes: St.StudySizes,
                     budgets: List[int], n_random: int, n_sequences: int, seed: int,
                     device, progress: bool, log=print) -> HoldoutResult:
     """Every oracle, baseline, router and difficulty result on one holdout."""
-    L = model.config.n_layers
-    T = min(sizes.oracle_len, model.config.max_seq_len - 1) + 1
+    shape = model_shape(model)
+    L = shape["n_layers"]
+    T = min(sizes.oracle_len, shape["max_seq_len"] - 1) + 1
     toks = windows(h.val, n_sequences, T)
     kinds = None if h.val_kind is None else windows(h.val_kind, n_sequences, T)
     sel_i, ev_i = S.split_indices(n_sequences, seed)
@@ -149,7 +163,11 @@ def run_study(preset: Optional[str] = None, data="default", steps: Optional[int]
     t0 = time.perf_counter()
     source, train_val = "duollm", {}
     if model is None and hf is not None:
-        model, train_val = _load_hf(hf, tdata, sizes, steps, seed, device, progress, log)
+        model, tok = _load_hf_model(hf, log)
+        if tok is not None:
+            holdouts = [retokenize(h, tok) for h in holdouts]
+            tdata = training_data(holdouts)
+        model, train_val = _train_hf(model, tdata, sizes, steps, seed, device, progress, log)
         source = hf
     elif model is None:
         log(f"stage 1: random-routing training, preset {preset}, {steps} steps on "
@@ -157,12 +175,16 @@ def run_study(preset: Optional[str] = None, data="default", steps: Optional[int]
         trained = St.train_model(preset, tdata, sizes, steps, seed, device, progress)
         model, train_val = trained.model, trained.val_loss
     model = model.to(device).eval()
-    L = model.config.n_layers
+    shape = model_shape(model)
+    L = shape["n_layers"]
     timings["train_s"] = time.perf_counter() - t0
     budgets = sorted(set(budgets or St.capacity_budgets(L)))
+    bad = [k for k in budgets if not 1 <= k <= L - 1]
+    if bad:
+        raise ValueError(f"budgets: {bad[0]} is not a big-layer count in 1..{L - 1}")
 
     t0 = time.perf_counter()
-    seq_len = min(sizes.oracle_len, model.config.max_seq_len - 1)
+    seq_len = min(sizes.oracle_len, shape["max_seq_len"] - 1)
     routers = St.train_routers(model, tdata, sizes, seq_len, router_steps, seed, budgets,
                                progress, log)
     timings["routers_s"] = time.perf_counter() - t0
@@ -181,7 +203,8 @@ def run_study(preset: Optional[str] = None, data="default", steps: Optional[int]
         timings["synthetic_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - t_start
     res = StudyResult(
-        name=name, preset=preset if source == "duollm" else "hf", config=model.config.to_dict(),
+        name=name, preset=preset if source == "duollm" else "hf",
+        config=(model.config.to_dict() if source == "duollm" else shape),
         data=tdata.name, source=source, steps=steps, train_probs=list(St.TRAIN_PROBS),
         train_val_loss=dict(train_val), seed=seed, device=str(device), n_random=n_random,
         holdouts=results, synthetic=synth, timings=timings)
@@ -198,23 +221,44 @@ def _json_default(x):
     raise TypeError(f"not JSON serialisable: {type(x).__name__}")
 
 
-def _load_hf(path: str, tdata, sizes: St.StudySizes, steps: int, seed: int, device,
-             progress: bool, log):
-    """A converted Hugging Face checkpoint as the study's model (stage 1 = train its small
-    FFNs when ``steps`` > 0)."""
+def _load_hf_model(path: str, log):
     from .. import hf as H
 
-    log(f"loading the converted checkpoint {path}")
-    model, _tok = H.load_pretrained(path)
-    train_val = {}
-    if steps > 0:
-        from ..train import TrainConfig
+    log(f"loading the Hugging Face checkpoint {path}")
+    model, tok = H.load_pretrained(path)
+    if tok is None:
+        from ..stack import as_stack
 
-        cfg = TrainConfig(steps=steps, batch_size=sizes.batch_size, seq_len=sizes.seq_len,
-                          lr=sizes.lr, min_lr=sizes.lr / 10, seed=seed, device=str(device),
-                          progress=progress, eval_every=steps, eval_batches=2)
-        log(f"stage 1: training the small FFNs, {steps} steps")
-        out = H.train_small(model, tdata, cfg)
-        model = getattr(out, "model", model)
-        train_val = dict(getattr(out, "val_loss", {}) or {})
-    return model, train_val
+        vocab = as_stack(model).vocab_size
+        if vocab < 256:
+            raise ValueError(f"hf: {path} holds no tokenizer and its vocabulary ({vocab}) is "
+                             f"too small for byte ids; save the tokenizer with the model")
+        log("no tokenizer in the checkpoint: the holdouts stay byte ids")
+    return model, tok
+
+
+def retokenize(h: Holdout, tokenizer) -> Holdout:
+    """A byte-id holdout re-encoded with an HF tokenizer (the same text, the model's ids)."""
+    def enc(ids: torch.Tensor) -> torch.Tensor:
+        text = bytes(ids.tolist()).decode("utf-8", errors="replace")
+        return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"],
+                            dtype=torch.int64)
+
+    return Holdout(h.name, h.source, enc(h.train), enc(h.val), None)
+
+
+def _train_hf(model, tdata, sizes: St.StudySizes, steps: int, seed: int, device,
+              progress: bool, log):
+    """Stage 1 for a converted HF model: train its small FFNs when ``steps`` > 0."""
+    from .. import hf as H
+
+    if steps <= 0:
+        return model, {}
+    from ..train import TrainConfig
+
+    cfg = TrainConfig(steps=steps, batch_size=sizes.batch_size, seq_len=sizes.seq_len,
+                      lr=sizes.lr, min_lr=sizes.lr / 10, seed=seed, device=str(device),
+                      progress=progress, eval_every=steps, eval_batches=2)
+    log(f"stage 1: training the small FFNs, {steps} steps")
+    out = H.train_small(model, tdata, cfg)
+    return out.model, dict(out.val_loss)

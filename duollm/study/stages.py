@@ -455,9 +455,10 @@ def train_routers(model, data, sizes: StudySizes, seq_len: int, steps: int, seed
     """Stage 3: routers trained with the LM loss and the budget loss (the paper's router) on
     the training text, the model frozen."""
     from ..routers import train_router
+    from ..stack import as_stack
 
     out = []
-    for name, paths, target, compute in router_specs(model.config.n_layers, budgets):
+    for name, paths, target, compute in router_specs(as_stack(model).n_layers, budgets):
         log(f"router {name}: {steps} steps, paths {paths}, target "
             + (f"compute {compute:.2f}" if compute is not None else f"big {target:.2f}"))
         torch.manual_seed(seed)
