@@ -201,3 +201,19 @@ def test_study_runs_on_a_converted_hf_checkpoint(tmp_path):
     assert res["source"] == str(tmp_path / "ckpt") and res["steps"] == 0
     assert res["config"]["n_layers"] == hf_models.N_LAYERS
     assert [h["name"] for h in res["holdouts"]] == ["prose", "code"]
+
+
+def test_two_walk_table_matches_the_full_table():
+    """Beyond FULL_SKIP_LIMIT the table is a big/small and a big/skip walk: the oracles it
+    serves equal the 3^L table's, and the 3^L-only result is reported as absent."""
+    model = _tiny_model()
+    tokens = torch.randint(0, 256, (4, 9), generator=torch.Generator().manual_seed(3))
+    full = St.pattern_table(model, tokens, full=True)
+    two = St.pattern_table(model, tokens, full=False)
+    assert two.patterns.shape[0] == 2 * 2 ** 3 - 1
+    for k in range(4):
+        assert torch.allclose(two.oracle(two.mask(k))[0], full.oracle(full.mask(k))[0])
+        assert torch.allclose(two.oracle(two.mask(k, small=False, skip=True))[0],
+                              full.oracle(full.mask(k, small=False, skip=True))[0])
+    assert St.skip_profiles(two, None, n_boot=20, seed=0).full_loss is None
+    assert St.skip_profiles(full, None, n_boot=20, seed=0).full_loss is not None

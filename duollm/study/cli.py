@@ -113,10 +113,6 @@ def validate(args: argparse.Namespace):
     else:
         n_layers = DuoConfig.from_name(preset).n_layers
     budgets = parse_budgets(args.budgets, n_layers) if n_layers else None
-    if args.hf is None and 3 ** n_layers > 200_000:
-        raise UsageError("--preset", f"{preset} has {n_layers} layers: the exhaustive 3^L "
-                                     f"oracle would walk {3 ** n_layers} patterns; use a preset "
-                                     f"of at most 11 layers")
     return device, budgets, preset
 
 

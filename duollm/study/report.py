@@ -115,9 +115,10 @@ def _plot_capacity(h: HoldoutResult, path: str) -> None:
 def _plot_skip(h: HoldoutResult, path: str) -> None:
     plt = _plt()
     s = h.skip
-    L = len(s.full_skip_by_layer)
-    series = [("oracle, big or skip", s.big_or_skip_skip_by_layer),
-              ("oracle, 3^L", s.full_skip_by_layer)]
+    L = len(s.big_or_skip_skip_by_layer)
+    series = [("oracle, big or skip", s.big_or_skip_skip_by_layer)]
+    if s.full_skip_by_layer is not None:
+        series.append(("oracle, 3^L", s.full_skip_by_layer))
     if s.router_skip_by_layer is not None:
         series.append(("router with a skip path", s.router_skip_by_layer))
     fig, ax = plt.subplots(figsize=(6.5, 3.8))

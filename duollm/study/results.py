@@ -70,9 +70,10 @@ class SkipResult:
 
     big_or_skip_k: int
     big_or_skip_loss: Interval
-    full_loss: Interval  # 3^L oracle, exactly k big, the rest small or skip
+    full_loss: Optional[Interval]  # 3^L oracle, exactly k big, the rest small or skip (None
+    # when the table is two 2^L walks, beyond FULL_SKIP_LIMIT)
     big_or_skip_skip_by_layer: List[float]
-    full_skip_by_layer: List[float]
+    full_skip_by_layer: Optional[List[float]]
     router_skip_by_layer: Optional[List[float]]
     suffix_share: Dict[str, float]  # share of tokens whose skips are a suffix of the layers
     verdict_oracle: Verdict

@@ -142,14 +142,36 @@ class PatternLosses:
         return self.patterns[idx]
 
 
-def pattern_table(model, tokens: torch.Tensor, progress: bool = False) -> PatternLosses:
-    """Stage 2: every pattern (3^L: skip, small or big per layer) over each whole sequence of
-    ``tokens`` (B, T), as one exhaustive prefix-sharing walk: the table of the paper's token
-    oracle (``duollm.oracle.pattern_losses(..., "token", base="pattern", skip=True)``)."""
-    from ..oracle import pattern_losses
+# Beyond this many 3^L patterns the table is two 2^L walks (big/small and big/skip) instead of
+# one 3^L walk: 3^12 = 531,441 patterns (the paper's depth) against 2 * 4,096.
+FULL_SKIP_LIMIT = 3 ** 10
 
-    tab = pattern_losses(model, tokens, "token", base="pattern", skip=True, progress=progress)
-    return PatternLosses(tab.patterns, tab.losses)
+
+def pattern_table(model, tokens: torch.Tensor, progress: bool = False,
+                  full: Optional[bool] = None) -> PatternLosses:
+    """Stage 2: every layer pattern over each whole sequence of ``tokens`` (B, T), as
+    exhaustive prefix-sharing walks: the table of the paper's token oracle
+    (``duollm.oracle.pattern_losses(..., "token", base="pattern")``).
+
+    ``full``: one walk over all 3^L skip/small/big patterns (default while 3^L <=
+    ``FULL_SKIP_LIMIT``); otherwise two walks, big/small (2^L) and big/skip (2^L), which serve
+    every figure except the full 3^L oracle of Figure 2d."""
+    from ..oracle import pattern_losses
+    from ..stack import as_stack
+
+    L = as_stack(model).n_layers
+    full = 3 ** L <= FULL_SKIP_LIMIT if full is None else full
+    if full:
+        tab = pattern_losses(model, tokens, "token", base="pattern", skip=True,
+                             progress=progress)
+        return PatternLosses(tab.patterns, tab.losses)
+    a = pattern_losses(model, tokens, "token", base="pattern", paths=(SMALL, BIG),
+                       progress=progress)
+    b = pattern_losses(model, tokens, "token", base="pattern", paths=(SKIP, BIG),
+                       progress=progress)
+    keep = (b.patterns == SKIP).any(1)  # all big is in both walks
+    return PatternLosses(torch.cat([a.patterns, b.patterns[keep]]),
+                         torch.cat([a.losses, b.losses[keep]]))
 
 
 def context_big_curve(model, tokens: torch.Tensor, L: int, n_boot: int, seed: int,
@@ -285,13 +307,19 @@ def skip_profiles(ev: PatternLosses, router_routes: Optional[torch.Tensor], n_bo
     zero; the router "behaves like an early exit" when it lies above zero."""
     k = max(1, ev.L // 2)
     bos_loss, bos_idx = ev.oracle(ev.mask(k, small=False, skip=True))
-    full_loss, full_idx = ev.oracle(ev.mask(k, small=True, skip=True))
-    bos_r, full_r = ev.routes(bos_idx), ev.routes(full_idx)
-    bos_sk, full_sk = per_layer(bos_r, SKIP), per_layer(full_r, SKIP)
+    bos_r = ev.routes(bos_idx)
+    bos_sk = per_layer(bos_r, SKIP)
+    has_full = bool(((ev.n_skip > 0) & (ev.n_small > 0)).any())  # a 3^L table
+    if has_full:
+        full_loss, full_idx = ev.oracle(ev.mask(k, small=True, skip=True))
+        full_r = ev.routes(full_idx)
+        full_sk = per_layer(full_r, SKIP).mean(0).tolist()
     crit = "skip rate of the later half of the layers minus the earlier half (early exit: > 0)"
     v_or = S.verdict("the oracle's skips are not an early exit", crit,
                      S.bootstrap_mean(_late_minus_early(bos_sk), n_boot=n_boot, seed=seed), -1)
-    suffix = {"oracle_big_or_skip": _suffix_share(bos_r), "oracle_full": _suffix_share(full_r)}
+    suffix = {"oracle_big_or_skip": _suffix_share(bos_r)}
+    if has_full:
+        suffix["oracle_full"] = _suffix_share(full_r)
     r_prof, v_r = None, None
     if router_routes is not None:
         rs = per_layer(router_routes, SKIP)
@@ -300,9 +328,10 @@ def skip_profiles(ev: PatternLosses, router_routes: Optional[torch.Tensor], n_bo
         v_r = S.verdict("the trained router behaves like an early exit", crit,
                         S.bootstrap_mean(_late_minus_early(rs), n_boot=n_boot, seed=seed), +1)
     return SkipResult(k, S.bootstrap_mean(seq_mean(bos_loss), n_boot=n_boot, seed=seed),
-                      S.bootstrap_mean(seq_mean(full_loss), n_boot=n_boot, seed=seed),
-                      bos_sk.mean(0).tolist(), full_sk.mean(0).tolist(), r_prof, suffix, v_or,
-                      v_r)
+                      S.bootstrap_mean(seq_mean(full_loss), n_boot=n_boot, seed=seed)
+                      if has_full else None,
+                      bos_sk.mean(0).tolist(), full_sk if has_full else None, r_prof, suffix,
+                      v_or, v_r)
 
 
 def schedules(L: int, n_pos: int) -> Tuple[int, Dict[str, List[int]]]:
