@@ -156,15 +156,17 @@ class _Plan:
 
 
 def _uniform(ffn: HFDuoFFN, x: torch.Tensor, route: int, backend: Optional[str]):
-    """Every token of the layer on one path, without grouping."""
-    if route == BIG:
-        if backend is None:  # the original expression: routing(model, "big") is bit-exact
-            b = ffn.big
-            return b.down_proj(F.silu(b.gate_proj(x)) * b.up_proj(x))
-        return ffn.big(x, backend=backend)
-    if route == SMALL:
-        return ffn.small(x, backend=backend)
-    return torch.zeros_like(x)
+    """Every token of the layer on one path, without grouping.
+
+    With no backend named, the path runs the HF MLP's own expression on its Linear modules:
+    all-big is then bit-exact with the unconverted model and all-small costs what an
+    unconverted model of width d_small would (no op dispatch or checks per call)."""
+    if route == SKIP:
+        return torch.zeros_like(x)
+    mod = ffn.big if route == BIG else ffn.small
+    if backend is None:
+        return mod.down_proj(F.silu(mod.gate_proj(x)) * mod.up_proj(x))
+    return mod(x, backend=backend)
 
 
 def _build_plan(spec: HFDuoSpec, routes: Routes, backend: Optional[str],
