@@ -309,11 +309,22 @@ def run_train(args: argparse.Namespace) -> int:
         result = train(model_config, data, cfg)
     except KeyboardInterrupt:
         # Checkpoints are written atomically, so the newest one on disk is whole.
-        if main_rank and not args.debug:
-            _report_interrupt(args, cfg)
         if args.debug:
             raise
+        if main_rank:
+            _report_interrupt(args, cfg)
         return EXIT_INTERRUPTED
+    except FloatingPointError as e:  # the run diverged: an outcome to report, not a bug
+        if args.debug:
+            raise
+        if main_rank:
+            from duollm.train import latest_checkpoint
+
+            checkpoint = latest_checkpoint(cfg.out_dir) if cfg.out_dir else None
+            text = str(e).replace("lower lr", "lower --lr").replace("amp=False", "--no-amp")
+            print(f"duollm train: {text}" + (f"\nlast checkpoint: {checkpoint}" if checkpoint
+                                          else ""), file=sys.stderr, flush=True)
+        return 1
     if main_rank:
         print("\nvalidation loss (nats/token)")
         print(f"{'policy':<8} {'loss':>8}")

@@ -182,6 +182,14 @@ def test_resume_if_present_and_the_resumed_line_without_progress(workdir, capsys
     assert sorted(os.listdir(out)) == ["step_0000002", "step_0000004"]
 
 
+def test_a_diverged_run_is_reported_without_a_traceback(workdir, capsys):
+    code = cli.main(["train", "--lr", "1e9", "--min-lr", "0", "--grad-clip", "0", "--steps",
+                     "6", "--eval-every", "1"] + SMALL)
+    err = capsys.readouterr().err
+    assert code == 1 and "training diverged" in err and "--lr" in err
+    assert "Traceback" not in err
+
+
 def test_debug_shows_the_traceback(workdir):
     with pytest.raises(usage.UsageError) as e:
         cli.main(["--debug", "train", "--steps", "0"])
