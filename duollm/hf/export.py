@@ -144,7 +144,9 @@ def save_converted(model: nn.Module, path: PathLike, *, tokenizer=None,
 
     Writes the HF ``config.json``, ``duollm.json`` and ``model.safetensors`` (the full state
     dict, tied weights stored once), and ``tokenizer``'s files when given.
-    ``load_converted(path)`` gives back a bit-identical model.
+    ``load_converted(path)`` gives back a bit-identical model. (HF's own ``save_pretrained``
+    would write the MLP weights under their converted names, which ``from_pretrained`` of the
+    unconverted class does not know; use this, or ``export`` for a ``DuoLLM``.)
     """
     spec = spec_of(model)
     config = getattr(model, "config", None)
