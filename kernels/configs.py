@@ -63,8 +63,10 @@ TABLE: Dict[Key, GemmConfig] = {
     ("interp", None, None, None, None, None): C(64, 64, 64, 4, 4, 1, 1),
     # --- decode kernels (kernels/decode.py): BM is the weight-row tile (the wide side of
     # the MMA), BN the token tile (narrow side, >= 16 for tl.dot), BK the reduction step.
-    # Unmeasured: first guesses sized to keep every SM streaming weights.
-    (None, "decode_gateup", "16", None, None, None): C(64, 16, 128, 1, 4, 4, 2),
+    # Unmeasured: first guesses sized to keep every SM streaming weights. The gate/up work
+    # list has cdiv(W, BM) tiles per path with tokens: BM = 32 gives the paper's small path
+    # (W 640) 20 programs and the big one (W 10240) 320.
+    (None, "decode_gateup", "16", None, None, None): C(32, 16, 128, 1, 4, 4, 2),
     (None, "decode_down", "16", None, None, None): C(64, 16, 128, 1, 4, 4, 2),
     (None, "decode_gateup", None, None, None, None): C(64, 16, 64, 1, 4, 3, 2),
     (None, "decode_down", None, None, None, None): C(64, 16, 64, 1, 4, 3, 2),

@@ -29,6 +29,7 @@ gets two workspaces.
 """
 from __future__ import annotations
 
+import functools
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
@@ -285,6 +286,26 @@ def _splits(width: int, n_dt: int, bk: int, target: int, w_max: int) -> Tuple[in
     return triton.cdiv(width, k), k
 
 
+@functools.lru_cache(maxsize=1024)
+def _plan(N: int, d: int, widths: Tuple[int, ...], dtype: torch.dtype, dev: torch.device):
+    """Launch metadata of one layer shape, computed once: (token tile, configs, weight-row
+    tiles per slot, d tiles, (splits, split width) per slot, partials per d tile, grids)."""
+    BN = max(16, next_pow2(N))
+    cg = gemm_config("decode_gateup", dtype, N, dev, d)
+    cd = gemm_config("decode_down", dtype, N, dev, d)
+    sms = num_sms(dev)
+    for w in widths:
+        int32_guard("weights", w, d)
+    w_max = max(widths)
+    tiles = tuple(triton.cdiv(w, cg.BM) for w in widths)
+    n_dt = triton.cdiv(d, cd.BM)
+    sk = tuple(_splits(w, n_dt, cd.BK, cd.programs_per_sm * sms, w_max) for w in widths)
+    e_max = sum(s for s, _ in sk)
+    grid_g = min(sum(tiles), cg.programs_per_sm * sms)
+    grid_d = min(n_dt * e_max, cd.programs_per_sm * sms)
+    return BN, cg, cd, tiles, n_dt, sk, e_max, grid_g, grid_d
+
+
 def duo_ffn_decode(x: torch.Tensor, routes: torch.Tensor, slots: Sequence[Slot],
                    residual: Optional[torch.Tensor], gate: Optional[torch.Tensor]
                    ) -> torch.Tensor:
@@ -296,18 +317,10 @@ def duo_ffn_decode(x: torch.Tensor, routes: torch.Tensor, slots: Sequence[Slot],
     N, d = x.shape
     dev, dtype = x.device, x.dtype
     routed = [s for s in slots if s.width > 0]
-    BN = max(16, next_pow2(N))
-    cg = gemm_config("decode_gateup", dtype, N, dev, d)
-    cd = gemm_config("decode_down", dtype, N, dev, d)
-    sms = num_sms(dev)
-    for s in routed:
-        int32_guard("weights", s.width, d)
-    w_max = max(s.width for s in routed)
-    tiles = [triton.cdiv(s.width, cg.BM) for s in routed]
-    n_dt = triton.cdiv(d, cd.BM)
-    sk = [_splits(s.width, n_dt, cd.BK, cd.programs_per_sm * sms, w_max) for s in routed]
-    e_max = sum(s for s, _ in sk)
-    h, part, cnt = _workspaces(dev, dtype, N, w_max, n_dt * e_max * cd.BM * BN, n_dt)
+    plan = _plan(N, d, tuple(s.width for s in routed), dtype, dev)
+    BN, cg, cd, tiles, n_dt, sk, e_max, grid_g, grid_d = plan
+    h, part, cnt = _workspaces(dev, dtype, N, max(s.width for s in routed),
+                               n_dt * e_max * cd.BM * BN, n_dt)
     out = torch.empty_like(x)
     routes_t, widths = routes_widths(routed)
     dummy = x
@@ -317,15 +330,13 @@ def duo_ffn_decode(x: torch.Tensor, routes: torch.Tensor, slots: Sequence[Slot],
     ptrs = []
     for s in pad4(routed, None):
         ptrs += [dummy, dummy] if s is None else [s.w_gate, s.w_up]
-    grid = min(sum(tiles), cg.programs_per_sm * sms)
-    _decode_gateup_kernel[(grid,)](
+    _decode_gateup_kernel[(grid_g,)](
         x, routes, h, *ptrs, N, d, h.stride(0), *routes_t, *widths, *pad4(tiles, 0),
         BM=cg.BM, BN=BN, BK=cg.BK, num_warps=cg.num_warps, num_stages=cg.num_stages,
         **common)
 
     wd = [s.w_down for s in routed]
-    grid = min(n_dt * e_max, cd.programs_per_sm * sms)
-    _decode_down_kernel[(grid,)](
+    _decode_down_kernel[(grid_d,)](
         h, routes, out, residual if residual is not None else dummy,
         gate if gate is not None else dummy, part, cnt, *pad4(wd, dummy),
         N, d, h.stride(0), e_max, *routes_t, *widths, *pad4([s for s, _ in sk], 0),

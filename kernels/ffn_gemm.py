@@ -26,7 +26,8 @@ Accumulation is fp32 (fp64 for fp64 inputs).
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+import functools
+from typing import Optional, Sequence, Tuple
 
 import torch
 import triton
@@ -241,6 +242,30 @@ def _grid(cfg, worst_tiles, persistent: bool, device: torch.device):
     return total, firsts
 
 
+@functools.lru_cache(maxsize=4096)
+def _fwd_plan(kind: str, N: int, d: int, layout: Tuple[Tuple[int, int], ...],
+              dtype: torch.dtype, device: torch.device, persistent: bool):
+    """The launches of ``gateup_fwd`` / ``down_fwd`` for one shape, computed once: (config,
+    [(slot indices, grid, T1..T3, routes, widths)] per launch of at most MAX_SLOTS slots).
+    ``layout`` is the (route, width) of every slot."""
+    cfg = gemm_config(kind, dtype, N, device, d)
+    idx = [i for i, (_, w) in enumerate(layout) if w > 0 or kind == "down"]
+    m_tiles = triton.cdiv(N, cfg.BM)
+    launches = []
+    for chunk in chunks(idx):
+        cols = [layout[i][1] if kind == "gateup" else d for i in chunk]
+        grid, firsts = _grid(cfg, [m_tiles * triton.cdiv(c, cfg.BN) for c in cols],
+                             persistent, device)
+        launches.append((tuple(chunk), grid, tuple(firsts),
+                         tuple(pad4([layout[i][0] for i in chunk], 0)),
+                         tuple(pad4([layout[i][1] for i in chunk], 0))))
+    return cfg, launches
+
+
+def _layout_of(slots: Sequence[Slot]) -> Tuple[Tuple[int, int], ...]:
+    return tuple((s.route, s.width) for s in slots)
+
+
 def gateup_fwd(x: torch.Tensor, perm: Optional[torch.Tensor], offsets: Optional[torch.Tensor],
                slots: Sequence[Slot], h: torch.Tensor, num_paths: int = 1,
                persistent: bool = False) -> None:
@@ -251,18 +276,14 @@ def gateup_fwd(x: torch.Tensor, perm: Optional[torch.Tensor], offsets: Optional[
     N, d = x.shape
     routed = perm is not None
     persistent = persistent and routed
-    cfg = gemm_config("gateup", x.dtype, N, x.device, d)
+    for s in slots:
+        int32_guard("weights", s.width, d)
+    cfg, launches = _fwd_plan("gateup", N, d, _layout_of(slots), x.dtype, x.device, persistent)
     dummy = x
-    for chunk in chunks([s for s in slots if s.width > 0]):
-        for s in chunk:
-            int32_guard("weights", s.width, d)
-        m_tiles = triton.cdiv(N, cfg.BM)
-        grid, firsts = _grid(cfg, [m_tiles * triton.cdiv(s.width, cfg.BN) for s in chunk],
-                             persistent, x.device)
+    for chunk, grid, firsts, routes, widths in launches:
         ptrs = []
-        for s in pad4(chunk, None):
-            ptrs += [dummy, dummy] if s is None else [s.w_gate, s.w_up]
-        routes, widths = routes_widths(chunk)
+        for i in pad4(chunk, None):
+            ptrs += [dummy, dummy] if i is None else [slots[i].w_gate, slots[i].w_up]
         _gateup_fwd_kernel[(grid,)](
             x, perm if routed else dummy, offsets if routed else dummy, h, *ptrs,
             N, num_paths, d, h.stride(0), *routes, *widths, *firsts,
@@ -279,16 +300,14 @@ def down_fwd(h: torch.Tensor, perm: Optional[torch.Tensor], offsets: Optional[to
     N, d = out.shape
     routed = perm is not None
     persistent = persistent and routed
-    cfg = gemm_config("down", out.dtype, N, out.device, d)
+    cfg, launches = _fwd_plan("down", N, d, _layout_of(slots), out.dtype, out.device,
+                              persistent)
     dummy = out
-    for chunk in chunks(list(slots)):
-        m_tiles = triton.cdiv(N, cfg.BM)
-        n_tiles = triton.cdiv(d, cfg.BN)
-        grid, firsts = _grid(cfg, [m_tiles * n_tiles for _ in chunk], persistent, out.device)
+    for chunk, grid, firsts, routes, widths in launches:
         ptrs = []
-        for s in pad4(chunk, None):
-            ptrs += [dummy if s is None or s.w_down is None else s.w_down, dummy]
-        routes, widths = routes_widths(chunk)
+        for i in pad4(chunk, None):
+            wd = None if i is None else slots[i].w_down
+            ptrs += [dummy if wd is None else wd, dummy]
         _down_kernel[(grid,)](
             h, h, perm if routed else dummy, offsets if routed else dummy, out,
             residual if residual is not None else dummy, gate if gate is not None else dummy,

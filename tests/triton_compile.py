@@ -62,7 +62,7 @@ def variants():
     return [
         # decode at N = 1 (N, the small path's route 1 and its single split all constants)
         ("decode_gateup_n1", lambda: compile_kernel(
-            dec._decode_gateup_kernel, dict(N=1, R0=1, NSLOT=2, BM=64, BN=16, BK=128, **MMA),
+            dec._decode_gateup_kernel, dict(N=1, R0=1, NSLOT=2, BM=32, BN=16, BK=128, **MMA),
             i64, num_stages=4)),
         ("decode_down_n1", lambda: compile_kernel(
             dec._decode_down_kernel, dict(N=1, R0=1, S0=1, NSLOT=2, HAS_RES=True,
