@@ -13,11 +13,16 @@ import os
 import platform
 import shlex
 import sys
-from typing import List, Optional
+from typing import TYPE_CHECKING, List, Optional
 
 from duollm.usage import (EXIT_INTERRUPTED, EXIT_USAGE, UsageError, add_threads_arg,
                           apply_thread_rule, check_data_file, check_device, check_float,
                           check_int, check_out_dir, format_error, options_of)
+
+if TYPE_CHECKING:  # torch-heavy modules: imported by the commands that need them
+    from duollm.config import DuoConfig
+    from duollm.data import TokenData
+    from duollm.train import TrainConfig
 
 # Subcommands owned by other modules: name -> (module, help). Each module provides
 # ``add_cli(parser)`` (add its arguments) and ``run_cli(args) -> int``.
@@ -163,9 +168,9 @@ _TRAIN_OPTION.update(min_lr="--min-lr", out_dir="--out", resume="--resume", amp=
 class TrainPlan:
     """What ``duollm train`` will do, settled by ``plan_train`` before any work."""
 
-    cfg: "object"            # duollm.train.TrainConfig
-    data: "object"           # duollm.data.TokenData
-    model_config: "object"   # duollm.config.DuoConfig
+    cfg: "TrainConfig"
+    data: "TokenData"
+    model_config: "DuoConfig"
     checkpoint: Optional[str]  # the checkpoint it resumes from, or None
 
 
