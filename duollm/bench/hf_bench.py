@@ -11,11 +11,12 @@ all-small model could cost at best). Phases:
 
 Candidates (``impl``), timed round-robin on the CPU (``duollm.bench.timing``) so that load
 from other processes falls on all alike: ``original``, ``ideal``, ``converted`` (outside any
-``routing`` block: all-big), and per op backend ``big``, ``small`` and ``1/12`` (a linear
+``routing`` block: all-big), and inside ``routing``: ``big``, ``small`` and ``1/12`` (a linear
 threshold router per layer whose thresholds send about 1/12 of the prefill tokens big, the
-rest small; the realised fraction is recorded as ``big_fraction``). ``vs_original`` is the
-original's time over this candidate's; for ``small``, ``vs_ideal`` is the ideal's time over
-this one's (the share of the ideal all-small speedup realised).
+rest small; the realised fraction is recorded as ``big_fraction``). The routed candidates use
+the default dispatch, or run once per ``--backends`` name (tagged ``big[triton]``, ...).
+``vs_original`` is the original's time over this candidate's; for ``small``, ``vs_ideal`` is
+the ideal's time over this one's (the share of the ideal all-small speedup realised).
 
 Target (docs/speed.md): ``converted`` and ``big`` at least 0.95x the original.
 """
@@ -26,7 +27,7 @@ import copy
 import dataclasses
 import gc
 from dataclasses import dataclass
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -51,7 +52,8 @@ class HFBenchRow:
 
     phase: str            # prefill | decode
     impl: str             # original | ideal | converted | big | small | 1/12
-    backend: str          # the duollm.ops backend of the routed FFNs ("-" for plain models)
+    backend: str          # the routed FFNs' duollm.ops backend: "default" dispatch, a name, or
+    #                       "-" (plain models, and converted outside routing)
     family: str
     n_layers: int
     d_model: int
@@ -175,8 +177,13 @@ def run(args: argparse.Namespace) -> int:
     B = args.batch or 2
     T = args.seq_len or (32 if args.quick else 2048 if gpu else 256)
     new_tokens = 4 if args.quick else args.new_tokens
-    status = resolve_backends(args.backends, device)
-    backends = [b for b, why in status.items() if why is None]
+    # Without --backends the routed candidates use the default dispatch (backend=None), as a
+    # user's routing(model, ...) does: all-big then runs the original MLP expression.
+    if args.backends is None:
+        backends: List[Optional[str]] = [None]
+    else:
+        status = resolve_backends(args.backends, device)
+        backends = [b for b, why in status.items() if why is None]
     out_dir = resolve_out_dir(args, device)
     from ..hf_cli import require_transformers
 
@@ -234,7 +241,7 @@ def run(args: argparse.Namespace) -> int:
         fns: Dict[str, Callable[[int], object]] = {
             "original": make(original), "ideal": make(ideal), "converted": make(converted)}
         for b in backends:
-            tag = "" if len(backends) == 1 else f"[{b}]"
+            tag = "" if b is None else f"[{b}]"
             fns["big" + tag] = make(converted, "big", b)
             fns["small" + tag] = make(converted, "small", b)
             fns["1/12" + tag] = make(converted, router, b)
@@ -256,8 +263,7 @@ def run(args: argparse.Namespace) -> int:
         n_tokens = B * T if phase == "prefill" else new_tokens
         for k in list(stats) + list(errors):
             impl, _, b = k.partition("[")
-            b = b.rstrip("]") or (backends[0] if impl in ("big", "small", "1/12") and backends
-                                  else "-")
+            b = b.rstrip("]") or ("default" if impl in ("big", "small", "1/12") else "-")
             row = HFBenchRow(phase=phase, impl=impl, backend=b, family=args.family,
                              n_layers=n_layers, d_model=d_model, d_big=d_big, d_small=d_small,
                              batch=B if phase == "prefill" else 1,

@@ -1,0 +1,60 @@
+"""``duollm bench hf``: a quick run writes typed rows for every candidate; bad options exit 2."""
+import glob
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("transformers", reason="duollm bench hf needs transformers")
+
+from duollm.bench.hf_bench import HFBenchRow, ThresholdRouter, rows_of  # noqa: E402
+from duollm.cli import main  # noqa: E402
+from duollm.reference import BIG  # noqa: E402
+
+
+def test_quick_run_writes_every_candidate(tmp_path, capsys):
+    out = tmp_path / "bench"
+    assert main(["bench", "hf", "--quick", "--repeats", "1", "--budget", "0.01", "--no-plots",
+                 "--out", str(out)]) == 0
+    (path,) = glob.glob(str(out / "hf-*.json"))
+    with open(path) as f:
+        data = json.load(f)
+    assert data["env"]["kind"] == "hf" and data["env"]["d_small"] < data["env"]["d_big"]
+    rows = rows_of(data["rows"])
+    assert all(isinstance(r, HFBenchRow) for r in rows)
+    impls = {"original", "ideal", "converted", "big", "small", "1/12"}
+    for phase in ("prefill", "decode"):
+        got = {r.impl: r for r in rows if r.phase == phase}
+        assert set(got) == impls and not any(r.error for r in got.values())
+        assert all(r.tokens_per_s > 0 and r.repeats >= 1 for r in got.values())
+        assert got["original"].vs_original == 1.0
+        assert 0 < got["1/12"].big_fraction < 0.5
+    assert glob.glob(str(out / "hf-*.csv"))
+
+
+def test_threshold_router_sends_about_the_share_big():
+    torch.manual_seed(0)
+    router = ThresholdRouter(2, 16, 1 / 12, seed=0, device=torch.device("cpu"),
+                             dtype=torch.float32)
+    hidden = torch.randn(4, 240, 16)
+    router.fitting = True
+    router(0, hidden)
+    router.fitting = False
+    router.n_big.zero_()
+    router.n = 0
+    routes = router(0, hidden)
+    assert routes.shape == (4, 240)
+    assert abs(router.fraction() - 1 / 12) < 0.01
+    assert int((routes == BIG).sum()) == int(router.n_big)
+
+
+@pytest.mark.parametrize("argv, option", [
+    (["--d-big", "64", "--d-small", "64"], "--d-small"),
+    (["--phases", "train"], "--phases"),
+    (["--repeats", "0"], "--repeats"),
+])
+def test_bad_options_exit_2(tmp_path, capsys, argv, option):
+    assert main(["bench", "hf", "--quick", "--out", str(tmp_path / "o"), *argv]) == 2
+    err = capsys.readouterr().err
+    assert option in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
