@@ -213,10 +213,15 @@ def _decode_down_kernel(
                 acc = tl.dot(a, b, acc, input_precision=PREC, out_dtype=ACC)
         base = (c * E_max + j).to(tl.int64) * (BM * BN)
         tl.store(part_ptr + base + tile, acc)
-        # Release the partial, then count it; the last of the E1 arrivals for this d tile
-        # reduces (acquire: it sees every other program's partial).
-        done = tl.atomic_add(cnt_ptr + c, 1, sem="acq_rel")
+        # Every thread's share of the partial is stored before the count (the barrier), and
+        # the count releases them (gpu scope); the last of the E1 arrivals for this d tile
+        # reduces, its acquire making every other program's partial visible (read from L2,
+        # .cg, never a stale L1 line). The split-K semaphore of CUTLASS's stream-K, minus the
+        # waiting: nobody spins, so no program can deadlock on another.
+        tl.debug_barrier()
+        done = tl.atomic_add(cnt_ptr + c, 1, sem="acq_rel", scope="gpu")
         if done == E1 - 1:
+            tl.debug_barrier()
             tot = tl.zeros((BM, BN), dtype=ACC)
             for jj in range(0, E1):  # fixed order: bit-identical sums whoever arrives last
                 tot += tl.load(part_ptr + (c * E_max + jj).to(tl.int64) * (BM * BN) + tile,

@@ -187,3 +187,19 @@ def test_paths_cuda_graph_replay_new_routes(mode):
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(out, duo.duo_ffn(x, static, params, res, gt, mode=mode)), mix
+
+
+def test_int32_weight_offset_guard():
+    """width * d >= 2**31 would overflow the kernels' int32 weight offsets: every launcher
+    refuses it with an error naming the weights (checked on meta tensors: nothing is
+    allocated)."""
+    ffn_gemm = importlib.import_module("duollm.kernels.ffn_gemm")
+    d, width = 2 ** 16, 2 ** 15
+    with pytest.raises(ValueError, match="2\\*\\*31"):
+        decode._plan(1, d, (width,), torch.float32, torch.device("cpu"))
+    x = torch.empty(4, d, device="meta")
+    w = torch.empty(width, d, device="meta")
+    slot = duo.Slot(0, width, (w, w, w.t()))
+    with pytest.raises(ValueError, match="weights"):
+        ffn_gemm.gateup_fwd(x, None, None, [slot], torch.empty(4, width, device="meta"))
+    decode._plan(1, d, (width - 1,), torch.float32, torch.device("cpu"))  # just fits
