@@ -174,10 +174,18 @@ def _check_name(name: str) -> None:
 
 def resolve(op: str, device: torch.device, backend: Optional[str] = None) -> Callable:
     """The implementation of ``op`` that runs for tensors on ``device``."""
-    name = backend or current_backend()
     if torch.compiler.is_compiling():  # traced once per graph; dynamo mis-guards the cache
-        return _resolve(op, device, name)
-    key = (op, name, device, env("TRITON_INTERPRET", ""))
+        return _resolve(op, device, backend or current_backend())
+    # current_backend() and env() inlined: this runs once per layer call at decode
+    if _ENV_DATA is not None:
+        name = backend or _scoped_backend.get()
+        if not name:
+            raw = _ENV_DATA.get(b"DUOLLM_BACKEND")
+            name = "auto" if raw is None else raw.decode()
+        key = (op, name, device, _ENV_DATA.get(b"TRITON_INTERPRET"))
+    else:
+        name = backend or current_backend()
+        key = (op, name, device, os.environ.get("TRITON_INTERPRET"))
     fn = _resolved.get(key)
     if fn is None:
         fn = _resolved[key] = _resolve(op, device, name)
@@ -248,11 +256,15 @@ def env(name: str, default: str) -> str:
     """``os.environ.get(name, default)`` at the cost of one dict lookup: the hot path reads a
     few settings per call, and ``os.environ.get`` (encode, look up, decode) costs about a
     microsecond each, a tenth of a decode step's whole budget on a small model."""
-    data = getattr(os.environ, "_data", None)
-    if os.name != "posix" or data is None or torch.compiler.is_compiling():
+    if _ENV_DATA is None or torch.compiler.is_compiling():
         return os.environ.get(name, default)
-    raw = data.get(name.encode())
+    raw = _ENV_DATA.get(_ENV_KEYS.get(name) or _ENV_KEYS.setdefault(name, name.encode()))
     return default if raw is None else raw.decode()
+
+
+# os.environ's own storage (bytes to bytes on POSIX; os.environ writes through to it)
+_ENV_DATA = getattr(os.environ, "_data", None) if os.name == "posix" else None
+_ENV_KEYS: Dict[str, bytes] = {}
 
 
 def check_mode() -> str:
@@ -342,15 +354,22 @@ def _raise_range(name: str, lo_ok: int, hi_ok: int, lo: int, hi: int, what: str)
 
 
 def host_range_check(t: torch.Tensor, lo_ok: int, hi_ok: int, name: str,
-                     what: str = "values") -> None:
+                     what: str = "values") -> Optional[list]:
     """Read ``t``'s min and max back (one read; free on the CPU) and raise ``ValueError``
-    naming ``name`` if a value lies outside ``[lo_ok, hi_ok)``."""
-    if t.numel() <= 8:  # tiny (decode): one small list beats aminmax's two reductions
-        vals = t.reshape(-1).tolist()
+    naming ``name`` if a value lies outside ``[lo_ok, hi_ok)``. Returns the values as a
+    list when ``t`` is tiny (at most ``HOST_VALUES_MAX`` elements, read whole), else None."""
+    if t.numel() <= HOST_VALUES_MAX:  # decode: one small list beats aminmax's reductions
+        vals = (t if t.dim() == 1 else t.reshape(-1)).tolist()
         lo, hi = min(vals), max(vals)
-    else:
-        lo, hi = torch.stack(torch.aminmax(t)).tolist()
+        if lo < lo_ok or hi >= hi_ok:
+            _raise_range(name, lo_ok, hi_ok, lo, hi, what)
+        return vals
+    lo, hi = torch.stack(torch.aminmax(t)).tolist()
     _raise_range(name, lo_ok, hi_ok, lo, hi, what)
+    return None
+
+
+HOST_VALUES_MAX = 16
 
 
 def sanitize_values(t: torch.Tensor, lo_ok: int, hi_ok: int, fill: int, bit: int
@@ -551,19 +570,33 @@ def run_duo_ffn(x: torch.Tensor, routes, params: Tuple[Optional[FFNWeights], ...
         return _one_path(x, params[routes], residual, gate, backend)
     flat = x.dim() == 2  # (N, d) already: no reshapes (each costs a microsecond at decode)
     r_N = routes if flat else routes.reshape(-1)  # (N,)
-    if r_N.numel() and x.device.type != "meta":
+    device = x.device
+    cpu = device.type == "cpu"
+    if r_N.numel() and device.type != "meta":
         mode = check_mode()
         if mode == "off":
             pass
-        elif (mode == "sync" or (mode == "eager" and x.device.type == "cpu")) and \
-                not _cannot_sync():
-            host_range_check(r_N, min_route, P, "routes")
+        elif (mode == "sync" or (mode == "eager" and cpu)) and not _cannot_sync():
+            vals = host_range_check(r_N, min_route, P, "routes")
+            if vals is not None and cpu:
+                # The values are on the host already: a backend that can use them (the torch
+                # backend's decode path, ``duo_ffn_host``) skips reading them again.
+                fn = resolve("duo_ffn", device, backend)
+                host = _host_impl.get(fn)
+                if host is None:
+                    host = _host_impl[fn] = getattr(sys.modules.get(fn.__module__),
+                                                    "duo_ffn_host", False)
+                if host:
+                    out = host(x.reshape(-1, d), vals, params,
+                               None if residual is None else residual.reshape(-1, d),
+                               None if gate is None else gate.reshape(-1))
+                    return out if flat else out.view(x.shape)
         else:
             skip = next((p for p, w in enumerate(params) if w is None), None)
             if skip is None:  # no skip path: bad tokens go to an extra one
                 params, skip = params + (None,), P
             r_N = sanitize_values(r_N, min_route, P, skip, ROUTE_ERROR)
-    fn = resolve("duo_ffn", x.device, backend)
+    fn = resolve("duo_ffn", device, backend)
     if flat:
         return fn(x, r_N, params, residual, gate)
     out = fn(x.reshape(-1, d), r_N, params,
@@ -573,6 +606,7 @@ def run_duo_ffn(x: torch.Tensor, routes, params: Tuple[Optional[FFNWeights], ...
 
 
 _one_path_impl: Dict[Callable, Callable] = {}
+_host_impl: Dict[Callable, Callable] = {}
 
 
 def _one_path(x: torch.Tensor, weights: Optional[FFNWeights], residual, gate,
@@ -592,6 +626,8 @@ def _one_path(x: torch.Tensor, weights: Optional[FFNWeights], residual, gate,
             fused = _one_path_impl[swiglu] = getattr(sys.modules.get(swiglu.__module__),
                                                      "one_path", False)
     if fused:
+        if x.dim() == 2:
+            return fused(x, weights, residual, gate)
         out = fused(x.reshape(-1, d), weights,
                     None if residual is None else residual.reshape(-1, d),
                     None if gate is None else gate.reshape(-1))

@@ -38,7 +38,8 @@ import torch.nn.functional as F
 from . import ops, reference
 from .reference import FFNWeights, RouteGroups, group_tokens, rms_norm
 
-__all__ = ["group_tokens", "gather", "scatter_combine", "swiglu_ffn", "duo_ffn", "one_path"]
+__all__ = ["group_tokens", "gather", "scatter_combine", "swiglu_ffn", "duo_ffn", "one_path",
+           "duo_ffn_host"]
 
 
 def _wants_grad(*tensors: Optional[torch.Tensor]) -> bool:
@@ -379,11 +380,12 @@ def _swiglu_rows(x: torch.Tensor, weights: FFNWeights, gate: Optional[torch.Tens
                  residual: Optional[torch.Tensor]) -> torch.Tensor:
     """``residual + gate * swiglu(x)`` for x (n, d) on one path, no autograd: 5 kernels."""
     w_gate, w_up, w_down = weights
-    h = F.silu(torch.mm(x, w_gate.t()), inplace=True).mul_(torch.mm(x, w_up.t()))  # (n, W)
+    # F.linear, not mm(x, w.t()): the transposed view is made in C++, not by a Python call
+    h = F.silu(F.linear(x, w_gate), inplace=True).mul_(F.linear(x, w_up))  # (n, W)
     if gate is not None:
         h.mul_(gate.to(h.dtype).unsqueeze(-1))
     if residual is None:
-        return torch.mm(h, w_down.t())
+        return F.linear(h, w_down)
     return torch.addmm(residual, h, w_down.t())
 
 
@@ -393,8 +395,8 @@ def one_path(x: torch.Tensor, weights: FFNWeights, residual: Optional[torch.Tens
 
     The same arithmetic as ``duo_ffn`` gives those tokens (residual accumulated by the down
     GEMM), so a policy and the equivalent routes tensor agree bit for bit."""
-    if x.is_meta or _autocasting(x.device) or (torch.is_grad_enabled() and (
-            _wants_grad(x, residual, gate, *weights))):
+    if (torch.is_grad_enabled() and _wants_grad(x, residual, gate, *weights)) or \
+            x.is_meta or _autocasting(x.device):
         y = swiglu_ffn(x, *weights).to(x.dtype)
         if gate is not None:
             y = y * gate.to(y.dtype).unsqueeze(-1)
@@ -402,10 +404,21 @@ def one_path(x: torch.Tensor, weights: FFNWeights, residual: Optional[torch.Tens
     return _swiglu_rows(x.contiguous(), weights, gate, residual)
 
 
+def duo_ffn_host(x: torch.Tensor, vals: List[int], params: Sequence[Optional[FFNWeights]],
+                 residual: Optional[torch.Tensor] = None,
+                 gate: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``duo_ffn`` for a few CPU tokens whose routes ``vals`` (N ints, checked) were already
+    read by ``duollm.ops``: x (N, d) -> (N, d). Autograd and autocast take ``duo_ffn``."""
+    if (torch.is_grad_enabled() and (_wants_grad(x, residual, gate) or any(
+            w is not None and _wants_grad(*w) for w in params))) or _autocasting(x.device):
+        return duo_ffn(x, torch.tensor(vals, device=x.device), params, residual, gate)
+    return _duo_host_small(x.contiguous(), vals, params, residual, gate)
+
+
 def _duo_host_small(x, vals: List[int], params, residual, gate) -> torch.Tensor:
     """The layer for a few tokens whose routes are known on the host (decode on the CPU)."""
     first = vals[0]
-    if all(v == first for v in vals):  # one path for all: no indexing at all
+    if len(vals) == 1 or all(v == first for v in vals):  # one path for all: no indexing
         w = params[first]
         if w is None:
             return x.new_zeros(x.shape) if residual is None else residual.clone()
