@@ -5,9 +5,6 @@ process. The tiny preset at two layers keeps a launch to ~15 s on a quiet 2-core
 """
 import os
 import shutil
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -16,20 +13,9 @@ from duollm import DuoConfig
 from duollm.checkpoint import load_checkpoint
 from duollm.data import load_data
 from duollm.train import TrainConfig, latest_checkpoint, train
+from multiproc import torchrun
 
 TINY = DuoConfig.from_name("tiny", n_layers=2)
-
-
-def torchrun(script: str, tmp_path, *args: str, nproc: int = 2) -> None:
-    """Run ``script`` (Python source) under ``torchrun --standalone`` with ``nproc`` ranks."""
-    path = tmp_path / "worker.py"
-    path.write_text(textwrap.dedent(script))
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-         str(nproc), str(path), *args], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
 _TRAIN_SCRIPT = """
