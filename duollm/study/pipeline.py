@@ -92,7 +92,7 @@ def analyse_holdout(model, h: Holdout, routers: List[St.TrainedRouter], sizes: S
         return abs(float(rr.mean() - oo.mean())) - abs(float(rr.mean() - nn.mean()))
 
     near = S.verdict("the router is nearer the best random pattern than the oracle",
-                     f"|router - oracle| - |router - best random| at k={rk} (> 0)",
+                     f"abs(router - oracle) - abs(router - best random) at k={rk} (> 0)",
                      S.bootstrap(nearer, r, o_rk, rnd_rk, n_boot=nb, seed=seed), +1)
 
     cap = St.capacity(ev, {k: r_routes[f"k{k}"] for k in budgets if f"k{k}" in r_routes},

@@ -129,7 +129,7 @@ class HoldoutResult:
     headline_k: int
     oracle_vs_random: Verdict  # Fig 4a: best random minus oracle at headline_k
     router_vs: Dict[str, Interval]  # router minus oracle / best random at headline_k
-    router_near_random: Verdict  # |router - oracle| - |router - best random| > 0
+    router_near_random: Verdict  # abs(router - oracle) - abs(router - best random) > 0
     one_big_beats_all_big: Verdict  # oracle(k=1) below all big
     routers: List[RouterResult]
     capacity: CapacityResult
