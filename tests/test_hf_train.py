@@ -137,3 +137,7 @@ def test_bad_input(data):
         train_small(_converted(), big_vocab, _cfg())
     with pytest.raises(TypeError, match="cfg"):
         train_small(_converted(), data, {"steps": 3})
+    with pytest.raises(ValueError, match="fsdp"):
+        train_small(_converted(), data, _cfg(fsdp=True))
+    with pytest.raises(ValueError, match="trainable"):
+        train_small(_converted(), data, _cfg(trainable="small"))

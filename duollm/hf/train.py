@@ -115,6 +115,10 @@ def _check(model: nn.Module, data: TokenData, cfg: TrainConfig, distill) -> None
     if not isinstance(data, TokenData):
         raise TypeError(f"data: expected a duollm.data.TokenData, got {type(data).__name__}")
     spec = spec_of(model)  # TypeError naming model when it is not converted
+    if cfg.fsdp:
+        raise ValueError("cfg.fsdp: train_small trains in one process (no FSDP sharding)")
+    if cfg.trainable is not None:
+        raise ValueError("cfg.trainable: train_small always trains exactly the small paths")
     if isinstance(distill, bool) or not isinstance(distill, (int, float)) \
             or not math.isfinite(distill) or distill < 0:
         raise ValueError(f"distill: expected a finite number >= 0, got {distill!r}")
