@@ -172,10 +172,14 @@ def _check_name(name: str) -> None:
                          f"{sorted(_BACKENDS)}")
 
 
-def resolve(op: str, device: torch.device, backend: Optional[str] = None) -> Callable:
-    """The implementation of ``op`` that runs for tensors on ``device``."""
+def resolve(op: str, device: torch.device, backend: Optional[str] = None,
+            optional: bool = False) -> Callable:
+    """The implementation of ``op`` that runs for tensors on ``device``.
+
+    ``optional=True``: a backend that runs here but lacks ``op`` gives ``None`` instead of an
+    error (an unavailable backend still raises)."""
     if torch.compiler.is_compiling():  # traced once per graph; dynamo mis-guards the cache
-        return _resolve(op, device, backend or current_backend())
+        return _resolve(op, device, backend or current_backend(), optional)
     # current_backend() and env() inlined: this runs once per layer call at decode
     if _ENV_DATA is not None:
         name = backend or _scoped_backend.get()
@@ -188,11 +192,13 @@ def resolve(op: str, device: torch.device, backend: Optional[str] = None) -> Cal
         key = (op, name, device, os.environ.get("TRITON_INTERPRET"))
     fn = _resolved.get(key)
     if fn is None:
-        fn = _resolved[key] = _resolve(op, device, name)
-    return fn
+        fn = _resolved[key] = _resolve(op, device, name, True) or False
+    if fn is False and not optional:
+        _resolve(op, device, name)  # raises, saying what is missing
+    return fn or None
 
 
-def _resolve(op: str, device: torch.device, name: str) -> Callable:
+def _resolve(op: str, device: torch.device, name: str, optional: bool = False):
     _check_name(name)
     if name == "auto":
         order = _AUTO_ORDER_CUDA if device.type == "cuda" else ("torch",)
@@ -206,7 +212,7 @@ def _resolve(op: str, device: torch.device, name: str) -> Callable:
     if why is not None:
         raise BackendUnavailableError(f"backend {name!r} is not available: {why}")
     fn = getattr(_BACKENDS[name].load(), op, None)
-    if fn is None:
+    if fn is None and not optional:
         raise BackendUnavailableError(f"backend {name!r} does not implement {op}; use "
                                       f"backend='auto' or 'torch' for it")
     return fn
@@ -567,7 +573,11 @@ def run_duo_ffn(x: torch.Tensor, routes, params: Tuple[Optional[FFNWeights], ...
         if not min_route <= routes < P:
             raise ValueError(f"routes: route {routes} is not a path of this layer; expected "
                              f"an int in [{min_route}, {P})")
-        return _one_path(x, params[routes], residual, gate, backend)
+        out = _one_path(x, params[routes], residual, gate, backend)
+        if out is not None:
+            return out
+        # a backend with only the routed layer (e.g. a bench stand-in) gets a routes tensor
+        routes = torch.full(x.shape[:-1], routes, dtype=torch.int64, device=x.device)
     flat = x.dim() == 2  # (N, d) already: no reshapes (each costs a microsecond at decode)
     r_N = routes if flat else routes.reshape(-1)  # (N,)
     device = x.device
@@ -610,13 +620,15 @@ _host_impl: Dict[Callable, Callable] = {}
 
 
 def _one_path(x: torch.Tensor, weights: Optional[FFNWeights], residual, gate,
-              backend: Optional[str]) -> torch.Tensor:
+              backend: Optional[str]) -> Optional[torch.Tensor]:
     """Every token on one path: the path's SwiGLU (or nothing for a skip path), gate and
-    residual applied; no routes tensor, no grouping."""
+    residual applied; no routes tensor, no grouping. None if the backend has no SwiGLU."""
     if weights is None:
         return torch.zeros_like(x) if residual is None else residual.to(x.dtype, copy=True)
     d = x.shape[-1]
-    swiglu = resolve("swiglu_ffn", x.device, backend)
+    swiglu = resolve("swiglu_ffn", x.device, backend, optional=True)
+    if swiglu is None:
+        return None
     # A backend may fuse the residual and gate into its GEMMs: its ``one_path``.
     if torch.compiler.is_compiling():
         fused = getattr(sys.modules.get(swiglu.__module__), "one_path", False)

@@ -407,3 +407,16 @@ def test_cuda_graph_generate_equals_eager(backend, routes):
     eager = model.generate(tokens, 7, routes, backend=backend)
     graph = model.generate(tokens, 7, routes, backend=backend, cuda_graph=True)
     assert torch.equal(eager, graph)
+
+
+def test_int_route_on_a_backend_without_swiglu():
+    """A backend that implements only the routed layer (the bench's dense stand-in) still runs
+    policies and patterns: it is handed a routes tensor."""
+    from duollm.bench.dense_backend import register
+
+    name = register()
+    ffn = _ffn()
+    x, res, _, _ = _inputs(3, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(ffn(x, BIG, residual=res, backend=name),
+                                   ffn(x, BIG, residual=res), rtol=1e-5, atol=1e-5)
