@@ -16,7 +16,7 @@ from . import stages as St
 from . import stats as S
 from .holdouts import (CODE, PROSE, Holdout, load_holdout, synthetic_holdout, training_data,
                        windows)
-from .results import Curve, HoldoutResult, StudyResult
+from .results import HoldoutResult, StudyResult
 
 
 def _holdouts(data, sizes: St.StudySizes, seed: int) -> List[Holdout]:
@@ -67,12 +67,9 @@ def analyse_holdout(model, h: Holdout, routers: List[St.TrainedRouter], sizes: S
                                                   toks[ev_i].to(device), nb, seed)
         r_results.append(res)
         r_vals[tr.name], r_routes[tr.name] = per_seq, routes
-    pts: List = [None] * (L + 1)
-    for k in budgets:
-        if f"k{k}" in r_vals:
-            pts[k] = S.bootstrap_mean(r_vals[f"k{k}"], n_boot=nb, seed=seed)
-    curves.append(Curve("router", "trained router (LM + budget loss, threshold chosen on "
-                                  "selection split)", pts))
+    per_k: List = [r_vals.get(f"k{k}") if k in budgets else None for k in range(L + 1)]
+    curves.append(St.make_curve("router", "trained router (LM + budget loss, threshold chosen "
+                                          "on selection split)", per_k, big_v, nb, seed))
 
     hk = max(1, L // 2)
     o, rnd = values["oracle"][hk], values["random"][hk]

@@ -46,23 +46,26 @@ def _err(iv: Interval):
 
 def _plot_loss_vs_k(h: HoldoutResult, path: str) -> None:
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.8))
     for c in h.curves:
         ks = [k for k, p in enumerate(c.points) if p is not None]
-        ys = [c.points[k].estimate for k in ks]
-        lo = [c.points[k].estimate - c.points[k].low for k in ks]
-        hi = [c.points[k].high - c.points[k].estimate for k in ks]
         style = "*" if c.name == "router" else "o-"
-        ax.errorbar(ks, ys, yerr=[lo, hi], fmt=style, ms=4 if c.name != "router" else 10,
-                    capsize=3, label=c.label)
-    ax.axhline(h.all_big.estimate, color="gray", ls=":", label="all big")
-    ax.axhline(h.all_small.estimate, color="gray", ls="--", label="all small")
-    ax.set_xlabel("big layers per token (k)")
-    ax.set_ylabel("loss (nats/token), evaluation split")
-    ax.set_title(f"Figure 4b, {h.name}: loss vs big layers (95% bootstrap intervals)",
-                 fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=6)
+        ms = 10 if c.name == "router" else 4
+        a1.plot(ks, [c.points[k].estimate for k in ks], style, ms=ms, label=c.label)
+        d = [c.vs_all_big[k] for k in ks]
+        a2.errorbar(ks, [x.estimate for x in d], yerr=[[x.estimate - x.low for x in d],
+                                                      [x.high - x.estimate for x in d]],
+                    fmt=style, ms=ms, capsize=3, label=c.label)
+    a1.axhline(h.all_big.estimate, color="gray", ls=":", label="all big")
+    a1.axhline(h.all_small.estimate, color="gray", ls="--", label="all small")
+    a2.axhline(0, color="gray", ls=":")
+    for ax in (a1, a2):
+        ax.set_xlabel("big layers per token (k)")
+        ax.grid(alpha=0.3)
+    a1.set_ylabel("loss (nats/token), evaluation split")
+    a2.set_ylabel("loss minus all-big loss (paired, 95% interval)")
+    a1.legend(fontsize=6)
+    fig.suptitle(f"Figure 4b, {h.name}: loss vs big layers per token", fontsize=10)
     _save(fig, path)
 
 
@@ -409,9 +412,14 @@ def _holdout_md(res: StudyResult, h: HoldoutResult) -> List[str]:
            "### Figure 4a/4b: loss vs big layers", "", _img("fig4b", h, "loss vs k"), "",
            _img("fig4a", h, "oracle vs random vs router"), ""]
     head = ["k"] + [c.label for c in h.curves]
-    out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    out += ["Loss (the intervals include the spread between sequences):", "",
+            "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for k in range(L + 1):
         out.append(f"| {k} | " + " | ".join(_iv(c.points[k]) for c in h.curves) + " |")
+    out += ["", "Loss minus all-big loss on the same sequences (paired; below zero: better "
+            "than all big):", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for k in range(L + 1):
+        out.append(f"| {k} | " + " | ".join(_iv(c.vs_all_big[k]) for c in h.curves) + " |")
     fixed, rnd = _curve(h, "fixed"), _curve(h, "random")
     out += ["", "Chosen patterns (0 skip, 1 small, 2 big; layer 0 first): " + "; ".join(
         f"k={k} fixed {fixed.patterns[k]}, random {rnd.patterns[k]}" for k in

@@ -24,6 +24,7 @@ class Curve:
     name: str
     label: str
     points: List[Optional[Interval]]
+    vs_all_big: List[Optional[Interval]]  # paired difference to all big, same sequences
     patterns: Dict[int, List[int]] = field(default_factory=dict)  # chosen pattern per k
 
 

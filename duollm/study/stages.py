@@ -182,9 +182,19 @@ def context_big_curve(model, tokens: torch.Tensor, L: int, n_boot: int, seed: in
     from ..oracle import Exactly, pattern_losses
 
     tab = pattern_losses(model, tokens, "token", base="big", progress=progress)
-    pts = [S.bootstrap_mean(tab.select(Exactly(k)).loss.double().mean(1), n_boot=n_boot,
-                            seed=seed) for k in range(L + 1)]
-    return Curve("oracle_context_big", "token oracle, context all big (base='big')", pts)
+    vals = [tab.select(Exactly(k)).loss.double().mean(1) for k in range(L + 1)]
+    return make_curve("oracle_context_big", "token oracle, context all big (base='big')", vals,
+                      vals[L], n_boot, seed)
+
+
+def make_curve(name: str, label: str, values: List[Optional[torch.Tensor]],
+               all_big: torch.Tensor, n_boot: int, seed: int, patterns=None) -> Curve:
+    """A ``Curve`` from per-sequence losses per k (None where there is no point)."""
+    pts = [None if v is None else S.bootstrap_mean(v, n_boot=n_boot, seed=seed)
+           for v in values]
+    rel = [None if v is None else S.paired_difference(v, all_big, n_boot=n_boot, seed=seed)
+           for v in values]
+    return Curve(name, label, pts, rel, dict(patterns or {}))
 
 
 # --------------------------------------------------------------------------- analyses
@@ -204,28 +214,28 @@ def loss_curves(sel: PatternLosses, ev: PatternLosses, n_random: int, seed: int,
     from ..routers import random_patterns
 
     L = ev.L
-    oracle, fixed, rnd = [], [], []
     fixed_pat, rnd_pat = {}, {}
     values: Dict[str, List[torch.Tensor]] = {"oracle": [], "fixed": [], "random": []}
     for k in range(L + 1):
         m = ev.mask(k)
         values["oracle"].append(seq_mean(ev.oracle(m)[0]))
-        oracle.append(S.bootstrap_mean(values["oracle"][-1], n_boot=n_boot, seed=seed))
         cand = m.nonzero().flatten()
         i, vals = S.select_on(sel.losses[cand].mean((1, 2)), ev.losses[cand].mean(2))
         values["fixed"].append(vals)
-        fixed.append(S.bootstrap_mean(vals, n_boot=n_boot, seed=seed))
         fixed_pat[k] = ev.patterns[cand[i]].tolist()
         pats = random_patterns(L, k, n_random, seed=seed + k)
         ridx = torch.tensor([ev.index(p.tolist()) for p in pats])
         j, rvals = S.select_on(sel.losses[ridx].mean((1, 2)), ev.losses[ridx].mean(2))
         values["random"].append(rvals)
-        rnd.append(S.bootstrap_mean(rvals, n_boot=n_boot, seed=seed))
         rnd_pat[k] = ev.patterns[ridx[j]].tolist()
-    return [Curve("oracle", "oracle (paper: best pattern per token, base='pattern')", oracle),
-            Curve("fixed", "best fixed pattern (chosen on selection split)", fixed, fixed_pat),
-            Curve("random", f"best of {n_random} random patterns (chosen on selection split)",
-                  rnd, rnd_pat)], values
+    big = seq_mean(ev.losses[ev.index([BIG] * L)])
+    return [make_curve("oracle", "oracle (paper: best pattern per token, base='pattern')",
+                       values["oracle"], big, n_boot, seed),
+            make_curve("fixed", "best fixed pattern (chosen on selection split)",
+                       values["fixed"], big, n_boot, seed, fixed_pat),
+            make_curve("random", f"best of {n_random} random patterns (chosen on selection "
+                                 f"split)", values["random"], big, n_boot, seed, rnd_pat)
+            ], values
 
 
 def _halves(L: int) -> Tuple[slice, slice]:
