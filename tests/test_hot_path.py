@@ -420,3 +420,23 @@ def test_int_route_on_a_backend_without_swiglu():
     with torch.no_grad():
         torch.testing.assert_close(ffn(x, BIG, residual=res, backend=name),
                                    ffn(x, BIG, residual=res), rtol=1e-5, atol=1e-5)
+
+
+def test_llama_comparison_rows():
+    """bench decode --levels llama: the dense Llama has the DuoLLM's shape and every row has a
+    ratio (tiny shape, two timed rounds: a smoke test of the plumbing, not a measurement)."""
+    pytest.importorskip("transformers")
+    from duollm.bench import llama_compare as lc
+
+    cfg = DuoConfig.from_name("tiny", n_layers=2)
+    llama = lc.llama_of(cfg, cfg.d_small, torch.float32, torch.device("cpu"))
+    duo = DuoLLM(cfg)
+    n_duo_small = sum(p.numel() for n, p in duo.named_parameters() if "big" not in n)
+    assert sum(p.numel() for p in llama.parameters()) == n_duo_small  # same shape, width small
+    rows = lc.model_pairs(cfg, torch.device("cpu"), torch.float32, 3, 2, 4, 2, 0.01,
+                          log=lambda *_: None)
+    rows += lc.layer_pairs([(8, 16, 4)], torch.device("cpu"), torch.float32, 2, 0.01,
+                           log=lambda *_: None)
+    levels = {r["level"] for r in rows}
+    assert levels == {"llama-decode", "llama-prefill", "llama-layer"}
+    assert all(r.get("vs_llama", r.get("vs_plain", 0)) > 0 for r in rows)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 from typing import Callable, Dict, List
 
 import torch
@@ -26,9 +27,11 @@ from ..model import DuoLLM, KVCache
 from . import accounting as acc
 from .baselines import dense_ffn, sorted_routing
 from .common import (add_device_args, resolve_backends, resolve_device, resolve_dtype,
-                     setup_run)
+                     resolve_out_dir, setup_run)
+from ..usage import UsageError, check_int
+from . import llama_compare
 from .dense_backend import register as register_dense
-from .results import default_out_dir, environment, stamp, write_results
+from .results import environment, stamp, write_results
 from .timing import Stats, time_cuda, time_interleaved
 
 
@@ -45,7 +48,18 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mixes", default="1/12,big,small",
                    help="route mixes (default: %(default)s); per layer and token with exact "
                         "counts")
-    p.add_argument("--levels", default="layer,model", help="layer, model or both")
+    p.add_argument("--levels", default="layer,model",
+                   help="any of layer, model, llama (DuoLLM against transformers' dense "
+                        "Llama of the same shape: greedy decode, prefill, an N=1 layer call)")
+    p.add_argument("--llama-shape", default="8x512x2048x128", metavar="LxDxBIGxSMALL",
+                   help="llama level: layers x d_model x d_big x d_small, 64-wide heads "
+                        "(default: %(default)s)")
+    p.add_argument("--prompt", type=int, default=16,
+                   help="llama level: prompt tokens before greedy decoding (default: %(default)s)")
+    p.add_argument("--new", type=int, default=32,
+                   help="llama level: tokens generated per timed call (default: %(default)s)")
+    p.add_argument("--prefill", type=int, default=128,
+                   help="llama level: prompt tokens of the prefill timing (default: %(default)s)")
     p.add_argument("--no-graphs", dest="graphs", action="store_false",
                    help="GPU: eager only, no CUDA-graph capture")
     p.add_argument("--repeats", type=int, default=None,
@@ -213,16 +227,27 @@ def model_rows(device, dtype, config: DuoConfig, config_name: str, mixes, tokens
                 timed = _time(fns, device, graphs, repeats, budget)
             rows += _rows(timed, dict(level="model", shape=config_name, mix=mix.name,
                                       n_tokens=n, context=context, n_layers=L), log)
-        del cache
         if checkpoint is not None:
             checkpoint(rows)
-    del model
     gc.collect()
     return rows
 
 
+def _llama_config(spec: str) -> DuoConfig:
+    """DuoConfig of ``--llama-shape`` ``LxDxBIGxSMALL`` (64-wide heads, the small preset's
+    vocabulary and norms, room for 512 positions)."""
+    try:
+        L, d, d_big, d_small = (int(v) for v in spec.lower().split("x"))
+        return DuoConfig.from_name("small", n_layers=L, d_model=d, n_heads=max(1, d // 64),
+                                   d_big=d_big, d_small=d_small, max_seq_len=512)
+    except ValueError as e:
+        raise UsageError("--llama-shape", f"expected LxDxBIGxSMALL positive ints with D a "
+                                          f"multiple of 64 or below it, got {spec!r} ({e})")
+
+
 def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
+    out_dir = resolve_out_dir(args, device)  # checked before any work
     dtype = resolve_dtype(args.dtype, device)
     gpu = device.type == "cuda"
     shape = acc.parse_shape(args.shape or ("tiny" if args.quick else
@@ -239,8 +264,19 @@ def run(args: argparse.Namespace) -> int:
     mixes = acc.parse_list(args.mixes, acc.parse_mix, "mixes")
     levels = [v.strip() for v in args.levels.split(",") if v.strip()]
     for v in levels:
-        if v not in ("layer", "model"):
-            raise ValueError(f"--levels: expected layer and/or model, got {v!r}")
+        if v not in ("layer", "model", "llama"):
+            raise UsageError("--levels", f"expected some of layer, model, llama, got {v!r}")
+    llama_config = None
+    if "llama" in levels:
+        llama_config = _llama_config(args.llama_shape if not args.quick else "2x64x256x16")
+        for flag in ("--prompt", "--new", "--prefill"):
+            check_int(flag, getattr(args, flag[2:]), low=1)
+        if importlib.util.find_spec("transformers") is None:
+            raise UsageError("--levels", "llama needs the transformers package "
+                                         "(pip install transformers)")
+        if max(args.prompt + args.new, args.prefill) > llama_config.max_seq_len:
+            raise UsageError("--prompt", f"prompt + new and prefill must fit "
+                                         f"{llama_config.max_seq_len} positions")
     status = resolve_backends(args.backends, device)
     backends = [b for b, why in status.items() if why is None]
     # The thread rule every command shares, by the widest model measured (after the checks).
@@ -254,7 +290,6 @@ def run(args: argparse.Namespace) -> int:
                       unavailable_backends={b: w for b, w in status.items() if w},
                       graphs=graphs, **settings)
     rows: List[Dict] = []
-    out_dir = args.out or default_out_dir(device)
     prefix = f"decode-{env['dtype']}-{stamp()}"
     if "layer" in levels:  # results are written after each part: a cut run keeps its rows
         rows += layer_rows(device, dtype, shape, mixes, tokens, backends, graphs, repeats,
@@ -266,9 +301,24 @@ def run(args: argparse.Namespace) -> int:
                            graphs, repeats, budget, context, args.seed,
                            checkpoint=lambda mrows: write_results(out_dir, prefix, dict(env),
                                                                   layer_part + mrows))
+    if "llama" in levels:
+        env["llama_shape"] = llama_config.to_dict()
+        backend = "triton" if gpu and "triton" in backends else "torch"
+        new, prompt, prefill = ((4, 4, 16) if args.quick else
+                                (args.new, args.prompt, args.prefill))
+        d, d_big, d_small = llama_config.d_model, llama_config.d_big, llama_config.d_small
+        rows += [dict(r, shape=args.llama_shape, backend=backend) for r in
+                 llama_compare.layer_pairs([(32, 128, 8), (d, d_big, d_small)], device, dtype,
+                                           repeats * 20, budget, args.seed, backend)]
+        write_results(out_dir, prefix, dict(env), rows)
+        rows += [dict(r, shape=args.llama_shape, backend=backend) for r in
+                 llama_compare.model_pairs(llama_config, device, dtype, prompt, new, prefill,
+                                           repeats, budget * 4, args.seed, backend)]
     paths = write_results(out_dir, prefix, env, rows)
     if args.plots:
         from .plots import decode_plots
-        paths += tuple(decode_plots(rows, env, out_dir, prefix))
+        plotted = [r for r in rows if r["level"] in ("layer", "model")]
+        if plotted:
+            paths += tuple(decode_plots(plotted, env, out_dir, prefix))
     print("wrote " + ", ".join(paths))
     return 0

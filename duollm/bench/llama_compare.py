@@ -73,7 +73,7 @@ def _row(stats: Dict[str, Stats], base: Dict, name: str, ref_names, per_call_tok
     row = dict(base, impl=name, **s.as_dict(),
                tokens_per_s=per_call_tokens / (s.median_ms / 1e3),
                vs_llama=ref.median_ms / s.median_ms)
-    log(f"{base['level']:>8} {base['mix']:>5} {name:>16} {s.median_ms:9.3f} ms  "
+    log(f"{base['level']:>13} {base['mix']:>5} {name:>16} {s.median_ms:9.3f} ms  "
         f"{row['tokens_per_s']:10.1f} tok/s  vs llama {row['vs_llama']:.3f}x")
     return row
 
@@ -101,14 +101,16 @@ def model_pairs(config: DuoConfig, device: torch.device, dtype: torch.dtype, pro
             }
             t = time_interleaved(fns, device, repeats=repeats, budget_s=budget * len(fns))
             stats = {n: Stats.of(v) for n, v in t.items()}
-            base = dict(level="decode", mix=mix, width=width, prompt=prompt_len, new=new)
+            base = dict(level="llama-decode", mode="eager", mix=mix, width=width,
+                        prompt=prompt_len, new=new)
             for name in fns:
                 rows.append(_row(stats, base, name, ("llama_generate", "llama_loop"), new, log))
             fns = {"duollm": lambda i: duo(long, mix, backend=backend),
                    "llama": lambda i: llama(input_ids=long, use_cache=False).logits}
             t = time_interleaved(fns, device, repeats=repeats, budget_s=budget * len(fns))
             stats = {n: Stats.of(v) for n, v in t.items()}
-            base = dict(level="prefill", mix=mix, width=width, prompt=prefill_len)
+            base = dict(level="llama-prefill", mode="eager", mix=mix, width=width,
+                        prompt=prefill_len)
             for name in fns:
                 rows.append(_row(stats, base, name, ("llama",), prefill_len, log))
     return rows
@@ -137,12 +139,13 @@ def layer_pairs(shapes, device: torch.device, dtype: torch.dtype, repeats: int, 
                 t = time_interleaved(fns, device, repeats=repeats, warmup=20,
                                      budget_s=budget * len(fns))
             stats = {n: Stats.of(v) for n, v in t.items()}
-            base = dict(level="layer", mix=mix, d_model=d, width=wg.shape[0], n_tokens=1)
+            base = dict(level="llama-layer", mode="eager", mix=mix, d_model=d,
+                        width=wg.shape[0], n_tokens=1)
             for name in fns:
                 s = stats[name]
                 row = dict(base, impl=name, **s.as_dict(),
                            vs_plain=stats["plain_swiglu"].median_ms / s.median_ms)
                 rows.append(row)
-                log(f"   layer {mix:>5} d={d:<4} {name:>16} {s.median_ms * 1e3:9.1f} us  "
+                log(f"  llama-layer {mix:>5} d={d:<4} {name:>16} {s.median_ms * 1e3:9.1f} us  "
                     f"vs plain {row['vs_plain']:.3f}x")
     return rows
