@@ -175,3 +175,20 @@ def test_sharded_search_refuses_the_batch_wide_beam():
     with pytest.raises(ValueError, match="method"):
         sharded_search(model, torch.zeros(2, 9, dtype=torch.int64), 1, "token",
                        method="beam", base="pattern")
+
+
+def test_sharded_search_in_one_process_is_search():
+    from duollm import DuoLLM
+    from duollm.oracle import search
+    from duollm.stack import as_stack
+    from duollm.study.parallel import sharded_pattern_losses, sharded_search
+
+    torch.manual_seed(0)
+    model = DuoLLM(TINY).eval()
+    tokens = torch.randint(0, 256, (3, 9), generator=torch.Generator().manual_seed(0))
+    one = search(model, tokens, 1, "token", base="pattern")
+    for m in (model, as_stack(model)):  # a module or a RoutedStack
+        got = sharded_search(m, tokens, 1, "token", base="pattern")
+        assert torch.equal(got.routes, one.routes) and torch.equal(got.loss, one.loss)
+    table = sharded_pattern_losses(model, tokens, "sequence")
+    assert torch.equal(table.select(1).loss, search(model, tokens, 1).loss)

@@ -27,9 +27,14 @@ from ..oracle import OracleResult, PatternTable, pattern_losses, search
 
 
 def _device_of(model) -> str:
-    for p in model.parameters():
-        return "cuda" if p.device.type == "cuda" else "cpu"
-    return "cpu"
+    """"cuda" or "cpu": where the model (a module or a ``RoutedStack``) runs."""
+    from ..stack import RoutedStack
+
+    if isinstance(model, RoutedStack):
+        device = model.device
+    else:
+        device = next(iter(model.parameters()), torch.empty(0)).device
+    return "cuda" if torch.device(device).type == "cuda" else "cpu"
 
 
 def _local_args(info: distributed.DistInfo, tokens: torch.Tensor, base):
