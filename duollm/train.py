@@ -254,7 +254,11 @@ def train(model_config: DuoConfig, data: TokenData, cfg: TrainConfig,
     Under ``torchrun`` (``WORLD_SIZE > 1``) the process group is joined here (unless the
     caller already did) and left at the end; rank 0 alone prints and writes checkpoints.
     With ``cfg.fsdp`` the ranks shard the model with FSDP2 instead of replicating it; the
-    returned model is then a plain, whole ``DuoLLM`` on every rank (gathered at the end).
+    returned model is then a plain, whole ``DuoLLM`` on every rank (gathered at the end), and
+    a ``model`` passed in has been sharded in place: use the returned one. Each rank builds
+    the whole model before sharding it (identical initial weights everywhere, as in one
+    process), so a rank's device must hold one full copy of the weights for a moment.
+    ``cfg.data_parallel=False`` trains in this process alone even under ``torchrun``.
     """
     if not isinstance(cfg, TrainConfig):
         raise TypeError(f"cfg: expected a TrainConfig, got {type(cfg).__name__}")
