@@ -19,8 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import ops as _ops
 from . import reference
 from .reference import FFNWeights, RouteGroups
+from .torch_backend import _STATIC_MAX, _duo_static as _static_duo_ffn
 
 try:
     from . import _C
@@ -258,11 +260,12 @@ def duo_ffn(x: Tensor, routes: Tensor, params: Sequence[Optional[FFNWeights]],
     """The routed layer: group -> gather (one kernel) -> per-path SwiGLU on contiguous slices
     of the grouped rows -> scatter_combine with residual and gate (one kernel).
 
-    **One host synchronisation:** slicing the grouped rows per path needs the path offsets on
-    the host, so this reads ``groups.offsets`` back once per call. Hence this function cannot
-    be captured in a CUDA graph and graph-breaks under ``torch.compile``; the triton backend's
-    ``duo_ffn`` is the sync-free one. (Sync-free alternatives here would run every path's GEMMs
-    on all N rows, or need a grouped GEMM over paths of different widths.)
+    **One host synchronisation above 64 tokens:** slicing the grouped rows per path needs the
+    path offsets on the host, so a call on more than 64 tokens reads ``groups.offsets`` back
+    once. Up to 64 tokens (decode), and at any size under graph capture or ``torch.compile``,
+    every path instead runs on every row and masks keep each token's own result (the torch
+    backend's static layer: no value read back, capturable; at decode the weight reads
+    dominate, so the extra rows cost little). The triton backend is sync-free at every size.
 
     Without autograd (and autocast) the per-path down-projections write straight into one
     (N, d) buffer; otherwise the per-path outputs are concatenated (one extra copy of y).
@@ -273,6 +276,8 @@ def duo_ffn(x: Tensor, routes: Tensor, params: Sequence[Optional[FFNWeights]],
     Returns: (N, d), dtype of x.
     """
     n, d = x.shape
+    if n <= _STATIC_MAX or _ops._cannot_sync():
+        return _static_duo_ffn(x, routes, params, residual, gate)
     groups = group_tokens(routes, len(params))
     x_g = gather(x, groups)  # (N, d) grouped order
     offsets = groups.offsets.tolist()  # the one host sync (see docstring)
