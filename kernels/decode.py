@@ -281,12 +281,12 @@ def _workspaces(device: torch.device, dtype: torch.dtype, n_rows: int, w_max: in
     return ws
 
 
-def _splits(width: int, n_dt: int, bk: int, target: int, w_max: int) -> Tuple[int, int]:
-    """(splits, width per split) of a slot's down-projection reduction: about ``target``
-    work items over the d tiles for the widest slot, proportionally fewer for narrower
-    ones; each split a multiple of BK wide and none empty."""
-    want = max(1, round(target / n_dt * width / w_max))
-    s = max(1, min(want, triton.cdiv(width, bk)))
+def _splits(width: int, n_dt: int, bk: int, target: int) -> Tuple[int, int]:
+    """(splits, width per split) of a slot's down-projection reduction: enough work items
+    over the d tiles for the slot ALONE to fill ``target`` programs (so an all-small batch
+    streams the small weights over every SM too), at most one split per BK columns, each
+    split a multiple of BK wide and none empty."""
+    s = max(1, min(triton.cdiv(target, n_dt), triton.cdiv(width, bk)))
     k = triton.cdiv(triton.cdiv(width, s), bk) * bk
     return triton.cdiv(width, k), k
 
@@ -301,10 +301,9 @@ def _plan(N: int, d: int, widths: Tuple[int, ...], dtype: torch.dtype, dev: torc
     sms = num_sms(dev)
     for w in widths:
         int32_guard("weights", w, d)
-    w_max = max(widths)
     tiles = tuple(triton.cdiv(w, cg.BM) for w in widths)
     n_dt = triton.cdiv(d, cd.BM)
-    sk = tuple(_splits(w, n_dt, cd.BK, cd.programs_per_sm * sms, w_max) for w in widths)
+    sk = tuple(_splits(w, n_dt, cd.BK, cd.programs_per_sm * sms) for w in widths)
     e_max = sum(s for s, _ in sk)
     grid_g = min(sum(tiles), cg.programs_per_sm * sms)
     grid_d = min(n_dt * e_max, cd.programs_per_sm * sms)

@@ -53,12 +53,12 @@ def test_paths_without_residual_or_gate(device, mode, residual, gate):
 
 
 def test_decode_split_k_several_d_tiles(device):
-    """d = 70 (two d tiles of 64) and widths 72 / 200: the big path's reduction is split (a
+    """d = 70 (two d tiles of 64) and widths 72 / 200: both paths' reductions are split (a
     ragged last split), so the last-arriver reduction sums several partials per d tile."""
     N, d, widths = 11, 70, (0, 72, 200)
     n_dt = -(-d // 64)
-    splits = decode._splits(200, n_dt, 64, 4, 200)
-    assert splits[0] > 1, splits  # the shape really splits K
+    splits = [decode._splits(w, n_dt, 64, 4) for w in widths[1:]]
+    assert all(s > 1 for s, _ in splits), splits  # the shape really splits K
     check(device, torch.float32, N, d, widths, "random", seed=5, fn=_layer("decode"))
 
 
