@@ -12,7 +12,10 @@ once, the tokens ride along. So the work is laid out over weight tiles, not toke
    ``programs_per_sm`` x #SMs programs. A tile computes h^T = silu(Wg x^T) * (Wu x^T) for ALL
    tokens (BM weight rows on the wide side of the MMA, the tokens on the narrow side, padded
    to 16 for ``tl.dot``) and stores the columns of the tokens routed to its slot into h
-   (N, W_max), token order. Grouping is folded in: there is no perm.
+   (N, W_max), token order. Grouping is folded in: there is no perm. A path too narrow to
+   fill the machine with its weight-row tiles (the paper's small path: 20 tiles) also splits
+   the reduction over d; its g and u partials are summed by the last arrival as below, which
+   then applies the SiLU product and stores h.
 2. ``_decode_down_kernel``: out^T = Wd h^T with the reduction over each slot's width split in
    ``S_s`` chunks (split-K), so a handful of d tiles still fill every SM. Work items are
    (d tile, split) over the active slots' splits; each writes an fp32 partial (the tokens of
@@ -23,9 +26,9 @@ once, the tokens ride along. So the work is laid out over weight tiles, not toke
    the counters need no clearing between calls (and a CUDA graph can replay it).
 
 Two launches per layer, no host sync, grids fixed for a given N: capturable. The workspaces
-(h, partials, counters) are cached per (device, stream, shape) and reused: two launches on the
-same stream are ordered, so reuse is safe; concurrent use of one layer shape from two streams
-gets two workspaces.
+(h, partials, counters of both kernels) are cached per (device, stream, shape) and reused:
+two launches on the same stream are ordered, so reuse is safe; concurrent use of one layer
+shape from two streams gets two workspaces.
 """
 from __future__ import annotations
 
@@ -89,6 +92,8 @@ def _decode_gateup_kernel(
     x_ptr,       # (N, d) input rows, token order
     routes_ptr,  # (N,) any integer dtype: path per token
     h_ptr,       # (N, stride_h) out: h in token order, columns [0, W_route) of each token
+    part_ptr,    # (n_split_tiles, KS_max, 2, BM, BN) fp32 workspace: split-K partials of g, u
+    cnt_ptr,     # (n_split_tiles,) int32 workspace: arrivals per split tile, zero between calls
     wg0,         # (W_0, d) gate weight of slot 0
     wu0,         # (W_0, d) up weight of slot 0
     wg1,         # slot 1 (unused when NSLOT < 2), and so on
@@ -97,10 +102,13 @@ def _decode_gateup_kernel(
     wu2,
     wg3,
     wu3,
-    N, d, stride_h,
+    N, d, stride_h, KS_max,
     R0, R1, R2, R3,  # route index of each slot
     W0, W1, W2, W3,  # width of each slot (> 0)
-    C0, C1, C2, C3,  # weight-row tiles of each slot: cdiv(W_s, BM)
+    C0, C1, C2, C3,  # work items of each slot: weight-row tiles x K splits
+    KS0, KS1, KS2, KS3,  # K splits of each slot (1: no split, h written at once)
+    KC0, KC1, KC2, KC3,  # K (= d) columns per split, a multiple of BK
+    G0, G1, G2, G3,  # first split-tile counter of each slot
     NSLOT: tl.constexpr,
     BM: tl.constexpr,  # weight rows per tile (wide side of the MMA)
     BN: tl.constexpr,  # token tile: next_pow2(N), at least 16 (narrow side)
@@ -112,20 +120,27 @@ def _decode_gateup_kernel(
                                                  C0, C1, C2, C3, NSLOT, BN)
     tt = tl.arange(0, BN)
     ks = tl.arange(0, BK)
+    tile_off = tl.arange(0, BM)[:, None] * BN + tt[None, :]  # (BM, BN) offsets in a partial
     for t in range(pid, total, tl.num_programs(0)):
         s = slot_of(t, A1, A2, A3, NSLOT)
         local = t - pick(s, 0, A1, A2, A3, NSLOT)
         R = pick(s, R0, R1, R2, R3, NSLOT)
         W = pick(s, W0, W1, W2, W3, NSLOT)
+        KS = pick(s, KS0, KS1, KS2, KS3, NSLOT)
+        KC = pick(s, KC0, KC1, KC2, KC3, NSLOT)
         wg_ptr = pick(s, wg0, wg1, wg2, wg3, NSLOT)
         wu_ptr = pick(s, wu0, wu1, wu2, wu3, NSLOT)
-        ws = local * BM + tl.arange(0, BM)
+        tile = local // KS
+        q = local % KS
+        ws = tile * BM + tl.arange(0, BM)
         wmask = ws < W
+        k_lo = q * KC
+        k_hi = tl.minimum(k_lo + KC, d)
         acc_g = tl.zeros((BM, BN), dtype=ACC)
         acc_u = tl.zeros((BM, BN), dtype=ACC)
-        for k0 in range(0, d, BK):
+        for k0 in range(k_lo, k_hi, BK):
             k = k0 + ks
-            kmask = k < d
+            kmask = k < k_hi
             amask = wmask[:, None] & kmask[None, :]
             ag = tl.load(wg_ptr + ws[:, None] * d + k[None, :], mask=amask, other=0.0)  # (BM, BK)
             au = tl.load(wu_ptr + ws[:, None] * d + k[None, :], mask=amask, other=0.0)
@@ -137,10 +152,31 @@ def _decode_gateup_kernel(
                 b = b.to(ACC)
             acc_g = tl.dot(ag, b, acc_g, input_precision=PREC, out_dtype=ACC)
             acc_u = tl.dot(au, b, acc_u, input_precision=PREC, out_dtype=ACC)
-        hT = acc_g * tl.sigmoid(acc_g) * acc_u  # (BM, BN): h^T of this weight tile
-        mine = tmask & (r == R)
-        tl.store(h_ptr + tt[None, :].to(tl.int64) * stride_h + ws[:, None],
-                 hT.to(h_ptr.dtype.element_ty), mask=wmask[:, None] & mine[None, :])
+        last = KS == 1
+        if KS > 1:
+            # Split K (a narrow path alone would leave most SMs idle): partials of g and u,
+            # summed in split order by the last arrival (as in _decode_down_kernel).
+            gid = pick(s, G0, G1, G2, G3, NSLOT) + tile
+            base = (gid * KS_max + q).to(tl.int64) * (2 * BM * BN)
+            tl.store(part_ptr + base + tile_off, acc_g)
+            tl.store(part_ptr + base + BM * BN + tile_off, acc_u)
+            tl.debug_barrier()
+            done = tl.atomic_add(cnt_ptr + gid, 1, sem="acq_rel", scope="gpu")
+            last = done == KS - 1
+            if last:
+                tl.debug_barrier()
+                acc_g = tl.zeros((BM, BN), dtype=ACC)
+                acc_u = tl.zeros((BM, BN), dtype=ACC)
+                for qq in range(0, KS):  # fixed order: deterministic
+                    pb = (gid * KS_max + qq).to(tl.int64) * (2 * BM * BN)
+                    acc_g += tl.load(part_ptr + pb + tile_off, cache_modifier=".cg")
+                    acc_u += tl.load(part_ptr + pb + BM * BN + tile_off, cache_modifier=".cg")
+                tl.atomic_xchg(cnt_ptr + gid, 0)
+        if last:
+            hT = acc_g * tl.sigmoid(acc_g) * acc_u  # (BM, BN): h^T of this weight tile
+            mine = tmask & (r == R)
+            tl.store(h_ptr + tt[None, :].to(tl.int64) * stride_h + ws[:, None],
+                     hT.to(h_ptr.dtype.element_ty), mask=wmask[:, None] & mine[None, :])
 
 
 @triton.jit
@@ -293,8 +329,10 @@ def _splits(width: int, n_dt: int, bk: int, target: int) -> Tuple[int, int]:
 
 @functools.lru_cache(maxsize=1024)
 def _plan(N: int, d: int, widths: Tuple[int, ...], dtype: torch.dtype, dev: torch.device):
-    """Launch metadata of one layer shape, computed once: (token tile, configs, weight-row
-    tiles per slot, d tiles, (splits, split width) per slot, partials per d tile, grids)."""
+    """Launch metadata of one layer shape, computed once: (token tile, configs, the gate/up
+    work list (items, (splits, split width) and first split-tile counter per slot, split
+    tiles, most splits), d tiles, down (splits, split width) per slot, partials per d tile,
+    grids)."""
     BN = max(16, next_pow2(N))
     cg = gemm_config("decode_gateup", dtype, N, dev, d)
     cd = gemm_config("decode_down", dtype, N, dev, d)
@@ -302,12 +340,21 @@ def _plan(N: int, d: int, widths: Tuple[int, ...], dtype: torch.dtype, dev: torc
     for w in widths:
         int32_guard("weights", w, d)
     tiles = tuple(triton.cdiv(w, cg.BM) for w in widths)
+    # gate/up: split d too where a path's weight-row tiles alone cannot fill the machine
+    gk = tuple(_splits(d, t, cg.BK, cg.programs_per_sm * sms) for t in tiles)
+    g_first, n_gt = [], 0
+    for t, (ks_, _) in zip(tiles, gk):
+        g_first.append(n_gt)
+        n_gt += t if ks_ > 1 else 0
+    ks_max = max(ks_ for ks_, _ in gk)
     n_dt = triton.cdiv(d, cd.BM)
     sk = tuple(_splits(w, n_dt, cd.BK, cd.programs_per_sm * sms) for w in widths)
     e_max = sum(s for s, _ in sk)
-    grid_g = min(sum(tiles), cg.programs_per_sm * sms)
+    items = tuple(t * ks_ for t, (ks_, _) in zip(tiles, gk))
+    grid_g = min(sum(items), cg.programs_per_sm * sms)
     grid_d = min(n_dt * e_max, cd.programs_per_sm * sms)
-    return BN, cg, cd, tiles, n_dt, sk, e_max, grid_g, grid_d
+    gate_up = (items, gk, tuple(g_first), max(n_gt, 1), ks_max)
+    return BN, cg, cd, gate_up, n_dt, sk, e_max, grid_g, grid_d
 
 
 def duo_ffn_decode(x: torch.Tensor, routes: torch.Tensor, slots: Sequence[Slot],
@@ -322,9 +369,10 @@ def duo_ffn_decode(x: torch.Tensor, routes: torch.Tensor, slots: Sequence[Slot],
     dev, dtype = x.device, x.dtype
     routed = [s for s in slots if s.width > 0]
     plan = _plan(N, d, tuple(s.width for s in routed), dtype, dev)
-    BN, cg, cd, tiles, n_dt, sk, e_max, grid_g, grid_d = plan
+    BN, cg, cd, (items, gk, g_first, n_gt, ks_max), n_dt, sk, e_max, grid_g, grid_d = plan
     h, part, cnt = _workspaces(dev, dtype, N, max(s.width for s in routed),
                                n_dt * e_max * cd.BM * BN, n_dt)
+    gpart, gcnt = _workspaces(dev, dtype, 0, 0, n_gt * ks_max * 2 * cg.BM * BN, n_gt)[1:]
     out = torch.empty_like(x)
     routes_t, widths = routes_widths(routed)
     dummy = x
@@ -335,9 +383,10 @@ def duo_ffn_decode(x: torch.Tensor, routes: torch.Tensor, slots: Sequence[Slot],
     for s in pad4(routed, None):
         ptrs += [dummy, dummy] if s is None else [s.w_gate, s.w_up]
     _decode_gateup_kernel[(grid_g,)](
-        x, routes, h, *ptrs, N, d, h.stride(0), *routes_t, *widths, *pad4(tiles, 0),
-        BM=cg.BM, BN=BN, BK=cg.BK, num_warps=cg.num_warps, num_stages=cg.num_stages,
-        **common)
+        x, routes, h, gpart, gcnt, *ptrs, N, d, h.stride(0), ks_max, *routes_t, *widths,
+        *pad4(items, 0), *pad4([k for k, _ in gk], 1), *pad4([c for _, c in gk], 0),
+        *pad4(g_first, 0), BM=cg.BM, BN=BN, BK=cg.BK, num_warps=cg.num_warps,
+        num_stages=cg.num_stages, **common)
 
     wd = [s.w_down for s in routed]
     _decode_down_kernel[(grid_d,)](

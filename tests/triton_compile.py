@@ -62,8 +62,13 @@ def variants():
     return [
         # decode at N = 1 (N, the small path's route 1 and its single split all constants)
         ("decode_gateup_n1", lambda: compile_kernel(
-            dec._decode_gateup_kernel, dict(N=1, R0=1, NSLOT=2, BM=32, BN=16, BK=128, **MMA),
-            i64, num_stages=4)),
+            dec._decode_gateup_kernel, dict(N=1, R0=1, KS1=1, NSLOT=2, BM=32, BN=16, BK=128,
+                                            **MMA),
+            dict(i64, part_ptr="*fp32", cnt_ptr="*i32"), num_stages=4)),
+        ("decode_gateup_no_split", lambda: compile_kernel(
+            dec._decode_gateup_kernel, dict(KS0=1, KS_max=1, NSLOT=1, BM=32, BN=64, BK=128,
+                                            **MMA),
+            dict(i64, part_ptr="*fp32", cnt_ptr="*i32"), num_stages=4)),
         ("decode_down_n1", lambda: compile_kernel(
             dec._decode_down_kernel, dict(N=1, R0=1, S0=1, NSLOT=2, HAS_RES=True,
                                           HAS_GATE=True, BM=64, BN=16, BK=128, **MMA),
