@@ -15,6 +15,8 @@ shape (e.g. the paper's layer on sm90) is added above the generic ones without t
 * dtype: ``"fp64"``, ``"fp32"`` or ``"16"`` (fp16 and bf16).
 * n_bucket: the token count's bucket, ``n_bucket(N)``: "decode" (N <= 64), "small" (<= 256),
   "mid" (< 2048), "large".
+* d: the model width; width: the widest path of the launch (one launch serves every path of
+  a layer with one configuration).
 
 The generic entries are the configurations the kernels shipped with (measured on an H100:
 ``benchmarks/results/h100``). ``programs_per_sm`` sizes the persistent grids (fixed grid =

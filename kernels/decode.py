@@ -334,8 +334,8 @@ def _plan(N: int, d: int, widths: Tuple[int, ...], dtype: torch.dtype, dev: torc
     tiles, most splits), d tiles, down (splits, split width) per slot, partials per d tile,
     grids)."""
     BN = max(16, next_pow2(N))
-    cg = gemm_config("decode_gateup", dtype, N, dev, d)
-    cd = gemm_config("decode_down", dtype, N, dev, d)
+    cg = gemm_config("decode_gateup", dtype, N, dev, d, max(widths))
+    cd = gemm_config("decode_down", dtype, N, dev, d, max(widths))
     sms = num_sms(dev)
     for w in widths:
         int32_guard("weights", w, d)

@@ -248,7 +248,7 @@ def _fwd_plan(kind: str, N: int, d: int, layout: Tuple[Tuple[int, int], ...],
     """The launches of ``gateup_fwd`` / ``down_fwd`` for one shape, computed once: (config,
     [(slot indices, grid, T1..T3, routes, widths)] per launch of at most MAX_SLOTS slots).
     ``layout`` is the (route, width) of every slot."""
-    cfg = gemm_config(kind, dtype, N, device, d)
+    cfg = gemm_config(kind, dtype, N, device, d, max(w for _, w in layout))
     idx = [i for i, (_, w) in enumerate(layout) if w > 0 or kind == "down"]
     m_tiles = triton.cdiv(N, cfg.BM)
     launches = []

@@ -269,7 +269,7 @@ def gateup_bwd(x: torch.Tensor, dy: torch.Tensor, gate: Optional[torch.Tensor],
     dg = torch.empty_like(h)
     du = torch.empty_like(h)
     lo = [torch.empty_like(h) for _ in range(3)] if split else [h, dg, du]
-    cfg = gemm_config("gateup_bwd", dtype, N, x.device, d)
+    cfg = gemm_config("gateup_bwd", dtype, N, x.device, d, w_max)
     n_wt = triton.cdiv(w_max, cfg.BN)
     has_gate = gate is not None
     dgp = torch.zeros((N, n_wt) if has_gate else (1, 1), dtype=acc_dtypes(dtype)[1],
