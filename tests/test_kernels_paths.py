@@ -206,3 +206,26 @@ def test_int32_weight_offset_guard():
     with pytest.raises(ValueError, match="weights"):
         ffn_gemm.gateup_fwd(x, None, None, [slot], torch.empty(4, width, device="meta"))
     decode._plan(1, d, (width - 1,), torch.float32, torch.device("cpu"))  # just fits
+
+
+def test_configs_table_lookup(monkeypatch):
+    """The committed table: the interpreter uses its own entries only, a GPU never does; the
+    most specific matching entry wins, so a measured shape-specific entry overrides."""
+    configs = importlib.import_module("duollm.kernels.configs")
+    assert configs.gemm_config("gateup", torch.float32, 10, torch.device("cpu")).BM == 64
+    large = configs._lookup("sm90", "gateup", "16", "large", 2560, 10240)
+    assert (large.BM, large.BN, large.num_warps) == (128, 128, 8)
+    dec = configs._lookup("sm90", "down", "16", "decode", 2560, 10240)
+    assert (dec.BN, dec.GROUP_M) == (64, 1)
+    assert configs._lookup("sm90", "gateup_bwd", "fp64", "large", 64, 64).BK == 32
+    tuned = configs.GemmConfig(128, 256, 64, 8, 8, 3, 1)
+    monkeypatch.setitem(configs.TABLE, ("sm90", "down", "16", "large", 2560, 10240), tuned)
+    configs._lookup.cache_clear()
+    try:
+        assert configs._lookup("sm90", "down", "16", "large", 2560, 10240) == tuned
+        assert configs._lookup("sm90", "down", "16", "large", 2560, 640) != tuned
+        assert configs._lookup("interp", "down", "16", "large", 2560, 10240) != tuned
+    finally:
+        configs._lookup.cache_clear()
+    with pytest.raises(KeyError):  # no entry for an unknown kind and dtype on a GPU
+        configs._lookup("sm90", "nope", "bad", "x", 0, 0)
