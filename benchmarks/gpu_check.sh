@@ -2,6 +2,7 @@
 # The GPU pass of docs/kernels.md, ready to run on the next GPU machine:
 #
 #   bash benchmarks/gpu_check.sh [all] [OUT_DIR]   # everything below, within BUDGET=480 s
+#   bash benchmarks/gpu_check.sh OUT_DIR           # the same
 #   bash benchmarks/gpu_check.sh tests OUT_DIR     # build + tests only
 #   bash benchmarks/gpu_check.sh bench OUT_DIR     # build + benchmarks + the speedup sweep
 #
@@ -26,11 +27,11 @@
 # where these rows show it faster.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PHASE=${1:-all}
-case "$PHASE" in all|tests|bench) ;; *)
-  echo "usage: gpu_check.sh [all|tests|bench] [OUT_DIR]" >&2; exit 2 ;;
+case "${1:-all}" in  # gpu_check.sh [PHASE] [OUT_DIR]; a lone argument that is no phase is OUT_DIR
+  all|tests|bench) PHASE=${1:-all}; OUT_ARG=${2:-} ;;
+  *) PHASE=all; OUT_ARG=$1 ;;
 esac
-OUT_DIR=${2:-${OUT:-/tmp/duollm-gpu}}
+OUT_DIR=${OUT_ARG:-${OUT:-/tmp/duollm-gpu}}
 PY=${PYTHON:-python3}
 mkdir -p "$OUT_DIR"
 unset TRITON_INTERPRET DUOLLM_BACKEND DUOLLM_TRITON_DECODE DUOLLM_TRITON_PERSISTENT
