@@ -37,11 +37,10 @@ def test_threshold_router_sends_about_the_share_big():
     router = ThresholdRouter(2, 16, 1 / 12, seed=0, device=torch.device("cpu"),
                              dtype=torch.float32)
     hidden = torch.randn(4, 240, 16)
-    router.fitting = True
-    router(0, hidden)
-    router.fitting = False
-    router.n_big.zero_()
-    router.n = 0
+    fitted = []
+    router.fit(lambda: fitted.append(router(0, hidden)))
+    assert torch.equal(fitted[0], torch.ones(4, 240, dtype=torch.int64))  # small while fitting
+    assert router.n == 0
     routes = router(0, hidden)
     assert routes.shape == (4, 240)
     assert abs(router.fraction() - 1 / 12) < 0.01

@@ -12,9 +12,10 @@ all-small model could cost at best). Phases:
 Candidates (``impl``), timed round-robin on the CPU (``duollm.bench.timing``) so that load
 from other processes falls on all alike: ``original``, ``ideal``, ``converted`` (outside any
 ``routing`` block: all-big), and inside ``routing``: ``big``, ``small`` and ``1/12`` (a linear
-threshold router per layer whose thresholds send about 1/12 of the prefill tokens big, the
-rest small; the realised fraction is recorded as ``big_fraction``). The routed candidates use
-the default dispatch, or run once per ``--backends`` name (tagged ``big[triton]``, ...).
+threshold router per layer whose thresholds, fitted on that phase's inputs, send about 1/12 of
+the tokens big, the rest small; the realised fraction is recorded as ``big_fraction``). The
+routed candidates use the default dispatch, or run once per ``--backends`` name (tagged
+``big[triton]``, ...).
 ``vs_original`` is the original's time over this candidate's; for ``small``, ``vs_ideal`` is
 the ideal's time over this one's (the share of the ideal all-small speedup realised).
 
@@ -121,8 +122,10 @@ def build_model(family: str, n_layers: int, d_model: int, d_ff: int, vocab: int,
 class ThresholdRouter:
     """Per layer ``BIG`` where ``hidden @ w_l > t_l``, else ``SMALL``: a linear router.
 
-    ``fit(layer, hidden)`` sets ``t_l`` to the ``1 - share`` quantile of the scores seen, so
-    about ``share`` of such tokens go big; calls count the tokens routed big.
+    ``fit(run)`` calls ``run()`` (forwards through the model under this router) with every
+    token routed small while it records each layer's scores, then sets ``t_l`` to their
+    ``1 - share`` quantile, so that about ``share`` of such tokens go big. Calls count the
+    tokens routed big (on the device: no host sync per call); ``fraction()`` reads the count.
     """
 
     def __init__(self, n_layers: int, d_model: int, share: float, seed: int,
@@ -131,14 +134,30 @@ class ThresholdRouter:
         self.w = torch.randn(n_layers, d_model, generator=g).to(device=device, dtype=dtype)
         self.t = torch.zeros(n_layers, device=device, dtype=torch.float32)
         self.share = share
-        self.fitting = False
-        self.n_big = torch.zeros((), dtype=torch.int64, device=device)  # no host sync per call
+        self._seen: Optional[List[List[torch.Tensor]]] = None  # scores per layer while fitting
+        self.reset()
+
+    def reset(self) -> None:
+        self.n_big = torch.zeros((), dtype=torch.int64, device=self.t.device)
         self.n = 0
+
+    def fit(self, run: Callable[[], object]) -> "ThresholdRouter":
+        self._seen = [[] for _ in range(self.t.numel())]
+        try:
+            run()
+            for layer, scores in enumerate(self._seen):
+                if scores:
+                    self.t[layer] = torch.quantile(torch.cat(scores), 1 - self.share)
+        finally:
+            self._seen = None
+        self.reset()
+        return self
 
     def __call__(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
         score = (hidden @ self.w[layer]).float()  # (B, T)
-        if self.fitting:
-            self.t[layer] = torch.quantile(score.flatten(), 1 - self.share)
+        if self._seen is not None:
+            self._seen[layer].append(score.flatten())
+            return torch.full_like(score, SMALL, dtype=torch.int64)
         routes = torch.where(score > self.t[layer], BIG, SMALL)
         self.n_big += (routes == BIG).sum()
         self.n += routes.numel()
@@ -199,16 +218,11 @@ def run(args: argparse.Namespace) -> int:
     ideal = build_model(args.family, n_layers, d_model, d_small, args.vocab, args.seed + 1,
                         dtype, device)
     converted = hf.convert(copy.deepcopy(original), d_small, init="prune")
-    router = ThresholdRouter(n_layers, d_model, BIG_SHARE, args.seed, device, dtype)
     gen = torch.Generator().manual_seed(args.seed)
     prefill_sets = [torch.randint(0, args.vocab, (B, T), generator=gen).to(device)
                     for _ in range(2)]
     prompts = [torch.randint(0, args.vocab, (1, args.prompt), generator=gen).to(device)
                for _ in range(2)]
-    with torch.inference_mode(), hf.routing(converted, router):  # thresholds from prefill
-        router.fitting = True
-        converted(input_ids=prefill_sets[0], use_cache=False)
-        router.fitting = False
 
     def prefill(model, routes=None, backend=None) -> Callable[[int], object]:
         def call(i):
@@ -238,6 +252,11 @@ def run(args: argparse.Namespace) -> int:
     rows: List[HFBenchRow] = []
     for phase in args.phase_list:
         make = prefill if phase == "prefill" else decode
+        # Thresholds fitted on this phase's own inputs (both sets), so ~1/12 of its tokens go
+        # big: decode steps see other hidden states than a prefill does.
+        router = ThresholdRouter(n_layers, d_model, BIG_SHARE, args.seed, device, dtype)
+        fit_calls = [make(converted, router), make(converted, router)]
+        router.fit(lambda: [call(i) for i, call in enumerate(fit_calls)])
         fns: Dict[str, Callable[[int], object]] = {
             "original": make(original), "ideal": make(ideal), "converted": make(converted)}
         for b in backends:
@@ -252,8 +271,7 @@ def run(args: argparse.Namespace) -> int:
             except Exception as e:  # recorded in the row: one failing candidate keeps the rest
                 errors[k] = f"{type(e).__name__}: {e}"
                 del fns[k]
-        router.n_big.zero_()
-        router.n = 0
+        router.reset()
         if gpu:
             times = {k: time_cuda(f, repeats=repeats, budget_s=budget) for k, f in fns.items()}
         else:
