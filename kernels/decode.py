@@ -370,7 +370,8 @@ def duo_ffn_decode(x: torch.Tensor, routes: torch.Tensor, slots: Sequence[Slot],
     routed = [s for s in slots if s.width > 0]
     plan = _plan(N, d, tuple(s.width for s in routed), dtype, dev)
     BN, cg, cd, (items, gk, g_first, n_gt, ks_max), n_dt, sk, e_max, grid_g, grid_d = plan
-    h, part, cnt = _workspaces(dev, dtype, N, max(s.width for s in routed),
+    # sized by the token tile BN (16, 32 or 64), not N: a few workspaces serve every N
+    h, part, cnt = _workspaces(dev, dtype, BN, max(s.width for s in routed),
                                n_dt * e_max * cd.BM * BN, n_dt)
     gpart, gcnt = _workspaces(dev, dtype, 0, 0, n_gt * ks_max * 2 * cg.BM * BN, n_gt)[1:]
     out = torch.empty_like(x)
