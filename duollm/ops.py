@@ -581,26 +581,32 @@ def run_duo_ffn(x: torch.Tensor, routes, params: Tuple[Optional[FFNWeights], ...
     flat = x.dim() == 2  # (N, d) already: no reshapes (each costs a microsecond at decode)
     r_N = routes if flat else routes.reshape(-1)  # (N,)
     device = x.device
-    cpu = device.type == "cpu"
-    if r_N.numel() and device.type != "meta":
-        mode = check_mode()
-        if mode == "off":
-            pass
-        elif (mode == "sync" or (mode == "eager" and cpu)) and not _cannot_sync():
-            vals = host_range_check(r_N, min_route, P, "routes")
-            if vals is not None and cpu:
-                # The values are on the host already: a backend that can use them (the torch
-                # backend's decode path, ``duo_ffn_host``) skips reading them again.
-                fn = resolve("duo_ffn", device, backend)
-                host = _host_impl.get(fn)
-                if host is None:
-                    host = _host_impl[fn] = getattr(sys.modules.get(fn.__module__),
-                                                    "duo_ffn_host", False)
-                if host:
-                    out = host(x.reshape(-1, d), vals, params,
-                               None if residual is None else residual.reshape(-1, d),
-                               None if gate is None else gate.reshape(-1))
-                    return out if flat else out.view(x.shape)
+    n = r_N.numel()
+    mode = check_mode()
+    if device.type == "cpu" and 0 < n <= HOST_VALUES_MAX and mode != "device" and \
+            not _cannot_sync():
+        # Decode on the CPU: read the few route values (free here), check them (even with
+        # checks off: on a list it costs nothing) and hand them to a backend that can use
+        # them (the torch backend's ``duo_ffn_host``), so nothing reads them twice.
+        vals = r_N.tolist()
+        lo, hi = min(vals), max(vals)
+        if lo < min_route or hi >= P:
+            _raise_range("routes", min_route, P, lo, hi, "values")
+        fn = resolve("duo_ffn", device, backend)
+        host = _host_impl.get(fn)
+        if host is None:
+            host = _host_impl[fn] = getattr(sys.modules.get(fn.__module__), "duo_ffn_host",
+                                            False)
+        if host:
+            if flat:
+                return host(x, vals, params, residual, gate)
+            return host(x.reshape(-1, d), vals, params,
+                        None if residual is None else residual.reshape(-1, d),
+                        None if gate is None else gate.reshape(-1)).view(x.shape)
+    elif n and mode != "off" and device.type != "meta":
+        if (mode == "sync" or (mode == "eager" and device.type == "cpu")) and \
+                not _cannot_sync():
+            host_range_check(r_N, min_route, P, "routes")
         else:
             skip = next((p for p, w in enumerate(params) if w is None), None)
             if skip is None:  # no skip path: bad tokens go to an extra one

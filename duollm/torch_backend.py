@@ -410,7 +410,8 @@ def duo_ffn_host(x: torch.Tensor, vals: List[int], params: Sequence[Optional[FFN
     """``duo_ffn`` for a few CPU tokens whose routes ``vals`` (N ints, checked) were already
     read by ``duollm.ops``: x (N, d) -> (N, d). Autograd and autocast take ``duo_ffn``."""
     if (torch.is_grad_enabled() and (_wants_grad(x, residual, gate) or any(
-            w is not None and _wants_grad(*w) for w in params))) or _autocasting(x.device):
+            w is not None and _wants_grad(*w) for w in params))) or \
+            torch.is_autocast_enabled("cpu"):  # x is on the CPU here
         return duo_ffn(x, torch.tensor(vals, device=x.device), params, residual, gate)
     return _duo_host_small(x.contiguous(), vals, params, residual, gate)
 

@@ -220,7 +220,12 @@ def test_sync_and_off_modes(monkeypatch):
         ffn(x, bad)
     monkeypatch.setenv("DUOLLM_CHECK_ROUTES", "0")
     ops._flags.clear()
-    ffn(x, bad, residual=res)  # nothing checked, nothing flagged
+    with pytest.raises(ValueError, match="routes"):
+        ffn(x, bad)  # a few CPU tokens are read anyway (decode path): checking them is free
+    x20, res20, _, _ = _inputs(20, 16)
+    bad20 = torch.zeros(20, dtype=torch.int64)
+    bad20[3] = 5
+    ffn(x20, bad20, residual=res20)  # more tokens: nothing checked, nothing flagged
     assert not ops._flags
     monkeypatch.setenv("DUOLLM_CHECK_ROUTES", "bogus")
     with pytest.raises(ValueError, match="DUOLLM_CHECK_ROUTES"):
