@@ -309,7 +309,7 @@ def run(args: argparse.Namespace) -> int:
         d, d_big, d_small = llama_config.d_model, llama_config.d_big, llama_config.d_small
         rows += [dict(r, shape=args.llama_shape, backend=backend) for r in
                  llama_compare.layer_pairs([(32, 128, 8), (d, d_big, d_small)], device, dtype,
-                                           repeats * 20, budget, args.seed, backend)]
+                                           repeats * 200, budget, args.seed, backend)]
         write_results(out_dir, prefix, dict(env), rows)
         rows += [dict(r, shape=args.llama_shape, backend=backend) for r in
                  llama_compare.model_pairs(llama_config, device, dtype, prompt, new, prefill,
