@@ -71,7 +71,9 @@ DECODE = [("device", "device", "text"), ("dtype", "dtype", "text"), ("level", "l
           ("vs dense", "vs_dense", "num"), ("error", "error", "text")]
 KERNELS = [("device", "device", "text"), ("dtype", "dtype", "text"), ("kernel", "name", "text"),
            ("impl", "impl", "text"), ("N", "N", "num"), ("d / width", "dims", "text"),
-           ("mix", "mix", "text"), ("ms", "ms", "num"), ("GB/s", "gbps", "num"),
+           ("mix", "mix", "text"), ("graph", "graph", "text"), ("ms", "ms", "num"),
+           ("weights' read us", "read_us", "num"), ("x dense big", "vs_dense_big", "num"),
+           ("GB/s", "gbps", "num"),
            ("of copy", "frac_of_copy", "pct"), ("TFLOP/s", "tflops", "num"),
            ("ideal", "ideal_speedup", "num"), ("realised", "realized_speedup", "num"),
            ("efficiency", "efficiency", "pct"), ("error", "error", "text")]
