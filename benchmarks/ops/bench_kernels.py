@@ -75,8 +75,15 @@ class Rotor:
         return self.fn(*args)
 
 
+DRY_RUN = False  # --dry-run: the script checked on a CPU; nothing is timed
+
+
 def bench_ms(fn, sets, grad_to_none=None) -> float:
     """Median ms of ``fn`` over rotated input sets (grads in ``grad_to_none`` reset per run)."""
+    if DRY_RUN:
+        for args in sets:
+            fn(*args)
+        return float("nan")
     import triton.testing
     return triton.testing.do_bench(Rotor(fn, sets), warmup=25, rep=100,
                                    grad_to_none=grad_to_none, return_mode="median")
@@ -84,6 +91,8 @@ def bench_ms(fn, sets, grad_to_none=None) -> float:
 
 def graph_ms(fn, sets) -> float:
     """Median ms of replaying ``fn(*set)`` captured in one CUDA graph per input set."""
+    if DRY_RUN:
+        return bench_ms(fn, sets)
     for args in sets:
         fn(*args)  # compile and warm up outside the capture
     torch.cuda.synchronize()
@@ -112,15 +121,28 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=N_LAYER, help="tokens for the layer rows")
     ap.add_argument("--sections", default=",".join(SECTIONS),
                     help=f"comma list of {','.join(SECTIONS)} (default: all)")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="check this script on a CPU before spending GPU time: the Triton "
+                         "interpreter, float32, tiny shapes, every timed call run once and "
+                         "recorded as nan")
     args = ap.parse_args()
+    if args.dry_run:
+        global DRY_RUN, D_MODEL, D_BIG, D_SMALL, SWIGLU_NS, N_FWD_BWD, COPY_ELEMS, MM_N
+        global DECODE_NS
+        DRY_RUN = True
+        D_MODEL, D_BIG, D_SMALL, SWIGLU_NS, N_FWD_BWD = 32, 80, 16, (24,), 24
+        COPY_ELEMS, MM_N, DECODE_NS = 1024, 32, (1, 5)
+        if args.n == N_LAYER:
+            args.n = 40
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are imported
     sections = set(args.sections.split(","))
     if not sections <= set(SECTIONS):
         _fail(f"--sections: unknown {sorted(sections - set(SECTIONS))}; expected a comma list "
               f"of {','.join(SECTIONS)}")
 
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    if os.environ.get("TRITON_INTERPRET", "0") == "1" and not DRY_RUN:
         _fail("TRITON_INTERPRET=1 is set; unset it: timing the interpreter means nothing")
-    if not torch.cuda.is_available():
+    if not torch.cuda.is_available() and not DRY_RUN:
         _fail("no CUDA device is visible to torch; this benchmark needs an NVIDIA GPU")
     import triton
 
@@ -128,8 +150,8 @@ def main() -> None:
     from duollm import ops, reference
     from duollm.bench.results import git_sha
 
-    dev = torch.device("cuda")
-    dtype = torch.bfloat16
+    dev = torch.device("cpu" if DRY_RUN else "cuda")
+    dtype = torch.float32 if DRY_RUN else torch.bfloat16
     d = D_MODEL
     N = args.n
     g = torch.Generator().manual_seed(0)
@@ -146,7 +168,8 @@ def main() -> None:
         except Exception as e:  # noqa: BLE001 - one failing row must not end the run
             row["error"] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
             traceback.print_exc()
-        torch.cuda.synchronize()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
         rows.append(row)
         status = "ERROR " + row["error"] if row["error"] else f"{row['ms']:.4f} ms"
         print(f"[{time.time() - t_start:6.1f}s] {name} {fields} {status}", flush=True)
@@ -350,7 +373,8 @@ def main() -> None:
 
     # ---------------------------------------------------------------- output
     os.makedirs(args.out, exist_ok=True)
-    meta = dict(device=torch.cuda.get_device_name(dev), torch=torch.__version__,
+    meta = dict(device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else
+                "cpu (--dry-run: nothing timed)", torch=torch.__version__,
                 triton=triton.__version__, cuda=torch.version.cuda, git_sha=git_sha(),
                 dtype=str(dtype), d_model=d, d_big=D_BIG, d_small=D_SMALL, n_layer=N,
                 python=platform.python_version(), rotated_input_sets=N_ROT,
