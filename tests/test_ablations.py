@@ -73,6 +73,26 @@ def test_quick_ablations_write_report_plot_and_results(tmp_path):
         assert gap["estimate"] == pytest.approx(point["duo"]["estimate"] -
                                                 point["dense"]["estimate"], abs=1e-9)
         assert point["dense_flops"] == pytest.approx(point["duo_flops"], rel=0.01)
+    # The dense model starts from the Duo model's initial weights: at p_big = 1 both are one
+    # big FFN per layer, the same weights, batches and routes, so they train identically.
+    last = res["sweep"][-1]
+    assert last["p_big"] == 1.0 and last["gap"]["estimate"] == 0.0
+    assert last["duo"] == last["dense"]
+
+
+def test_dense_counterpart_starts_from_the_duo_init():
+    base = DuoConfig.from_name("tiny")
+    torch.manual_seed(7)
+    duo = DuoLLM(base).state_dict()
+    dense = ablations.dense_from_duo_init(base, 0.5, seed=7).state_dict()
+    w = ablations.dense_width(base, 0.5)
+    for name, t in dense.items():
+        if ".ffn.small." in name:
+            continue
+        src = duo[name]
+        if ".ffn.big." in name:
+            src = src[:, :w] if name.endswith("down_proj.weight") else src[:w]
+        assert torch.equal(t, src), name
 
 
 @pytest.mark.parametrize("argv, option", [

@@ -9,8 +9,9 @@ Two experiments, every model trained with the same steps, batch and schedule:
   d_small)``: a SwiGLU FFN costs ``6 * d_model * width`` FLOPs per token, linear in the width,
   so ``w`` matches the Duo model's *expected* FFN FLOPs per token; attention, norms and the
   head are the same in both, so the whole forward FLOPs per token match up to the rounding of
-  ``w`` (both are reported). At ``p_big`` 0 and 1 the two are the same network (one FFN of
-  ``d_small`` or ``d_big``) from different initial weights: a check of the noise floor.
+  ``w`` (both are reported). The dense model starts from the Duo model's initial weights
+  (its FFN the big FFN's first ``w`` units), so the pair differs by training, not by the luck
+  of two initialisations; at ``p_big`` 1 the two train identically (a check of the pairing).
 * **freeze big, then train small** (Fig. 8c) against training both from scratch: a dense
   big model (every token big) trained for 2/3 of the steps, then frozen except the small
   FFNs, which train for the remaining 1/3 with random routing at ``p_big = 0.5`` (the paper:
@@ -43,6 +44,7 @@ import torch.nn.functional as F
 from .. import distributed
 from ..config import DuoConfig
 from ..data import TokenData, eval_batches
+from ..model import DuoLLM
 from ..usage import UsageError
 from .stats import Interval, Verdict, bootstrap, bootstrap_mean, paired_difference, verdict
 
@@ -168,6 +170,31 @@ def dense_config(config: DuoConfig, p_big: float) -> DuoConfig:
                                p_skip=0.0, p_small=0.0, p_big=1.0)
 
 
+@torch.no_grad()
+def dense_from_duo_init(base: DuoConfig, p_big: float, seed: int) -> DuoLLM:
+    """The dense counterpart's initial weights, taken from the Duo model's initial weights of
+    the same ``seed``: embeddings, attention and norms equal, and the one FFN the first
+    ``dense_width`` units of the big FFN.
+
+    Common initial weights make the paired comparison about the training, not about the luck
+    of two independent initialisations (which, early in training, moves the loss by as much
+    as the effect measured). At ``p_big = 1`` the dense model then trains exactly like the
+    Duo model, a check that the pairing is right.
+    """
+    torch.manual_seed(seed)  # as train() seeds a fresh model
+    duo = DuoLLM(base)
+    dense = DuoLLM(dense_config(base, p_big))
+    w = dense.config.d_big
+    duo_state = duo.state_dict()
+    for name, t in dense.state_dict().items():
+        src = duo_state[name]
+        if ".ffn.big." in name:
+            src = src[:, :w] if name.endswith("down_proj.weight") else src[:w]
+        if ".ffn.small." not in name:  # the width-1 stub keeps its own (never used) init
+            t.copy_(src)
+    return dense
+
+
 def run_specs(seeds: Sequence[int]) -> List[RunSpec]:
     """Every run of the ablations, in a fixed order (ranks take contiguous shares of it)."""
     specs = []
@@ -220,9 +247,9 @@ def train_run(spec: RunSpec, base: DuoConfig, data: TokenData, s: Settings) -> R
     if spec.kind == "duo":
         model = train(base, data, cfg(s.steps, spec.p_big)).model
     elif spec.kind == "dense":
-        shape = dense_config(base, spec.p_big)
-        width = shape.d_big
-        model = train(shape, data, cfg(s.steps, 1.0)).model
+        model = dense_from_duo_init(base, spec.p_big, spec.seed)
+        width = model.config.d_big
+        model = train(model.config, data, cfg(s.steps, 1.0), model=model).model
     elif spec.kind == "frozen":
         first = max(1, round(s.steps * FROZEN_SHARE))
         model = train(base, data, cfg(first, 1.0)).model  # dense big: every token big
@@ -298,12 +325,14 @@ def summarize(runs: List[RunResult], base: DuoConfig, s: Settings, world_size: i
         "training both from scratch (equal total steps)",
         f"loss of freeze-then-train-small minus from-scratch, both under random routing at "
         f"p_big={SCRATCH_P}, paired; holds if above 0", fms))
-    notes = [f"At p_big=0 and 1 the Duo and dense models are the same network (one FFN of "
-             f"width {base.d_small} or {base.d_big}) from different initial weights: their "
-             f"gap shows the run-to-run noise floor.",
+    notes = [f"Each dense model starts from its Duo model's initial weights (same seed; its "
+             f"FFN is the first units of the big FFN), so a gap measures the training, not "
+             f"two initialisations. At p_big=1 the two train identically (gap 0 checks the "
+             f"pairing); at p_big=0 both are one FFN of width {base.d_small} that differs only "
+             f"in its initial values: that gap is the noise floor of an FFN's initialisation.",
              "Intervals resample validation sequences; they do not cover the variation "
              "between training seeds (losses are averaged over the seeds listed above): "
-             "compare a gap with the noise floor at p_big=0 and 1 before trusting it."]
+             "compare a gap with the p_big=0 noise floor before trusting it."]
     return AblationResult(
         preset=s.preset, config=base.to_dict(), steps=s.steps, batch_size=s.batch_size,
         seq_len=s.seq_len, seeds=list(s.seeds), eval_sequences=len(seq[0.0][0]),
