@@ -10,7 +10,8 @@
 #    measured copy bandwidth and bf16 matmul rate), later N = 1, 16, 64, 1024, and N = 65536
 #    for the 1/12 and quarter-skip mixes;
 # 3. decode latency (N = 1, 16, 64): the routed layer and a paper-1.4b decode step with a KV
-#    cache, eager and in a CUDA graph, against the dense layer / dense model;
+#    cache, eager and in a CUDA graph, against the dense layer / dense model; then the triton
+#    rows again with DUOLLM_TRITON_DECODE=1 DUOLLM_TRITON_PERSISTENT=1 (into OUT_DIR/switched);
 # 4. prints a Markdown summary (largest N per mix) of everything written (summary.md).
 # Every step has a time limit, so the whole stays under about 6 minutes even if one stalls.
 set -uo pipefail
@@ -48,6 +49,11 @@ echo "== decode latency: layer and paper-1.4b model step, eager and CUDA graph"
 timeout 120 "${BENCH[@]}" decode --device cuda --dtype bf16 --tokens 1,16,64 \
   --mixes 1/12,big,small --backends triton,cuda,torch --repeats 100 --budget 0.15 \
   --out "$OUT_DIR" || status=1
+
+echo "== decode latency again with the switched-off triton paths on (decode + persistent)"
+DUOLLM_TRITON_DECODE=1 DUOLLM_TRITON_PERSISTENT=1 timeout 90 "${BENCH[@]}" decode \
+  --device cuda --dtype bf16 --tokens 1,16,64 --mixes 1/12,big,small --backends triton \
+  --repeats 100 --budget 0.15 --out "$OUT_DIR/switched" || status=1
 
 echo "== speedup: paper shape, bf16, N = 1, 16, 64, 1024, all mixes"
 timeout 100 "${BENCH[@]}" speedup "${COMMON[@]}" --tokens 1,16,64,1024 \

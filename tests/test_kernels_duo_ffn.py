@@ -1,6 +1,7 @@
 """The routed Triton layer (kernels/duo_ffn.py) against ``duollm.reference.duo_ffn``: forward
 and the gradients of x, every path's weights, residual and gate; route mixes (all big, all
-small, all skip, an empty path, random with skip, four generic paths); N = 0, 1, 37;
+small, all skip, an empty path, random with skip, out-of-range routes -> residual, four
+generic paths); N = 0, 1, 37;
 determinism; torch.compile of DuoFFN; CUDA-graph capture (GPU); bad input via duollm.ops."""
 import importlib
 
