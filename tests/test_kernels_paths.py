@@ -229,3 +229,29 @@ def test_configs_table_lookup(monkeypatch):
         configs._lookup.cache_clear()
     with pytest.raises(KeyError):  # no entry for an unknown kind and dtype on a GPU
         configs._lookup("sm90", "nope", "bad", "x", 0, 0)
+
+
+def test_decode_path_runs_no_grouping_and_forward_writes_no_inv(device, monkeypatch):
+    """Decode: the grouping is folded into the kernels (no grouping launch at all). The
+    grouped forward asks the grouping for neither inv nor the widened routes (the backward
+    alone needs inv); the persistent one asks for the one-launch grouping."""
+    x, res, gt, params, _, g = make(7, 20, DUO_WIDTHS, torch.float32, device, seed=19)
+    routes = make_routes("random", 7, 3, g).to(device)
+    calls = []
+    real = duo.group_tokens_fwd
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(duo, "group_tokens_fwd", spy)
+    duo.duo_ffn(x, routes, params, res, gt, mode="decode")
+    assert calls == []
+    duo.duo_ffn(x, routes, params, res, gt, mode="default")
+    assert calls[-1]["write_inv"] is False and calls[-1]["write_routes"] is False
+    assert calls[-1]["one_launch"] is False
+    duo.duo_ffn(x, routes, params, res, gt, mode="persistent")
+    assert calls[-1]["one_launch"] is True
+    xl = x.clone().requires_grad_()
+    duo.duo_ffn(xl, routes, params, res, gt, mode="decode").sum().backward()
+    assert calls[-1].get("write_inv", True) is True  # the backward groups, with inv
