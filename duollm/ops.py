@@ -334,7 +334,11 @@ def check_errors(device=None) -> None:
     may wait (after a generation, a training step's ``loss.item()``...). ``device``: only that
     device's flag (default: every device's).
     """
-    devices = [torch.device(device)] if device is not None else list(_flags)
+    if device is not None:
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:  # tensors carry an index
+            device = torch.device("cuda", torch.cuda.current_device())
+    devices = [device] if device is not None else list(_flags)
     for dev in devices:
         f = _flags.get(dev)
         if f is None:
