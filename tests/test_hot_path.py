@@ -374,9 +374,15 @@ def test_compile_fullgraph(backend):
 # --------------------------------------------------------------------------- GPU
 
 
+def _gpu_backend(backend):
+    if not ops.is_available(backend, torch.device("cuda")):
+        pytest.skip(f"backend {backend} is not available here")
+
+
 @pytest.mark.gpu  # sync debug mode and CUDA graphs exist only on a CUDA device
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", ["triton", "torch", "cuda"])
 def test_decode_step_does_not_synchronise(backend):
+    _gpu_backend(backend)
     torch.manual_seed(0)
     model = DuoLLM(DuoConfig.from_name("tiny", n_layers=2)).cuda().eval()
     tokens = torch.randint(0, model.config.vocab_size, (2, 5), device="cuda")
@@ -400,9 +406,10 @@ def test_decode_step_does_not_synchronise(backend):
 
 
 @pytest.mark.gpu  # CUDA-graph capture needs a CUDA device
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", ["triton", "torch", "cuda"])
 @pytest.mark.parametrize("routes", ["big", [BIG, SMALL], "router"])
 def test_cuda_graph_generate_equals_eager(backend, routes):
+    _gpu_backend(backend)
     torch.manual_seed(0)
     model = DuoLLM(DuoConfig.from_name("tiny", n_layers=2)).cuda().eval()
     tokens = torch.randint(0, model.config.vocab_size, (2, 5), device="cuda")
