@@ -392,7 +392,7 @@ def test_decode_step_does_not_synchronise(backend):
         return torch.where(h.sum(-1) > 0, BIG, SMALL)
 
     for static in (False, True):
-        cache = KVCache.empty(model.config, 2, 8, "cuda", torch.float32, static=static)
+        cache = KVCache.empty(model.config, 2, 16, "cuda", torch.float32, static=static)
         with torch.no_grad():
             model(tokens, "big", cache=cache, backend=backend)
             model(tokens[:, :1], router, cache=cache, backend=backend)  # warm
