@@ -4,15 +4,21 @@ Same functions and signatures as ``duollm.reference`` (the spec, which the tests
 against); inputs arrive validated by ``duollm.ops``. ``group_tokens`` is the reference's (a
 stable sort, already cheap); the others are rewritten for speed:
 
-* ``duo_ffn`` groups the tokens with one stable sort, gathers the routed rows once
-  (``index_select``), runs each path's SwiGLU on a contiguous slice of the grouped rows
-  (plain GEMMs at full efficiency), applies SiLU-mul in place, and fuses the residual add
-  into the down GEMM (it accumulates onto the gathered residual rows); the grouped output goes
-  back to token order by one gather with the inverse permutation. Skip tokens are never
-  gathered into a GEMM nor computed: they cost one row copy of the residual.
-  **It reads the per-path counts back to the host** (``.tolist()``) to slice the grouped rows:
-  free on the CPU, one synchronisation on a GPU (so it cannot be captured in a CUDA graph;
-  the triton and cuda backends are the sync-free ones).
+* ``duo_ffn`` has three paths (docs/speed.md). Decode on the CPU (up to 16 tokens, route
+  values on the host: ``duo_ffn_host``): each path's five kernels on its rows, no sort, no
+  plan. Where values cannot be read for free (a GPU; ``torch.compile``; graph capture; the
+  "device" check mode) up to 64 tokens, and any number while tracing or capturing: the static
+  masked layer (every path on every row, ``torch.where``), which reads nothing back. Otherwise
+  the sorted plan: one stable sort, the routed rows gathered once (``index_select``), each
+  path's SwiGLU on a contiguous slice of the grouped rows (plain GEMMs at full efficiency),
+  SiLU-mul in place, the residual add fused into the down GEMM (it accumulates onto the
+  gathered residual rows), the grouped output back to token order by one gather with the
+  inverse permutation. Skip tokens are never gathered into a GEMM nor computed: they cost one
+  row copy of the residual. **The plan reads the per-path counts back to the host**
+  (``.tolist()``): free on the CPU, one synchronisation on a GPU (above 64 tokens; the triton
+  backend is the sync-free one at every size).
+* ``one_path``: every token on one path (``DuoLLM``'s policies and patterns), the same
+  arithmetic as ``duo_ffn`` gives those tokens.
 * Gradients come from a hand-written ``autograd.Function``: the forward saves the grouped
   input and each path's two pre-activations (not the activations autograd would keep) and
   the backward recomputes SiLU, runs the six GEMMs per path on the same contiguous slices and
