@@ -250,3 +250,26 @@ def test_report_reads_kernel_microbenchmarks(tmp_path):
     duo = next(l for l in text.splitlines() if "| duo_ffn |" in l)
     assert "50.0%" in duo and "4.75" in duo
     assert "12.5" in next(l for l in text.splitlines() if "| m |" in l)
+
+
+def test_commit_results_resolves_to_the_committed_folder():
+    """``--commit-results`` alone passes the shared pre-check and every command's
+    ``resolve_out_dir`` then writes into ``benchmarks/results/<device>/``."""
+    import argparse
+
+    from duollm.bench import _check_common
+    from duollm.bench.common import resolve_out_dir
+    from duollm.bench.results import committed_results_dir
+    from duollm.usage import UsageError
+
+    cpu = torch.device("cpu")
+    for cmd in ("speedup", "decode", "model", "hf"):
+        args = argparse.Namespace(bench_command=cmd, commit_results=True, out=None,
+                                  device="cpu", quick=False, threads=None)
+        _check_common(args)
+        assert args.out is None
+        assert resolve_out_dir(args, cpu) == committed_results_dir(cpu)
+    args = argparse.Namespace(bench_command="speedup", commit_results=True, out="x",
+                              device="cpu", quick=False, threads=None)
+    with pytest.raises(UsageError, match="--out DIR or --commit-results"):
+        _check_common(args)

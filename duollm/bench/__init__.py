@@ -54,8 +54,11 @@ def _check_common(args: argparse.Namespace) -> None:
     if getattr(args, "commit_results", False):
         if args.out:
             raise UsageError("--commit-results", "give either --out DIR or --commit-results")
+        # Checked here, resolved by each command's resolve_out_dir (args stay as given, so
+        # that check does not mistake the committed folder for an --out).
         quick_cpu = getattr(args, "quick", False) and args.device is None
-        args.out = committed_results_dir(resolve_device("cpu" if quick_cpu else args.device))
+        check_out_dir("--commit-results", committed_results_dir(
+            resolve_device("cpu" if quick_cpu else args.device)))
     if getattr(args, "out", None) is not None and args.bench_command != "report":
         check_out_dir("--out", args.out)
 

@@ -27,11 +27,11 @@ from ..model import DuoLLM, KVCache
 from . import accounting as acc
 from .baselines import dense_ffn, sorted_routing
 from .common import (add_device_args, resolve_backends, resolve_device, resolve_dtype,
-                     setup_run)
+                     resolve_out_dir, setup_run)
 from ..usage import UsageError, check_int
 from . import llama_compare
 from .dense_backend import register as register_dense
-from .results import default_out_dir, environment, stamp, write_results
+from .results import environment, stamp, write_results
 from .timing import Stats, time_cuda, time_interleaved
 
 
@@ -247,7 +247,7 @@ def _llama_config(spec: str) -> DuoConfig:
 
 def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
-    out_dir = args.out or default_out_dir(device)  # checked by bench's _check_common
+    out_dir = resolve_out_dir(args, device)
     dtype = resolve_dtype(args.dtype, device)
     gpu = device.type == "cuda"
     shape = acc.parse_shape(args.shape or ("tiny" if args.quick else
