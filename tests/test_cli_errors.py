@@ -54,6 +54,8 @@ def no_work(monkeypatch):
     monkeypatch.setattr(model_bench, "DuoLLM", forbidden)
     monkeypatch.setattr(decode, "layer_rows", forbidden)
     monkeypatch.setattr(decode, "model_rows", forbidden)
+    monkeypatch.setattr(decode.llama_compare, "layer_pairs", forbidden)
+    monkeypatch.setattr(decode.llama_compare, "model_pairs", forbidden)
 
 
 # (argv, the option the message must name, a fragment of the message)
@@ -121,6 +123,16 @@ BAD = [
     (["bench", "decode", "--quick", "--device", "cuda"], "--device", "this machine has"),
     (["bench", "decode", "--quick", "--shape", "huge"], "--shape", "huge"),
     (["bench", "decode", "--quick", "--mixes", "2:0:0"], "--mixes", "summing to 1"),
+    (["bench", "decode", "--quick", "--mixes", ","], "--mixes", "comma-separated"),
+    (["bench", "decode", "--quick", "--context", "-1"], "--context", ">= 0"),
+    (["bench", "decode", "--quick", "--n-layers", "0"], "--n-layers", ">= 1"),
+    (["bench", "decode", "--quick", "--repeats", "0"], "--repeats", ">= 1"),
+    (["bench", "decode", "--quick", "--budget", "0"], "--budget", "> 0"),
+    (["bench", "decode", "--quick", "--levels", ","], "--levels", "layer, model, llama"),
+    (["bench", "decode", "--quick", "--levels", "llama", "--prefill", "4096"], "--prefill",
+     "positions"),
+    (["bench", "decode", "--levels", "llama", "--llama-shape", "2x3"], "--llama-shape",
+     "LxDxBIGxSMALL"),
     (["bench", "report", "missing_results"], "FILES_OR_DIRS", "no such file"),
     (["bench", "report", "a_dir"], "FILES_OR_DIRS", "no result files"),
     (["study", "--quick", "--budgets", "9"], "--budgets", "9"),
@@ -323,5 +335,5 @@ def test_ctrl_c_during_train_names_the_checkpoint_and_the_resume_command(workdir
     assert f"last checkpoint: {os.path.join('run', os.path.basename(ckpt))}" in err
     model, state = load_checkpoint(ckpt)  # whole and loadable
     assert state["step"] >= 2 and state["step"] % 2 == 0
-    line = next(l for l in err.splitlines() if l.startswith("resume with: "))
+    line = next(ln for ln in err.splitlines() if ln.startswith("resume with: "))
     assert shlex.split(line[len("resume with: "):]) == ["duollm"] + argv + ["--resume"]

@@ -84,9 +84,11 @@ def run_cli(args: argparse.Namespace) -> int:
         if match is not None:
             raise UsageError(match.group(1), match.group(2)) from e
         # The list parsers of duollm.bench.accounting name what they parse ("shape: ...").
-        match = re.match(r"^(shape|mix|tokens): (.*)$", str(e), re.DOTALL)
-        option = match and next((o for o in (match.group(1), match.group(1) + "s",
-                                             match.group(1) + "es") if hasattr(args, o)), None)
+        # (parse_list says the plural it was given: "mixes: expected a comma-separated list")
+        match = re.match(r"^(shapes?|mix(?:es)?|tokens): (.*)$", str(e), re.DOTALL)
+        word = match and match.group(1)
+        option = match and next((o for o in (word, word + "s", word + "es", word[:-1])
+                                 if hasattr(args, o)), None)
         if option is None:
             raise
         raise UsageError("--" + option, match.group(2)) from e

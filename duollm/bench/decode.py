@@ -26,8 +26,8 @@ from ..config import DuoConfig
 from ..model import DuoLLM, KVCache
 from . import accounting as acc
 from .baselines import dense_ffn, sorted_routing
-from .common import (add_device_args, resolve_backends, resolve_device, resolve_dtype,
-                     resolve_out_dir, setup_run)
+from .common import (add_device_args, check_number_args, resolve_backends, resolve_device,
+                     resolve_dtype, resolve_out_dir, setup_run)
 from ..usage import UsageError, check_int
 from . import llama_compare
 from .dense_backend import register as register_dense
@@ -250,6 +250,9 @@ def run(args: argparse.Namespace) -> int:
     out_dir = resolve_out_dir(args, device)
     dtype = resolve_dtype(args.dtype, device)
     gpu = device.type == "cuda"
+    # Every number is checked before anything is built or timed (a mistake: exit 2).
+    check_number_args(args, ints=("--n-layers", "--repeats"), positive=("--budget",))
+    check_int("--context", args.context, low=0)
     shape = acc.parse_shape(args.shape or ("tiny" if args.quick else
                                            "paper" if gpu else "small"))
     config_name = args.config or ("tiny" if args.quick else "paper-1.4b" if gpu else "small")
@@ -263,6 +266,9 @@ def run(args: argparse.Namespace) -> int:
     tokens = acc.parse_tokens("1,16" if args.quick else args.tokens)
     mixes = acc.parse_list(args.mixes, acc.parse_mix, "mixes")
     levels = [v.strip() for v in args.levels.split(",") if v.strip()]
+    if not levels:
+        raise UsageError("--levels", f"expected some of layer, model, llama, got "
+                                     f"{args.levels!r}")
     for v in levels:
         if v not in ("layer", "model", "llama"):
             raise UsageError("--levels", f"expected some of layer, model, llama, got {v!r}")
@@ -275,8 +281,10 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError("--levels", "llama needs the transformers package "
                                          "(pip install transformers)")
         if max(args.prompt + args.new, args.prefill) > llama_config.max_seq_len:
-            raise UsageError("--prompt", f"prompt + new and prefill must fit "
-                                         f"{llama_config.max_seq_len} positions")
+            flag = "--prefill" if args.prefill > llama_config.max_seq_len else "--prompt/--new"
+            raise UsageError(flag, f"--prompt + --new and --prefill must each fit "
+                                   f"{llama_config.max_seq_len} positions, got "
+                                   f"{args.prompt} + {args.new} and {args.prefill}")
     status = resolve_backends(args.backends, device)
     backends = [b for b, why in status.items() if why is None]
     # The thread rule every command shares, by the widest model measured (after the checks).
