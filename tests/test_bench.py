@@ -107,7 +107,7 @@ def _grads(fn, x, routes, params, res, gate):
     wsum = torch.randn(out.shape, generator=torch.Generator().manual_seed(9),
                        dtype=out.dtype)
     grads = torch.autograd.grad((out * wsum).sum(), leaves, allow_unused=True)
-    return out, [torch.zeros_like(l) if g is None else g for g, l in zip(grads, leaves)]
+    return out, [torch.zeros_like(leaf) if g is None else g for g, leaf in zip(grads, leaves)]
 
 
 @pytest.mark.parametrize("baseline", [naive_routing, sorted_routing])
@@ -149,12 +149,22 @@ def test_dense_baseline_is_the_all_big_layer():
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("bench")
+    """``duollm bench speedup --quick`` as a user runs it, without ``--out``: its results go
+    to ``runs/bench/<device>/`` under the current folder, nowhere else."""
+    from duollm.bench.results import device_slug
+
+    cwd = tmp_path_factory.mktemp("bench")
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("DUOLLM_CHECK_ROUTES", None)  # the default mode, as a user has it
+    committed = os.path.join(ROOT, "benchmarks", "results")
+    before = sorted(os.walk(committed))
     proc = subprocess.run([sys.executable, "-m", "duollm", "bench", "speedup", "--quick",
-                           "--out", str(out), "--threads", "1"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+                           "--threads", "1"],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert sorted(os.walk(committed)) == before  # the committed results are left alone
+    out = cwd / "runs" / "bench" / device_slug(torch.device("cpu"))
+    assert sorted(os.listdir(cwd)) == ["runs"] and os.listdir(out)
     return out
 
 
@@ -170,6 +180,7 @@ def test_speedup_quick_writes_results_and_plots(quick_run):
                 "backends", "baselines"):
         assert key in env, key
     assert env["dtype"] == "float32" and "torch" in env["backends"]
+    assert env["route_checks"] == "eager"  # measured in the default mode a user gets
     impls = {r["impl"] for r in rows}
     assert {"dense", "naive", "sorted", "reference", "torch"} <= impls
     mixes = {r["mix"] for r in rows}
@@ -195,7 +206,7 @@ def test_report_renders_markdown(quick_run, tmp_path):
     text = out.read_text()
     assert "## speedup" in text and "| impl |" in text.replace("impl |", "impl |")
     assert "realised" in text and "efficiency" in text
-    lines = [l for l in text.splitlines() if l.startswith("| ") and "quarter-skip" in l]
+    lines = [ln for ln in text.splitlines() if ln.startswith("| ") and "quarter-skip" in ln]
     assert len(lines) == 2 * 5  # two token counts x (dense, naive, sorted, reference, torch)
     summary = main(["report", str(quick_run), "--summary", "--impls", "torch"])
     assert summary == 0
@@ -244,12 +255,12 @@ def test_report_reads_kernel_microbenchmarks(tmp_path):
                                                       "rows": [{"model": "m", "tok_s": 12.5}]}))
     text = render([str(tmp_path)])
     assert "## kernels" in text and "## hf" in text
-    gather = next(l for l in text.splitlines() if "| gather |" in l)
+    gather = next(ln for ln in text.splitlines() if "| gather |" in ln)
     assert "Some GPU" in gather and "bfloat16" in gather and "91.2%" in gather
     assert "2560" in gather
-    duo = next(l for l in text.splitlines() if "| duo_ffn |" in l)
+    duo = next(ln for ln in text.splitlines() if "| duo_ffn |" in ln)
     assert "50.0%" in duo and "4.75" in duo
-    assert "12.5" in next(l for l in text.splitlines() if "| m |" in l)
+    assert "12.5" in next(ln for ln in text.splitlines() if "| m |" in ln)
 
 
 def test_commit_results_resolves_to_the_committed_folder():
@@ -273,3 +284,30 @@ def test_commit_results_resolves_to_the_committed_folder():
                               device="cpu", quick=False, threads=None)
     with pytest.raises(UsageError, match="--out DIR or --commit-results"):
         _check_common(args)
+
+
+def test_route_checks_mode_of_a_bench_run(monkeypatch):
+    """The bench measures the route-check mode a user gets unless ``--route-checks MODE``
+    names another; the mode is recorded; a bad DUOLLM_CHECK_ROUTES is a usage error."""
+    from duollm import ops
+    from duollm.bench.common import add_device_args, setup_run
+    from duollm.usage import UsageError
+
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_device_args(parser)
+    cpu = torch.device("cpu")
+    monkeypatch.delenv("DUOLLM_CHECK_ROUTES", raising=False)
+    args = parser.parse_args(["--no-malloc-tune"])
+    assert setup_run(args, cpu)["route_checks"] == "eager"
+    assert "DUOLLM_CHECK_ROUTES" not in os.environ  # the default is left as it is
+    args = parser.parse_args(["--no-malloc-tune", "--route-checks", "0"])
+    assert setup_run(args, cpu)["route_checks"] == "off" and not ops.route_checks_enabled()
+    args = parser.parse_args(["--no-malloc-tune", "--route-checks"])  # bare: the default on
+    assert setup_run(args, cpu)["route_checks"] == "eager"
+    assert parser.parse_args(["--route-checks", "sync"]).route_checks == "sync"
+    monkeypatch.setenv("DUOLLM_CHECK_ROUTES", "bogus")
+    with pytest.raises(UsageError, match="--route-checks: the environment's "
+                                         "DUOLLM_CHECK_ROUTES='bogus'"):
+        setup_run(parser.parse_args(["--no-malloc-tune"]), cpu)

@@ -14,6 +14,9 @@ from ..usage import (UsageError, add_threads_arg, apply_thread_rule, check_devic
 from .results import committed_results_dir, default_out_dir
 from .timing import tune_cpu_allocator
 
+# DUOLLM_CHECK_ROUTES values (duollm.ops.check_mode); "1" is the default configuration.
+ROUTE_CHECK_MODES = ("1", "0", "sync", "device")
+
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
           "float64": torch.float64}
@@ -37,9 +40,14 @@ def add_device_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-malloc-tune", dest="malloc_tune", action="store_false",
                    help="CPU: keep glibc's default allocator thresholds (see "
                         "duollm.bench.timing.tune_cpu_allocator)")
-    p.add_argument("--route-checks", action="store_true",
-                   help="keep duollm.ops' route-value checks on (a host sync per call); off "
-                        "by default, as in production")
+    p.add_argument("--route-checks", nargs="?", const="1", default=None,
+                   choices=ROUTE_CHECK_MODES, metavar="MODE",
+                   help="DUOLLM_CHECK_ROUTES for the run (docs/speed.md): 1 (a bare "
+                        "--route-checks), the default mode users get: values read on the CPU, "
+                        "checked on a GPU's device with no host sync; 0: no checks (the "
+                        "layer without their cost); sync: a read per call (debug); device. "
+                        "Default: as the environment says, 1 unless DUOLLM_CHECK_ROUTES is "
+                        "set, so the bench measures what a user runs")
     p.add_argument("--no-plots", dest="plots", action="store_false", help="skip the PNG plots")
     add_threads_arg(p)
 
@@ -121,14 +129,23 @@ def setup_run(args: argparse.Namespace, device: torch.device,
     command applies (one thread for d_model <= 128 unless ``--threads``, see
     ``duollm.usage.apply_thread_rule``); without it only an explicit ``--threads`` does.
     """
+    # Route checks stay in the mode a user gets (the default: no host sync on a GPU, a free
+    # read on the CPU) unless --route-checks names another; the results record the mode.
+    if args.route_checks is not None:
+        os.environ["DUOLLM_CHECK_ROUTES"] = args.route_checks
+    try:
+        mode = ops.check_mode()
+    except ValueError:  # a bad DUOLLM_CHECK_ROUTES in the environment: the user's setting
+        raise UsageError("--route-checks", f"the environment's DUOLLM_CHECK_ROUTES="
+                                           f"{os.environ.get('DUOLLM_CHECK_ROUTES')!r} is not "
+                                           f"a mode; expected one of "
+                                           f"{', '.join(ROUTE_CHECK_MODES)}") from None
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if d_model is not None or args.threads is not None:
         apply_thread_rule(args.threads, device, d_model if d_model is not None else 1 << 30)
     tuned = tune_cpu_allocator() if (device.type == "cpu" and args.malloc_tune) else False
-    if not args.route_checks:
-        os.environ["DUOLLM_CHECK_ROUTES"] = "0"
-    return {"malloc_tuned": tuned, "route_checks": bool(args.route_checks)}
+    return {"malloc_tuned": tuned, "route_checks": mode}
 
 
 def input_sets(bytes_per_set: int, device: torch.device, max_sets: int = 4) -> int:
