@@ -32,9 +32,9 @@ from .common import (add_device_args, check_number_args, resolve_backends, resol
                      resolve_dtype, resolve_out_dir, setup_run)
 from .dense_backend import register as register_dense
 from .results import environment, stamp, write_results
+from .timing import Stats, time_cuda, time_interleaved
 
 PHASES = ("forward", "train", "oracle")
-from .timing import Stats, time_cuda, time_interleaved
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -188,7 +188,7 @@ def run(args: argparse.Namespace) -> int:
         rows.append(row)
         print("oracle: " + (f"{row['patterns_per_s']:.1f} patterns/s" if "patterns_per_s" in
                             row else row.get("error", "")))
-    del model, opt
+    model = opt = None  # free the weights and optimizer state before writing and plotting
     gc.collect()
     prefix = f"model-{env['dtype']}-{stamp()}"
     paths = write_results(out_dir, prefix, env, rows)

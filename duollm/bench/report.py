@@ -1,9 +1,9 @@
 """``duollm bench report FILES_OR_DIRS...``: Markdown tables from result files of any machines.
 
 Each result kind gets its own table (speedup, decode, model, and the kernel microbenchmarks of
-``benchmarks/ops/bench_kernels.py``; any other kind gets every column); one line per measured row, with
-the device and dtype so runs on different machines sit side by side. ``--summary`` keeps, for
-the speedup sweep, only the largest token count of each (device, shape, mix).
+``benchmarks/ops/bench_kernels.py``; any other kind gets every column); one line per measured
+row, with the device and dtype so runs on different machines sit side by side. ``--summary``
+keeps, for the speedup sweep, only the largest token count of each (device, shape, mix).
 """
 from __future__ import annotations
 

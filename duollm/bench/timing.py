@@ -165,5 +165,4 @@ def measure_ceilings(device: torch.device, dtype: torch.dtype) -> Dict[str, floa
     out["copy_GBps"] = 2 * n_bytes / t_copy / 1e9
     out[f"matmul_TFLOPs_{str(dtype).replace('torch.', '')}"] = 2 * mm_n ** 3 / t_mm / 1e12
     out["matmul_size"] = mm_n
-    del src, dst, a, b, c
     return out
