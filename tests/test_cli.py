@@ -64,7 +64,7 @@ def test_info(capsys):
     if not torch.cuda.is_available():
         assert "cpu only" in out and "cuda    unavailable: " in out
     # Whether the CUDA extension is built is said plainly (pip hides setup.py's message).
-    ext = next(l for l in out.splitlines() if l.startswith("cuda ext"))
+    ext = next(ln for ln in out.splitlines() if ln.startswith("cuda ext"))
     assert ("NOT built" in ext) == (importlib.util.find_spec("duollm._C") is None)
     if torch.version.cuda is None:
         assert "has no CUDA" in ext

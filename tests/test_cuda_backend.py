@@ -73,8 +73,8 @@ def _check(kernel_fn, ref_fn, inputs, dout, names, tensorwise=()):
     (element by element, or over the whole tensor for the gradients named in ``tensorwise``);
     every gradient too."""
     out, grads = run_with_grads(kernel_fn, leaves(*inputs), dout)
-    ref, ref_grads = run_with_grads(ref_fn, leaves(*[None if t is None else t.double() for t in inputs]),
-                          dout.double())
+    inputs64 = [None if t is None else t.double() for t in inputs]
+    ref, ref_grads = run_with_grads(ref_fn, leaves(*inputs64), dout.double())
     same, same_grads = run_with_grads(ref_fn, leaves(*inputs), dout)
     assert out.dtype == same.dtype, f"out dtype {out.dtype} != {same.dtype}"
     assert_close_to_ref(out, ref, same, "out")

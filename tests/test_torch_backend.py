@@ -60,7 +60,7 @@ def _run(fn, leaves, routes, params, has_res, has_gate, seed=1):
                     dtype=torch.float64).to(out.dtype)
     grads = torch.autograd.grad((out * w).sum(), leaves, allow_unused=True) \
         if out.numel() else [None] * len(leaves)
-    grads = [torch.zeros_like(l) if g is None else g for g, l in zip(grads, leaves)]
+    grads = [torch.zeros_like(leaf) if g is None else g for g, leaf in zip(grads, leaves)]
     return out, grads
 
 
@@ -103,7 +103,7 @@ def test_duo_ffn_float32_within_torch_error(N, d, widths, routes):
     """|backend - ref64| <= 2 |reference in float32 - ref64| + atol (docs/style.md), all grads."""
     x, routes, params, res, gt = _case(N, d, widths, dtype=torch.float32, routes=routes)
     leaves32 = _leaves(x, params, res, gt)
-    leaves64 = [l.detach().double().requires_grad_(True) for l in leaves32]
+    leaves64 = [leaf.detach().double().requires_grad_(True) for leaf in leaves32]
     params64 = tuple(None if p is None else tuple(w.double() for w in p) for p in params)
     out64, g64 = _run(R.duo_ffn, leaves64, routes, params64, True, True)
     out_t, g_t = _run(R.duo_ffn, leaves32, routes, params, True, True)
