@@ -26,6 +26,7 @@ SPEC_FILE = "duollm.json"  # duollm.hf.export.SPEC_FILE: marks a save_converted 
 # Calibration windows for the activation-aware prune score: long enough to see real context,
 # short enough that one all-big forward over them is cheap.
 CALIBRATION_SEQ = 256
+DEFAULT_CALIBRATION_TOKENS = 2048
 
 
 # --------------------------------------------------------------------------- shared checks
@@ -190,9 +191,10 @@ def add_cli(p: argparse.ArgumentParser) -> None:
                    help="width of the small FFNs (below the checkpoint's intermediate_size)")
     p.add_argument("--init", choices=("prune", "random"), default="prune",
                    help="small path: the big one's most important channels, or random")
-    p.add_argument("--calibration-tokens", dest="calibration_tokens", type=int, default=2048,
+    p.add_argument("--calibration-tokens", dest="calibration_tokens", type=int, default=None,
                    metavar="N", help="tokens of the embedded corpus for the activation-aware "
-                                     "prune score (0: weights only)")
+                                     f"prune score (0: weights only; default "
+                                     f"{DEFAULT_CALIBRATION_TOKENS} with --init prune)")
     p.add_argument("--dtype", choices=DTYPES, default=None,
                    help="load (and save) in this dtype; None: the checkpoint's")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
@@ -206,7 +208,10 @@ def _check_convert(args: argparse.Namespace):
     if ckpt.converted:
         raise UsageError("PATH", f"{ckpt.path} is already a converted duollm model")
     d_small = check_d_small("--d-small", args.d_small, ckpt)
-    n_calib = check_int("--calibration-tokens", args.calibration_tokens, low=0)
+    n_calib = args.calibration_tokens
+    if n_calib is None:  # the default depends on --init: only pruning reads calibration text
+        n_calib = DEFAULT_CALIBRATION_TOKENS if args.init == "prune" else 0
+    n_calib = check_int("--calibration-tokens", n_calib, low=0)
     if n_calib and args.init != "prune":
         raise UsageError("--calibration-tokens", f"only --init prune uses calibration tokens; "
                                                  f"pass 0 with --init {args.init}")
@@ -364,7 +369,8 @@ def run_train_hf(args: argparse.Namespace) -> int:
                                           f"{tokens.numel()}")
     calibration = None
     if plan.d_small is not None and args.init == "prune":
-        calibration = calibration_tokens(2048, tokenizer, vocab, plan.ckpt.max_positions)
+        calibration = calibration_tokens(DEFAULT_CALIBRATION_TOKENS, tokenizer, vocab,
+                                         plan.ckpt.max_positions)
     model, _ = hf.load_pretrained(plan.ckpt.path, plan.d_small, init=args.init,
                                   calibration=calibration, device=cfg.device)
     spec = hf.spec_of(model)

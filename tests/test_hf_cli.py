@@ -65,6 +65,36 @@ def test_convert_writes_a_model_that_computes_the_original(tmp_path, capsys, che
                  "already a converted")
 
 
+def test_convert_random_init_needs_no_calibration_option(tmp_path, capsys, checkpoint):
+    """``--init random`` as the README writes it: the calibration default applies to prune
+    only, so no ``--calibration-tokens 0`` is needed."""
+    out = str(tmp_path / "conv")
+    assert main(["convert", checkpoint, "--d-small", str(D_SMALL), "--init", "random",
+                 "--out", out]) == 0
+    assert "random" in capsys.readouterr().out
+    model = hf.load_converted(out)
+    assert hf.spec_of(model).init == "random"
+    big = model.model.layers[0].mlp.big.gate_proj.weight
+    small = model.model.layers[0].mlp.small.gate_proj.weight
+    # Not a pruned copy: no small row equals any big row.
+    assert not (small[:, None, :] == big[None, :, :]).all(-1).any()
+
+
+def test_convert_refuses_an_unsupported_checkpoint_with_exit_2(tmp_path, capsys):
+    path = tmp_path / "phi3"
+    hf_models.phi3().save_pretrained(path)
+    capsys.readouterr()
+    out = tmp_path / "out"
+    # Refused after loading (the structure is known only then): transformers' loading bar
+    # may precede the message, which is one line naming the layer and the reason.
+    assert main(["convert", str(path), "--d-small", "8", "--calibration-tokens", "0", "--out",
+                 str(out)]) == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert "Traceback" not in err and "PATH" in last and "layer 0" in last and "gate_up" in last
+    assert not out.exists()
+
+
 def _train(path, out, *extra):
     return ["train", "--hf", path, "--steps", "2", "--batch-size", "2", "--seq-len", "16",
             "--eval-batches", "1", "--eval-every", "0", "--out", out, "--no-progress", *extra]
