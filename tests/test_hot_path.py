@@ -448,6 +448,10 @@ def test_llama_comparison_rows():
     duo = DuoLLM(cfg)
     n_duo_small = sum(p.numel() for n, p in duo.named_parameters() if "big" not in n)
     assert sum(p.numel() for p in llama.parameters()) == n_duo_small  # same shape, width small
+    # The plain cache loop decodes what generate does (so it times real cached decoding).
+    prompt = torch.randint(0, cfg.vocab_size, (1, 5), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        assert torch.equal(lc._llama_loop(llama, prompt, 6), lc._llama_generate(llama, prompt, 6))
     rows = lc.model_pairs(cfg, torch.device("cpu"), torch.float32, 3, 2, 4, 2, 0.01,
                           log=lambda *_: None)
     rows += lc.layer_pairs([(8, 16, 4)], torch.device("cpu"), torch.float32, 2, 0.01,

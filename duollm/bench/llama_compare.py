@@ -51,11 +51,11 @@ def _llama_loop(model, prompt: torch.Tensor, new: int) -> torch.Tensor:
     from transformers import DynamicCache
 
     cache = DynamicCache()
-    out = model(input_ids=prompt, past_key_values=cache, use_cache=True)
+    out = model(input_ids=prompt, cache=cache, use_cache=True)
     nxt = out.logits[:, -1].argmax(-1, keepdim=True)
     pieces = [prompt, nxt]
     for _ in range(new - 1):
-        out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
+        out = model(input_ids=nxt, cache=cache, use_cache=True)
         nxt = out.logits[:, -1].argmax(-1, keepdim=True)
         pieces.append(nxt)
     return torch.cat(pieces, dim=1)
