@@ -51,7 +51,7 @@ def add_study_args(parser: argparse.ArgumentParser) -> None:
                         help="random layer patterns per budget for the best-of-N baseline")
     parser.add_argument("--oracle-batch", type=int, default=None,
                         help="holdout sequences per holdout, half to select baselines and "
-                             "half to evaluate them (default 24)")
+                             "half to evaluate them (default 40)")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of training, routers, splits and bootstrap")
     parser.add_argument("--quick", action="store_true",

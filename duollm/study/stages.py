@@ -48,7 +48,7 @@ class StudySizes:
 
 
 # DEMO keeps `make demo` under 10 minutes on 2 CPU cores; QUICK (the tests) runs in seconds.
-DEMO = StudySizes(steps=300, batch_size=16, seq_len=128, lr=3e-3, n_sequences=24,
+DEMO = StudySizes(steps=300, batch_size=16, seq_len=128, lr=3e-3, n_sequences=40,
                   oracle_len=96, router_steps=100, router_batch=4, n_tokens_synth=200_000,
                   synth_steps=250, n_boot=1000)
 QUICK = StudySizes(steps=20, batch_size=8, seq_len=32, lr=3e-3, n_sequences=8, oracle_len=24,
