@@ -448,9 +448,18 @@ def test_llama_comparison_rows():
     duo = DuoLLM(cfg)
     n_duo_small = sum(p.numel() for n, p in duo.named_parameters() if "big" not in n)
     assert sum(p.numel() for p in llama.parameters()) == n_duo_small  # same shape, width small
-    # The plain cache loop decodes what generate does (so it times real cached decoding).
+    # The plain loop's calls use the cache (a step sees the cached positions: its logits are
+    # the full forward's) and decode what generate does, so the loop times cached decoding.
+    from transformers import DynamicCache
+
     prompt = torch.randint(0, cfg.vocab_size, (1, 5), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
+        cache = DynamicCache()
+        llama(input_ids=prompt[:, :4], cache=cache, use_cache=True)
+        step = llama(input_ids=prompt[:, 4:], cache=cache, use_cache=True).logits[:, -1]
+        alone = llama(input_ids=prompt[:, 4:]).logits[:, -1]
+        torch.testing.assert_close(step, llama(input_ids=prompt).logits[:, -1])
+        assert not torch.allclose(step, alone, rtol=1e-6, atol=1e-6)  # the check can fail
         assert torch.equal(lc._llama_loop(llama, prompt, 6), lc._llama_generate(llama, prompt, 6))
     rows = lc.model_pairs(cfg, torch.device("cpu"), torch.float32, 3, 2, 4, 2, 0.01,
                           log=lambda *_: None)
