@@ -337,3 +337,44 @@ def test_ctrl_c_during_train_names_the_checkpoint_and_the_resume_command(workdir
     assert state["step"] >= 2 and state["step"] % 2 == 0
     line = next(ln for ln in err.splitlines() if ln.startswith("resume with: "))
     assert shlex.split(line[len("resume with: "):]) == ["duollm"] + argv + ["--resume"]
+
+
+# --------------------------------------------------------------------------- the thread rule, wired
+
+
+class _Started(Exception):
+    """Raised where a command's work would start: everything before it has run."""
+
+
+@pytest.mark.parametrize("argv,threads", [
+    (["train"] + SMALL, 1),                              # tiny preset, d_model 64: one thread
+    (["train", "--threads", "3"] + SMALL, 3),
+    (["train", "--preset", "small"] + SMALL, None),      # d_model 192: torch's choice
+    (["study", "--quick"], 1),                           # progress asked, stderr no tty
+    (["study", "--quick", "--threads", "2"], 2),
+    (["bench", "speedup", "--quick"], 1),                # tiny shape
+    (["bench", "speedup", "--quick", "--threads", "2"], 2),
+    (["bench", "speedup", "--quick", "--shapes", "small"], None),  # d_model 512
+])
+def test_every_command_applies_the_thread_rule(argv, threads, workdir, monkeypatch):
+    """train, study and bench set torch's threads by the one rule before their work, and
+    study draws no progress bar into a pipe (stderr here is not a terminal)."""
+    import duollm.bench.speedup as speedup
+    import duollm.study.pipeline as pipeline
+    import duollm.train as train_mod
+
+    calls, progress = [], []
+
+    def started(*a, **k):
+        progress.append(k.get("progress"))
+        raise _Started
+
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    monkeypatch.setattr(train_mod, "train", started)
+    monkeypatch.setattr(pipeline, "run_study", started)
+    monkeypatch.setattr(speedup, "sweep", started)
+    with pytest.raises(_Started):
+        cli.main(argv)
+    assert calls == ([] if threads is None else [threads])
+    if argv[0] == "study":
+        assert progress == [False]
