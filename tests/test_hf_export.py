@@ -124,6 +124,31 @@ def test_save_load_keeps_bf16(tmp_path):
     _equal_models(model, loaded)
 
 
+@pytest.mark.parametrize("how", ["from_pretrained", "cast"])
+def test_bf16_save_load_gives_the_same_logits(tmp_path, how):
+    """RoPE's inv_freq is a non-persistent buffer, rebuilt by the loader: from_pretrained in
+    bf16 keeps it float32, ``.to(bfloat16)`` rounds it. Either way the loaded model must compute
+    the saved one's logits bit for bit (state dicts alone do not show the difference)."""
+    if how == "from_pretrained":
+        H.llama(dtype=torch.bfloat16).save_pretrained(tmp_path / "plain")
+        model = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "plain")
+    else:
+        model = H.llama(dtype=torch.bfloat16)
+    inv_freq = model.model.rotary_emb.inv_freq.dtype
+    assert inv_freq == (torch.float32 if how == "from_pretrained" else torch.bfloat16)
+    hf.convert(model, 16)
+    hf.save_converted(model, tmp_path / "conv")
+    loaded = hf.load_converted(tmp_path / "conv")
+    assert loaded.model.rotary_emb.inv_freq.dtype == inv_freq
+    t = H.tokens(T=48)  # long enough for the rounded frequencies to move the logits
+    with torch.no_grad():
+        for routes in ("big", "small"):
+            with hf.routing(model, routes):
+                ref = model(t).logits
+            with hf.routing(loaded, routes):
+                assert torch.equal(loaded(t).logits, ref), routes
+
+
 def test_save_refuses_an_unconverted_model(tmp_path):
     with pytest.raises(TypeError, match="convert"):
         hf.save_converted(H.llama(), tmp_path / "x")

@@ -162,7 +162,8 @@ def save_converted(model: nn.Module, path: PathLike, *, tokenizer=None,
     config.architectures = [cls]
     config.dtype = dtype
     record = {"format": FORMAT, "version": FORMAT_VERSION, "model_class": cls,
-              "dtype": str(dtype).removeprefix("torch."), **spec.to_dict()}
+              "dtype": str(dtype).removeprefix("torch."),
+              "buffer_dtypes": _loose_buffer_dtypes(model), **spec.to_dict()}
     with atomic_folder(path, overwrite) as tmp:
         config.save_pretrained(tmp)
         (tmp / SPEC_FILE).write_text(json.dumps(record, indent=2) + "\n")
@@ -171,6 +172,25 @@ def save_converted(model: nn.Module, path: PathLike, *, tokenizer=None,
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     return Path(path)
+
+
+def _loose_buffers(model: nn.Module) -> Iterator[Tuple[str, nn.Module, str]]:
+    """(qualified name, owner module, attribute) of every non-persistent buffer."""
+    for prefix, module in model.named_modules():
+        for name in sorted(module._non_persistent_buffers_set):
+            if module._buffers.get(name) is not None:
+                yield (f"{prefix}.{name}" if prefix else name), module, name
+
+
+def _loose_buffer_dtypes(model: nn.Module) -> Dict[str, str]:
+    """``{name: dtype}`` of the floating non-persistent buffers (RoPE's ``inv_freq``).
+
+    They are not in the state dict: the loader recomputes them from the config. Their dtype is
+    recorded because it changes the logits: ``from_pretrained(dtype=bfloat16)`` keeps
+    ``inv_freq`` in float32, a model cast with ``.to(bfloat16)`` holds it rounded to bf16."""
+    return {name: str(module._buffers[attr].dtype).removeprefix("torch.")
+            for name, module, attr in _loose_buffers(model)
+            if module._buffers[attr].is_floating_point()}
 
 
 def _read_record(path: Path) -> Dict:
@@ -207,7 +227,13 @@ def load_converted(path: PathLike, *, dtype: Optional[torch.dtype] = None,
                          f"{record['model_class']!r}, not a transformers model")
     config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
     saved_dtype = getattr(torch, record["dtype"])
-    model = cls(config).to(saved_dtype)
+    # Built directly in the saved dtype, as from_pretrained builds (its buffers, RoPE's inv_freq,
+    # stay float32); then each non-persistent buffer gets the dtype it had when saved.
+    model = cls._from_config(config, dtype=saved_dtype)
+    buffer_dtypes = record.get("buffer_dtypes", {})
+    for name, module, attr in _loose_buffers(model):
+        if name in buffer_dtypes:
+            module._buffers[attr] = module._buffers[attr].to(getattr(torch, buffer_dtypes[name]))
     convert(model, record["d_small"], init="empty", skip=record["skip"],
             probs=tuple(record["probs"]))
     spec_of(model).init = record["init"]
