@@ -187,18 +187,25 @@ def add_cli(p: argparse.ArgumentParser) -> None:
                      "duollm study --hf). Nothing is downloaded.")
     p.add_argument("path", metavar="PATH", help="a local HF checkpoint folder (config.json + "
                                                 "weights)")
+    # required options and those whose default is described in words: SUPPRESS keeps the help
+    # formatter from appending "(default: None)"
     p.add_argument("--d-small", dest="d_small", type=int, required=True, metavar="N",
+                   default=argparse.SUPPRESS,
                    help="width of the small FFNs (below the checkpoint's intermediate_size)")
     p.add_argument("--init", choices=("prune", "random"), default="prune",
                    help="small path: the big one's most important channels, or random")
-    p.add_argument("--calibration-tokens", dest="calibration_tokens", type=int, default=None,
-                   metavar="N", help="tokens of the embedded corpus for the activation-aware "
-                                     f"prune score (0: weights only; default "
-                                     f"{DEFAULT_CALIBRATION_TOKENS} with --init prune)")
-    p.add_argument("--dtype", choices=DTYPES, default=None,
-                   help="load (and save) in this dtype; None: the checkpoint's")
+    # SUPPRESS: no attribute unless given (the help formatter would print "default: None");
+    # the default depends on --init and is settled in _check_convert.
+    p.add_argument("--calibration-tokens", dest="calibration_tokens", type=int,
+                   default=argparse.SUPPRESS, metavar="N",
+                   help="tokens of the embedded corpus for the activation-aware prune score "
+                        f"(0: weights only; default {DEFAULT_CALIBRATION_TOKENS} with --init "
+                        f"prune, 0 with --init random)")
+    p.add_argument("--dtype", choices=DTYPES, default=argparse.SUPPRESS,
+                   help="load (and save) in this dtype (default: the checkpoint's)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--out", dest="out_dir", required=True, metavar="DIR",
+                   default=argparse.SUPPRESS,
                    help="folder for the converted model (new or empty)")
     add_threads_arg(p)
 
@@ -208,7 +215,7 @@ def _check_convert(args: argparse.Namespace):
     if ckpt.converted:
         raise UsageError("PATH", f"{ckpt.path} is already a converted duollm model")
     d_small = check_d_small("--d-small", args.d_small, ckpt)
-    n_calib = args.calibration_tokens
+    n_calib = getattr(args, "calibration_tokens", None)
     if n_calib is None:  # the default depends on --init: only pruning reads calibration text
         n_calib = DEFAULT_CALIBRATION_TOKENS if args.init == "prune" else 0
     n_calib = check_int("--calibration-tokens", n_calib, low=0)
@@ -238,7 +245,8 @@ def run_cli(args: argparse.Namespace) -> int:
     if args.init == "prune" and n_calib:
         calibration = calibration_tokens(n_calib, tokenizer, ckpt.vocab_size or 0,
                                          ckpt.max_positions)
-    model = AutoModelForCausalLM.from_pretrained(ckpt.path, dtype=_dtype(args.dtype),
+    model = AutoModelForCausalLM.from_pretrained(ckpt.path,
+                                                 dtype=_dtype(getattr(args, "dtype", None)),
                                                  local_files_only=True)
     model = model.to(device).eval()
     n_before = sum(p.numel() for p in model.parameters())

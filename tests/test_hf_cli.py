@@ -80,6 +80,20 @@ def test_convert_random_init_needs_no_calibration_option(tmp_path, capsys, check
     assert not (small[:, None, :] == big[None, :, :]).all(-1).any()
 
 
+def test_convert_dtype_bf16_loads_as_from_pretrained_gives_it(tmp_path, capsys, checkpoint):
+    import transformers
+
+    out = str(tmp_path / "bf16")
+    assert main(["convert", checkpoint, "--d-small", str(D_SMALL), "--dtype", "bfloat16",
+                 "--calibration-tokens", "0", "--out", out]) == 0
+    model = hf.load_converted(out)
+    assert model.model.layers[0].mlp.small.up_proj.weight.dtype == torch.bfloat16
+    original = transformers.LlamaForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16)
+    tokens = hf_models.tokens(T=48)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=tokens).logits, original(input_ids=tokens).logits)
+
+
 def test_convert_refuses_an_unsupported_checkpoint_with_exit_2(tmp_path, capsys):
     path = tmp_path / "phi3"
     hf_models.phi3().save_pretrained(path)
