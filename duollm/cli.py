@@ -303,6 +303,9 @@ def run_train(args: argparse.Namespace) -> int:
         from duollm.hf_cli import run_train_hf
 
         return run_train_hf(args)
+    from duollm.hf_cli import check_hf_only
+
+    check_hf_only(args)  # --d-small/--init/--distill without --hf would be ignored
     plan = plan_train(args)
     cfg, data, model_config = plan.cfg, plan.data, plan.model_config
     apply_thread_rule(args.threads, cfg.device, model_config.d_model)

@@ -282,12 +282,27 @@ def add_train_hf_args(p: argparse.ArgumentParser) -> None:
                         "weights stay frozen; --preset is ignored")
     g.add_argument("--d-small", dest="d_small", type=int, default=None, metavar="N",
                    help="with --hf on a plain checkpoint: the small FFN width")
-    g.add_argument("--init", dest="init", choices=("prune", "random"), default="prune",
+    # None defaults: check_hf_only refuses these without --hf (they would be ignored)
+    g.add_argument("--init", dest="init", choices=("prune", "random"), default=None,
                    help="with --hf on a plain checkpoint: how the small FFNs start "
-                        "(default: %(default)s)")
-    g.add_argument("--distill", type=float, default=0.0, metavar="W",
+                        "(default: prune)")
+    g.add_argument("--distill", type=float, default=None, metavar="W",
                    help="with --hf: weight of KL(all-big || routed) added to the loss "
-                        "(default: %(default)s)")
+                        "(default: 0)")
+
+
+HF_ONLY_OPTIONS = (("d_small", "--d-small"), ("init", "--init"), ("distill", "--distill"))
+
+
+def check_hf_only(args: argparse.Namespace) -> None:
+    """UsageError for a ``train`` option of ``--hf`` given without ``--hf``: ``duollm train``
+    of a preset would otherwise ignore it silently."""
+    if getattr(args, "hf", None) is not None:
+        return
+    for dest, option in HF_ONLY_OPTIONS:
+        if getattr(args, dest, None) is not None:
+            raise UsageError(option, "only applies with --hf PATH (stage 1 of a Hugging Face "
+                                     "checkpoint); duollm train of a preset would ignore it")
 
 
 @dataclasses.dataclass
@@ -297,6 +312,7 @@ class HFTrainPlan:
     cfg: object          # duollm.train.TrainConfig
     ckpt: Checkpoint
     d_small: Optional[int]
+    init: str                  # how a plain checkpoint's small FFNs start
     distill: float
     checkpoint: Optional[str]  # the step_N folder it resumes from
 
@@ -312,13 +328,17 @@ def plan_train_hf(args: argparse.Namespace) -> HFTrainPlan:
         if args.d_small is not None:
             raise UsageError("--d-small", f"{ckpt.path} is already converted (its small FFNs "
                                           f"exist); drop --d-small")
+        if args.init is not None:
+            raise UsageError("--init", f"{ckpt.path} is already converted (its small FFNs "
+                                       f"exist); drop --init")
         d_small = None
     else:
         if args.d_small is None:
             raise UsageError("--d-small", f"{ckpt.path} is a plain checkpoint: give the small "
                                           f"FFN width to convert it with")
         d_small = check_d_small("--d-small", args.d_small, ckpt)
-    distill = check_float("--distill", args.distill, low=0.0)
+    distill = check_float("--distill", 0.0 if args.distill is None else args.distill,
+                          low=0.0)
     if getattr(args, "fsdp", False):
         raise UsageError("--fsdp", "not supported with --hf (stage 1 of a converted model "
                                    "trains in one process)")
@@ -357,8 +377,8 @@ def plan_train_hf(args: argparse.Namespace) -> HFTrainPlan:
                                       f"checkpoint's max_position_embeddings), got "
                                       f"{cfg.seq_len}")
     require_transformers("--hf")
-    return HFTrainPlan(cfg=cfg, ckpt=ckpt, d_small=d_small, distill=distill,
-                       checkpoint=checkpoint if cfg.resume else None)
+    return HFTrainPlan(cfg=cfg, ckpt=ckpt, d_small=d_small, init=args.init or "prune",
+                       distill=distill, checkpoint=checkpoint if cfg.resume else None)
 
 
 def run_train_hf(args: argparse.Namespace) -> int:
@@ -376,10 +396,10 @@ def run_train_hf(args: argparse.Namespace) -> int:
                                           f"tokens, but the {split} split holds "
                                           f"{tokens.numel()}")
     calibration = None
-    if plan.d_small is not None and args.init == "prune":
+    if plan.d_small is not None and plan.init == "prune":
         calibration = calibration_tokens(DEFAULT_CALIBRATION_TOKENS, tokenizer, vocab,
                                          plan.ckpt.max_positions)
-    model, _ = hf.load_pretrained(plan.ckpt.path, plan.d_small, init=args.init,
+    model, _ = hf.load_pretrained(plan.ckpt.path, plan.d_small, init=plan.init,
                                   calibration=calibration, device=cfg.device)
     spec = hf.spec_of(model)
     apply_thread_rule(args.threads, cfg.device, spec.d_model)

@@ -147,6 +147,7 @@ def test_train_hf_on_a_converted_folder_with_its_tokenizer(tmp_path, capsys):
                                                                 generator=g).tolist()))
     out = str(tmp_path / "run")
     _usage_error(capsys, _train(str(conv), out, "--d-small", "4"), "--d-small")
+    _usage_error(capsys, _train(str(conv), out, "--init", "random"), "--init")
     _usage_error(capsys, _train(str(conv), out, "--data", "synthetic"), "--data")
     assert main(_train(str(conv), out, "--data", str(text))) == 0
     # The text went through the checkpoint's tokenizer: one id per word, 600 split 540/60
@@ -161,6 +162,11 @@ def test_train_hf_refuses_mistakes(tmp_path, capsys, checkpoint):
     _usage_error(capsys, _train(checkpoint, out, "--d-small", "8", "--distill", "-1"),
                  "--distill")
     _usage_error(capsys, _train(checkpoint, out, "--d-small", "8", "--fsdp"), "--fsdp")
+    # The --hf options without --hf: a preset's run would ignore them.
+    for extra in (["--d-small", "8"], ["--init", "random"], ["--distill", "0.5"]):
+        argv = _train(checkpoint, out, *extra)
+        del argv[1:3]  # drop --hf PATH
+        _usage_error(capsys, argv, extra[0])
     small_vocab = tmp_path / "small_vocab"
     hf_models.llama().save_pretrained(small_vocab)  # 97 ids: no room for bytes
     capsys.readouterr()  # save_pretrained's progress bar
