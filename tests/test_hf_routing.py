@@ -190,6 +190,32 @@ def test_backend_choice_is_used():
             pass
 
 
+@pytest.mark.parametrize("routes", ["small", "per-token"])
+def test_the_named_backend_runs_the_ffns(monkeypatch, routes):
+    """routing(..., backend=) reaches the op dispatch: every op an FFN resolves is asked of the
+    named backend (triton, in the interpreter here), and the result matches the default."""
+    from duollm import ops
+
+    if not ops.is_available("triton", torch.device("cpu")):
+        pytest.skip("triton is not available here")
+    model = _converted()
+    t = H.tokens(B=1, T=6)
+    if routes == "per-token":
+        routes = torch.randint(0, 3, (L, *t.shape), generator=torch.Generator().manual_seed(4))
+    ref = _logits(model, t, routes)
+    asked = []
+    real = ops.resolve
+
+    def spy(op, device, backend=None, optional=False):
+        asked.append(backend)
+        return real(op, device, backend, optional)
+
+    monkeypatch.setattr(ops, "resolve", spy)
+    out = _logits(model, t, routes, backend="triton")
+    assert asked and set(asked) == {"triton"}, asked
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("routes, exc, match", [
     ("medium", ValueError, "unknown policy"),
     ([BIG] * (L + 1), ValueError, "shape"),
