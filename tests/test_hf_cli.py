@@ -172,3 +172,25 @@ def test_train_hf_refuses_mistakes(tmp_path, capsys, checkpoint):
     capsys.readouterr()  # save_pretrained's progress bar
     _usage_error(capsys, _train(str(small_vocab), out, "--d-small", "8"), "256")
     assert not os.path.exists(out)
+
+
+def test_convert_without_transformers_says_what_to_install(tmp_path):
+    """No transformers: the parser still builds (hf_cli imports nothing of it) and convert
+    exits 2 saying what to install, instead of an ImportError traceback."""
+    import subprocess
+    import sys
+
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text('{"intermediate_size": 64}')
+    (ckpt / "model.safetensors").write_bytes(b"")
+    code = ("import sys; sys.modules['transformers'] = None\n"
+            "import importlib.util as u; orig = u.find_spec\n"
+            "u.find_spec = lambda n, *a: None if n == 'transformers' else orig(n, *a)\n"
+            "from duollm.cli import main\n"
+            f"sys.exit(main(['convert', {str(ckpt)!r}, '--d-small', '8', '--out', "
+            f"{str(tmp_path / 'out')!r}]))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 2, out.stderr
+    assert "pip install transformers" in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "out").exists()
