@@ -54,11 +54,18 @@ class Backend:
     name: str
     module: str
     check: Callable[[Optional[torch.device]], Optional[str]]
+    # A function that imports ``module`` with an import statement: dynamo cannot trace
+    # import_module (a graph break) but runs an import statement while it traces, so a
+    # built-in backend first used inside torch.compile(fullgraph=True) still loads.
+    loader: Optional[Callable[[], object]] = None
 
     def load(self):
-        # sys.modules first: dynamo cannot trace import_module, and this keeps
-        # torch.compile(fullgraph=True) of code calling duollm.ops free of graph breaks.
-        return sys.modules.get(self.module) or importlib.import_module(self.module)
+        # sys.modules first: no import machinery on the hot path or in a trace.
+        mod = sys.modules.get(self.module)
+        if mod is not None:
+            return mod
+        return self.loader() if self.loader is not None else importlib.import_module(
+            self.module)
 
 
 def _installed(module: str) -> bool:
@@ -111,15 +118,29 @@ _resolved: Dict[tuple, Callable] = {}
 
 
 def register_backend(name: str, module: str,
-                     check: Callable[[Optional[torch.device]], Optional[str]]) -> None:
-    """Register (or replace) a backend implemented by the importable ``module``."""
-    _BACKENDS[name] = Backend(name, module, check)
+                     check: Callable[[Optional[torch.device]], Optional[str]],
+                     loader: Optional[Callable[[], object]] = None) -> None:
+    """Register (or replace) a backend implemented by the importable ``module``.
+
+    ``loader``: optional, a function that imports ``module`` with an import statement and
+    returns it, so that the backend can load inside ``torch.compile`` (``Backend.loader``)."""
+    _BACKENDS[name] = Backend(name, module, check, loader)
     _resolved.clear()
 
 
-register_backend("torch", "duollm.torch_backend", _check_torch)
-register_backend("triton", "duollm.kernels", _check_triton)
-register_backend("cuda", "duollm.cuda_backend", _check_cuda)
+def _load_triton():
+    from . import kernels
+    return kernels
+
+
+def _load_cuda():
+    from . import cuda_backend
+    return cuda_backend
+
+
+register_backend("torch", "duollm.torch_backend", _check_torch)  # imported up front, below
+register_backend("triton", "duollm.kernels", _check_triton, _load_triton)
+register_backend("cuda", "duollm.cuda_backend", _check_cuda, _load_cuda)
 
 # Preference of "auto" on a GPU; the CPU always gets torch.
 _AUTO_ORDER_CUDA = ("triton", "cuda", "torch")

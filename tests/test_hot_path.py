@@ -3,6 +3,7 @@ routes and tokens handled on the device (residual written, flag raised later), t
 paths equal to the reference, error messages that name the caller's argument, the static KV
 cache / CUDA-graph decode and ``torch.compile(fullgraph=True)``."""
 import contextlib
+import os
 
 import pytest
 import torch
@@ -312,6 +313,30 @@ def test_messages_name_the_callers_argument():
         ffn(x, r)
 
 
+def test_a_routers_mistake_is_told_as_the_routers():
+    """DuoLLM with a router: a bad output is reported as the router's, at its layer, never
+    as the internal FFN input ``x``."""
+    cfg = DuoConfig.from_name("tiny", n_layers=2, vocab_size=32)
+    model = DuoLLM(cfg).eval()
+    tokens = torch.randint(0, 32, (2, 5))
+    bad = {
+        "shape": (ValueError, lambda i, h: torch.zeros(3, dtype=torch.long), "has shape (3,)"),
+        "dtype": (TypeError, lambda i, h: torch.zeros(2, 5), "torch.float32"),
+        "value": (ValueError, lambda i, h: torch.full((2, 5), 7), "found 7"),
+        "gate": (ValueError, lambda i, h: (torch.ones(2, 5, dtype=torch.long),
+                                            torch.ones(3)), "gate"),
+        "late": (ValueError, lambda i, h: torch.full((2, 5), 1 if i == 0 else 9), "found 9"),
+    }
+    for name, (exc, router, fragment) in bad.items():
+        with pytest.raises(exc) as info:
+            model(tokens, router)
+        text = str(info.value)
+        layer = 1 if name == "late" else 0
+        assert text.startswith(f"routes: the router's {'gate' if name == 'gate' else 'routes'} "
+                               f"at layer {layer}:"), text
+        assert fragment in text and "x " not in text and "x:" not in text, text
+
+
 def test_cast_layer_revalidates():
     """The cached weight signature follows .to()/.double(): no stale acceptance."""
     ffn = _ffn()
@@ -369,6 +394,33 @@ def test_compile_fullgraph(backend):
                                            rtol=1e-4, atol=1e-4)
     finally:
         torch._dynamo.reset()
+
+
+def test_compile_loads_the_triton_backend_inside_the_trace():
+    """A fresh process whose first triton call is inside torch.compile(fullgraph=True): the
+    backend loads by an import statement, which dynamo runs (import_module would break the
+    graph; in one pytest process an earlier test has always loaded it)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch\n"
+        "from duollm import DuoConfig, DuoLLM\n"
+        "assert 'duollm.kernels' not in sys.modules\n"
+        "model = DuoLLM(DuoConfig.from_name('tiny', n_layers=1)).eval()\n"
+        "tokens = torch.randint(0, model.config.vocab_size, (2, 3))\n"
+        "routes = torch.tensor([[[2, 1, 0], [1, 1, 2]]])\n"
+        "compiled = torch.compile(model, fullgraph=True, backend='eager')\n"
+        "with torch.no_grad():\n"
+        "    out = compiled(tokens, routes, backend='triton')\n"
+        "    torch.testing.assert_close(out, model(tokens, routes), rtol=1e-4, atol=1e-4)\n"
+        "assert 'duollm.kernels' in sys.modules\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, TRITON_INTERPRET="1",
+               PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 # --------------------------------------------------------------------------- GPU
