@@ -152,7 +152,24 @@ class Block(nn.Module):
             r, gate = plan[layer], None
         else:
             r, gate = layer_routes(plan, layer, x)
+            if not isinstance(plan, torch.Tensor):  # a router's output: say so if it is bad
+                try:
+                    return self.ffn(x, r, residual=h, gate=gate, backend=backend)
+                except (TypeError, ValueError) as e:
+                    raise _router_error(e, layer) from None
         return self.ffn(x, r, residual=h, gate=gate, backend=backend)
+
+
+def _router_error(e: Exception, layer: int) -> Exception:
+    """``e`` from DuoFFN's checks of a router's output, told as the router's mistake: the
+    caller passed the router, not the layer's ``x`` (the FFN input, ``(B, T, d_model)``)."""
+    text = str(e)
+    if not text.startswith(("routes:", "gate:")) or type(e) not in (TypeError, ValueError):
+        return e
+    name, rest = text.split(":", 1)
+    rest = rest.replace("x of shape", "its input of shape").replace("but x is on",
+                                                                     "but its input is on")
+    return type(e)(f"routes: the router's {name} at layer {layer}:{rest}")
 
 
 class DuoLLM(nn.Module):
