@@ -61,8 +61,8 @@ setup(
     extras_require={
         "triton": ["triton>=3.0"],
         # duollm.hf wraps transformers models; import duollm works without it.
-        "hf": ["transformers"],
-        "test": ["pytest", "hypothesis", "pytest-benchmark", "transformers", "ruff"],
+        "hf": ["transformers>=5"],  # duollm.hf uses 5.x names (docs/hf.md)
+        "test": ["pytest", "hypothesis", "pytest-benchmark", "transformers>=5", "ruff"],
         "bench": ["pytest-benchmark", "matplotlib"],
     },
     entry_points={"console_scripts": ["duollm = duollm.cli:main"]},

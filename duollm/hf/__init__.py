@@ -15,6 +15,14 @@ import importlib.util
 if importlib.util.find_spec("transformers") is None:
     raise ImportError("duollm.hf needs the transformers package: pip install transformers")
 
+import transformers  # noqa: E402
+
+# 5.x names used here (rope_parameters, dtype=, transformers.initialization) that 4.x lacks or,
+# for LlamaConfig(rope_parameters=...), silently ignores: an export would get the wrong RoPE.
+if int(transformers.__version__.split(".")[0]) < 5:
+    raise ImportError(f"duollm.hf needs transformers>=5, found {transformers.__version__}: "
+                      f"pip install -U 'transformers>=5'")
+
 from .convert import convert, decoder_layers  # noqa: E402
 from .routing import HFDuoFFN, HFDuoSpec, active_routes, is_converted, routing, spec_of  # noqa: E402
 from .export import export, load_converted, load_pretrained, save_converted  # noqa: E402
