@@ -226,3 +226,14 @@ def test_duollm_hf_without_transformers_says_what_to_install():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True)
     assert "pip install transformers" in out.stdout
+
+
+def test_duollm_hf_with_transformers_4_says_to_upgrade():
+    import subprocess
+    import sys
+    code = ("import sys, types; fake = types.ModuleType('transformers')\n"
+            "fake.__version__ = '4.46.3'; sys.modules['transformers'] = fake\n"
+            "try:\n    import duollm.hf\nexcept ImportError as e:\n    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert "transformers>=5" in out.stdout and "4.46.3" in out.stdout
