@@ -231,8 +231,10 @@ def test_duollm_hf_without_transformers_says_what_to_install():
 def test_duollm_hf_with_transformers_4_says_to_upgrade():
     import subprocess
     import sys
-    code = ("import sys, types; fake = types.ModuleType('transformers')\n"
-            "fake.__version__ = '4.46.3'; sys.modules['transformers'] = fake\n"
+    code = ("import importlib.machinery, sys, types\n"
+            "fake = types.ModuleType('transformers'); fake.__version__ = '4.46.3'\n"
+            "fake.__spec__ = importlib.machinery.ModuleSpec('transformers', None)\n"
+            "sys.modules['transformers'] = fake\n"
             "try:\n    import duollm.hf\nexcept ImportError as e:\n    print(e)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True)
