@@ -192,3 +192,58 @@ def test_sharded_search_in_one_process_is_search():
         assert torch.equal(got.routes, one.routes) and torch.equal(got.loss, one.loss)
     table = sharded_pattern_losses(model, tokens, "sequence")
     assert torch.equal(table.select(1).loss, search(model, tokens, 1).loss)
+
+
+# --------------------------------------------------------------------------- the study
+
+_STUDY_SCRIPT = """
+    import json, os, sys
+    import duollm.study.parallel as P
+    from duollm.cli import main
+    walked = []
+    inner = P.pattern_losses
+    def counting(model, tokens, *a, **kw):  # the sequences this rank's walks were given
+        walked.append(int(tokens.shape[0]))
+        return inner(model, tokens, *a, **kw)
+    P.pattern_losses = counting
+    rc = main(["study", "--quick", "--out", sys.argv[1], "--no-progress", "--n-random", "5",
+               "--no-synthetic-check", "--threads", "1"])
+    with open(os.path.join(sys.argv[2], f"walked{os.environ['RANK']}.json"), "w") as f:
+        json.dump({"rc": rc, "walked": walked,
+                   "report": os.path.exists(os.path.join(sys.argv[1], "report.md"))}, f)
+"""
+
+
+def test_study_under_torchrun_shards_its_oracle_and_matches_one_process(tmp_path):
+    """`torchrun -m duollm study`: each rank walks its share of the holdout sequences, the
+    report is rank 0's and its oracle numbers are one process's. Training is data-parallel
+    (float summation order differs from one process by ~1e-7 in the weights, see
+    _assert_matches), so the losses are compared at 1e-4; a share walked in the wrong order
+    or a rank's table lost moves the selection/evaluation split's numbers by far more."""
+    import json
+
+    from duollm.cli import main
+
+    out = tmp_path / "two"
+    torchrun(_STUDY_SCRIPT, tmp_path, str(out), str(tmp_path))
+    ranks = [json.loads((tmp_path / f"walked{r}.json").read_text()) for r in (0, 1)]
+    assert [r["rc"] for r in ranks] == [0, 0]
+    one = tmp_path / "one"
+    assert main(["study", "--quick", "--out", str(one), "--no-progress", "--n-random", "5",
+                 "--no-synthetic-check", "--threads", "1"]) == 0
+    got = json.loads((out / "results.json").read_text())
+    want = json.loads((one / "results.json").read_text())
+    # Each walk (2 holdouts x (pattern table + context-big table)) got half the sequences.
+    n_seq = want["holdouts"][0]["n_sequences"]
+    n_walks = len(ranks[0]["walked"])
+    assert n_walks == len(ranks[1]["walked"]) >= 4
+    for w0, w1 in zip(ranks[0]["walked"], ranks[1]["walked"]):
+        assert w0 + w1 in (n_seq, n_seq // 2) and abs(w0 - w1) <= 1  # all, or the eval half
+    for hg, hw in zip(got["holdouts"], want["holdouts"], strict=True):
+        for cg, cw in zip(hg["curves"], hw["curves"], strict=True):
+            if cg["name"] == "router":
+                continue  # routers are not sharded: each rank trains its own
+            for pg, pw in zip(cg["points"], cw["points"], strict=True):
+                assert pg["estimate"] == pytest.approx(pw["estimate"], abs=1e-4), cg["name"]
+        assert hg["skip"]["big_or_skip_loss"]["estimate"] == pytest.approx(
+            hw["skip"]["big_or_skip_loss"]["estimate"], abs=1e-4)

@@ -60,7 +60,10 @@ def add_study_args(parser: argparse.ArgumentParser) -> None:
                         help="skip the difficulty check on the synthetic corpus")
     parser.add_argument("--hf", default=None, metavar="PATH",
                         help="study a converted Hugging Face checkpoint folder instead of "
-                             "training a DuoLLM")
+                             "training a DuoLLM (a plain checkpoint folder needs --d-small)")
+    parser.add_argument("--d-small", type=int, default=None, metavar="N",
+                        help="with --hf and a plain (unconverted) checkpoint: convert it with "
+                             "small FFNs of width N (pruned from the big ones)")
     parser.add_argument("--no-progress", action="store_true",
                         help="no progress bars or stage lines (bars appear only on a "
                              "terminal anyway)")
@@ -82,6 +85,37 @@ def parse_budgets(text: Optional[str], n_layers: int) -> Optional[List[int]]:
         raise UsageError("--budgets", f"{bad[0]} is not a big-layer count in 1..{n_layers - 1} "
                                       f"(the preset has {n_layers} layers)")
     return ks
+
+
+def _hf_layers(args: argparse.Namespace) -> int:
+    """Check ``--hf`` (and ``--d-small``, ``--preset`` beside it); the checkpoint's layer
+    count, read from its ``config.json`` without loading the model."""
+    import json
+
+    if args.preset is not None:
+        raise UsageError("--preset", "not used with --hf (the checkpoint fixes the shape)")
+    if not os.path.isdir(args.hf):
+        raise UsageError("--hf", f"{args.hf} is not a folder (expected a converted or "
+                                 f"plain Hugging Face checkpoint folder)")
+    try:
+        with open(os.path.join(args.hf, "config.json")) as f:
+            config = json.load(f)
+        n_layers = int(config["num_hidden_layers"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UsageError("--hf", f"{args.hf} holds no readable config.json with "
+                                 f"num_hidden_layers: not a Hugging Face checkpoint") from None
+    converted = os.path.isfile(os.path.join(args.hf, "duollm.json"))
+    if converted and args.d_small is not None:
+        raise UsageError("--d-small", f"{args.hf} is already converted (its small FFNs are "
+                                      f"fixed); drop --d-small")
+    if not converted:
+        if args.d_small is None:
+            raise UsageError("--hf", f"{args.hf} is a plain checkpoint: give --d-small N to "
+                                     f"convert it, or convert it first (duollm convert)")
+        width = config.get("intermediate_size")
+        check_int("--d-small", args.d_small, low=1,
+                  high=int(width) - 1 if isinstance(width, int) else None)
+    return n_layers
 
 
 def validate(args: argparse.Namespace):
@@ -106,13 +140,13 @@ def validate(args: argparse.Namespace):
         check_int("--oracle-batch", args.oracle_batch, low=4)
     check_int("--seed", args.seed, low=0)
     if args.hf is not None:
-        if not os.path.isdir(args.hf):
-            raise UsageError("--hf", f"{args.hf} is not a folder (expected a converted or "
-                                     f"plain Hugging Face checkpoint folder)")
-        n_layers = None
+        n_layers = _hf_layers(args)
     else:
+        if args.d_small is not None:
+            raise UsageError("--d-small", "only used with --hf (a DuoLLM's widths come from "
+                                          "--preset)")
         n_layers = DuoConfig.from_name(preset).n_layers
-    budgets = parse_budgets(args.budgets, n_layers) if n_layers else None
+    budgets = parse_budgets(args.budgets, n_layers)
     return device, budgets, preset
 
 
@@ -131,7 +165,10 @@ def run_cli(args: argparse.Namespace) -> int:
                     out=args.out, budgets=budgets, router_steps=args.router_steps,
                     n_random=args.n_random, oracle_batch=args.oracle_batch, seed=args.seed,
                     quick=args.quick, progress=show_progress(not args.no_progress),
-                    synthetic_check=not args.no_synthetic_check, hf=args.hf)
+                    synthetic_check=not args.no_synthetic_check, hf=args.hf,
+                    hf_d_small=args.d_small)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun rank 0 alone reports
+        return 0
     from .report import summary_text
 
     print(summary_text(res))

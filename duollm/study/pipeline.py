@@ -119,7 +119,8 @@ def run_study(preset: Optional[str] = None, data="default", steps: Optional[int]
               budgets: Optional[Sequence[int]] = None, router_steps: Optional[int] = None,
               n_random: int = 100, oracle_batch: Optional[int] = None, seed: int = 0,
               quick: bool = False, progress: bool = True, model=None,
-              synthetic_check: bool = True, hf: Optional[str] = None) -> StudyResult:
+              synthetic_check: bool = True, hf: Optional[str] = None,
+              hf_d_small: Optional[int] = None) -> StudyResult:
     """Run every stage on both holdouts and write ``report.md``, PNG plots and
     ``results.json`` under ``out``; returns the ``StudyResult``.
 
@@ -133,9 +134,21 @@ def run_study(preset: Optional[str] = None, data="default", steps: Optional[int]
       model: an already trained ``DuoLLM`` to study instead of training one.
       hf: a converted Hugging Face checkpoint folder (``duollm.hf.load_pretrained``);
         with ``steps`` > 0 its small FFNs are trained first (``duollm.hf.train_small``).
+      hf_d_small: with ``hf`` a plain (unconverted) checkpoint: the small FFNs' width.
     """
+    from .. import distributed
     from .report import write_report
 
+    # Under torchrun every rank runs the pipeline: training is data-parallel (duollm.train),
+    # the exhaustive oracle walks share the holdout sequences among the ranks (stages use
+    # duollm.study.parallel), and rank 0 alone logs and writes. Joining here, before
+    # training, keeps one process group for the whole run (train() would otherwise leave
+    # its own, and gloo does not reliably re-join).
+    dist_info = (distributed.join("cuda" if torch.device(device).type == "cuda" else "cpu")
+                 if distributed.env_world_size() > 1 else distributed.DistInfo())
+    if dist_info.enabled and torch.device(device).type == "cuda":
+        device = dist_info.device  # each rank on its own GPU (LOCAL_RANK)
+    progress = progress and dist_info.is_main
     t_start = time.perf_counter()
     cpu_start = time.process_time()
     sizes = St.QUICK if quick else St.DEMO
@@ -161,7 +174,7 @@ def run_study(preset: Optional[str] = None, data="default", steps: Optional[int]
     t0 = time.perf_counter()
     source, train_val = "duollm", {}
     if model is None and hf is not None:
-        model, tok = _load_hf_model(hf, log)
+        model, tok = _load_hf_model(hf, log, hf_d_small)
         if tok is not None:
             holdouts = [retokenize(h, tok) for h in holdouts]
             tdata = training_data(holdouts)
@@ -209,9 +222,11 @@ def run_study(preset: Optional[str] = None, data="default", steps: Optional[int]
         data=tdata.name, source=source, steps=steps, train_probs=list(St.TRAIN_PROBS),
         train_val_loss=dict(train_val), seed=seed, device=str(device), n_random=n_random,
         holdouts=results, synthetic=synth, timings=timings)
-    write_report(res, out_dir)
-    with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump(dataclasses.asdict(res), f, indent=1, default=_json_default)
+    if dist_info.is_main:
+        write_report(res, out_dir)
+        with open(os.path.join(out_dir, "results.json"), "w") as f:
+            json.dump(dataclasses.asdict(res), f, indent=1, default=_json_default)
+    distributed.barrier(dist_info)  # the report exists once any rank returns
     log(f"done in {timings['total_s']:.0f}s; report in {out_dir}/report.md")
     return res
 
@@ -222,11 +237,11 @@ def _json_default(x):
     raise TypeError(f"not JSON serialisable: {type(x).__name__}")
 
 
-def _load_hf_model(path: str, log):
+def _load_hf_model(path: str, log, d_small: Optional[int] = None):
     from .. import hf as H
 
     log(f"loading the Hugging Face checkpoint {path}")
-    model, tok = H.load_pretrained(path)
+    model, tok = H.load_pretrained(path, d_small=d_small)
     if tok is None:
         from ..stack import as_stack
 

@@ -155,9 +155,13 @@ def pattern_table(model, tokens: torch.Tensor, progress: bool = False,
 
     ``full``: one walk over all 3^L skip/small/big patterns (default while 3^L <=
     ``FULL_SKIP_LIMIT``); otherwise two walks, big/small (2^L) and big/skip (2^L), which serve
-    every figure except the full 3^L oracle of Figure 2d."""
-    from ..oracle import pattern_losses
+    every figure except the full 3^L oracle of Figure 2d.
+
+    Under ``torchrun`` the walks share the sequences among the ranks
+    (``duollm.study.parallel.sharded_pattern_losses``): every rank gets the whole table, equal
+    to one process's."""
     from ..stack import as_stack
+    from .parallel import sharded_pattern_losses as pattern_losses
 
     L = as_stack(model).n_layers
     full = 3 ** L <= FULL_SKIP_LIMIT if full is None else full
@@ -179,9 +183,10 @@ def context_big_curve(model, tokens: torch.Tensor, L: int, n_boot: int, seed: in
     """The library's other token oracle (``base="big"``): only the scored position's path
     changes, the context stays all big. A bound on per-token routing *given* a full-compute
     context; not realisable by running all tokens with their routes at once."""
-    from ..oracle import Exactly, pattern_losses
+    from ..oracle import Exactly
+    from .parallel import sharded_pattern_losses
 
-    tab = pattern_losses(model, tokens, "token", base="big", progress=progress)
+    tab = sharded_pattern_losses(model, tokens, "token", base="big", progress=progress)
     vals = [tab.select(Exactly(k)).loss.double().mean(1) for k in range(L + 1)]
     return make_curve("oracle_context_big", "token oracle, context all big (base='big')", vals,
                       vals[L], n_boot, seed)
@@ -589,7 +594,7 @@ def synthetic_check(sizes: StudySizes, seed: int, device: str, progress: bool,
 
 
 def _walk(model, tokens):
-    from ..oracle import pattern_losses
+    from .parallel import sharded_pattern_losses
 
-    tab = pattern_losses(model, tokens, "sequence", skip=False)
+    tab = sharded_pattern_losses(model, tokens, "sequence", skip=False)
     return tab.patterns, tab.losses
