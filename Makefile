@@ -10,7 +10,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
-TRANSFORMERS ?= transformers>=5
+TRANSFORMERS ?= transformers>=5,<6
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 
