@@ -34,6 +34,7 @@ def test_study_quick_writes_report_and_every_plot(quick_run, capsys):
         assert f"({name})" in report, name
     assert "## Holdout: prose" in report and "## Holdout: code" in report
     assert "base='pattern'" in report and "base='big'" in report
+    assert report.count("| greedy | ") == 2 and report.count("| beam (width 4) | ") == 2
     rows = [r for r in report.splitlines() if r.startswith("| 4a, ") or r.startswith("| 2d, ")]
     assert rows and all(any(f"**{o}**" in r for o in ("holds", "does not hold",
                                                       "not resolved")) for r in rows)
@@ -217,3 +218,23 @@ def test_two_walk_table_matches_the_full_table():
                               full.oracle(full.mask(k, small=False, skip=True))[0])
     assert St.skip_profiles(two, None, n_boot=20, seed=0).full_loss is None
     assert St.skip_profiles(full, None, n_boot=20, seed=0).full_loss is not None
+
+
+def test_approx_gaps_against_the_exhaustive_oracle():
+    """Beam and greedy of the paper's oracle never beat the exhaustive one; a beam as wide
+    as every pattern is the exhaustive search (gap 0, every position exact)."""
+    from duollm import DuoConfig, DuoLLM
+
+    torch.manual_seed(0)
+    model = DuoLLM(DuoConfig.from_name("tiny", n_layers=3)).eval()
+    tokens = torch.randint(0, 256, (4, 10), generator=torch.Generator().manual_seed(1))
+    tab = St.pattern_table(model, tokens)
+    ex = tab.oracle(tab.mask(2))[0]
+    narrow = St.approx_gaps(model, tokens, 2, ex, n_boot=50, seed=0, beam_width=2)
+    assert [g.method for g in narrow] == ["beam", "greedy"]
+    for g in narrow:
+        assert g.gap.estimate >= -1e-9 and g.gap.low >= -1e-9 and 0 <= g.exact_share <= 1
+    wide = St.approx_gaps(model, tokens, 2, ex, n_boot=50, seed=0, beam_width=2 ** 3)[0]
+    assert wide.gap.estimate == pytest.approx(0, abs=1e-9) and wide.exact_share == 1.0
+    with pytest.raises(ValueError, match="exhaustive"):
+        St.approx_gaps(model, tokens, 2, ex[:, 1:], n_boot=50, seed=0)

@@ -98,6 +98,9 @@ def analyse_holdout(model, h: Holdout, routers: List[St.TrainedRouter], sizes: S
     skip = St.skip_profiles(ev, r_routes.get(skip_name), nb, seed)
     posb = St.position_budget(ev, nb, seed)
     am = ev.routes(ev.oracle(ev.mask(hk, at_most=True))[1])  # (B, T-1, L)
+    log(f"[{h.name}] beam and greedy against the exhaustive oracle at k={hk}")
+    gaps = St.approx_gaps(model, toks[ev_i].to(device), hk, ev.oracle(ev.mask(hk))[0], nb,
+                          seed)
     log(f"[{h.name}] token difficulty")
     diff = St.difficulty(ev, toks[ev_i], nb, seed,
                          kinds=None if kinds is None else kinds[ev_i])
@@ -111,7 +114,7 @@ def analyse_holdout(model, h: Holdout, routers: List[St.TrainedRouter], sizes: S
         router_near_random=near, one_big_beats_all_big=one, routers=r_results, capacity=cap,
         skip=skip, position_budget=posb,
         oracle_big_by_position=(am == BIG).double().mean((0, 2)).tolist(), difficulty=diff,
-        routing_map=rmap)
+        routing_map=rmap, approx_gaps=gaps)
 
 
 def run_study(preset: Optional[str] = None, data="default", steps: Optional[int] = None,

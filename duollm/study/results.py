@@ -115,6 +115,20 @@ class DifficultyResult:
 
 
 @dataclass
+class ApproxGap:
+    """An approximate search of the paper's token oracle (beam or greedy) against the
+    exhaustive one, at ``k`` big layers on the evaluation split."""
+
+    method: str  # "beam" or "greedy"
+    beam_width: int
+    k: int
+    loss: Interval
+    gap: Interval  # approximate minus exhaustive loss, paired over sequences (>= 0)
+    exact_share: float  # share of positions whose loss equals the exhaustive one
+    seconds: float  # wall time of the approximate search
+
+
+@dataclass
 class HoldoutResult:
     """Everything measured on one holdout."""
 
@@ -139,6 +153,7 @@ class HoldoutResult:
     oracle_big_by_position: List[float]
     difficulty: DifficultyResult
     routing_map: Dict[str, List[List[int]]]  # router name -> (L, T) routes of one sequence
+    approx_gaps: List[ApproxGap]  # beam and greedy vs exhaustive at headline_k
 
 
 @dataclass

@@ -26,7 +26,7 @@ import torch
 
 from ..reference import BIG, SKIP, SMALL
 from . import stats as S
-from .results import (CapacityResult, Curve, DifficultyResult, PositionBudgetResult,
+from .results import (ApproxGap, CapacityResult, Curve, DifficultyResult, PositionBudgetResult,
                       RouterResult, SkipResult, SyntheticCheck)
 
 
@@ -379,6 +379,35 @@ def position_budget(ev: PatternLosses, n_boot: int, seed: int) -> PositionBudget
     v = S.all_of("a constant budget beats a decreasing or increasing one with the same mean",
                  crit, parts)
     return PositionBudgetResult(kc, sched, loss, v)
+
+
+def approx_gaps(model, tokens: torch.Tensor, k: int, exhaustive: torch.Tensor, n_boot: int,
+                seed: int, beam_width: int = 4) -> List[ApproxGap]:
+    """Beam (``beam_width``) and greedy search of the paper's token oracle (exactly ``k`` big
+    layers, big/small) against the exhaustive one, whose losses ``exhaustive`` (B, T-1) come
+    from the pattern table of the same ``tokens`` (B, T). Run in one process: that beam ranks
+    prefixes over the whole batch (``duollm.study.parallel`` refuses to shard it)."""
+    import time
+
+    from ..oracle import Exactly, search
+
+    out = []
+    for method, width in (("beam", beam_width), ("greedy", 1)):
+        t0 = time.perf_counter()
+        res = search(model, tokens, Exactly(k), "token", method=method, base="pattern",
+                     beam_width=width)
+        seconds = time.perf_counter() - t0
+        loss = res.loss.double().cpu()
+        if loss.shape != exhaustive.shape:
+            raise ValueError(f"exhaustive: shape {tuple(exhaustive.shape)} differs from the "
+                             f"search's {tuple(loss.shape)}")
+        out.append(ApproxGap(
+            method, width, k, S.bootstrap_mean(seq_mean(loss), n_boot=n_boot, seed=seed),
+            S.paired_difference(seq_mean(loss), seq_mean(exhaustive), n_boot=n_boot,
+                                seed=seed),
+            float(torch.isclose(loss, exhaustive, rtol=0, atol=1e-6).double().mean()),
+            seconds))
+    return out
 
 
 # --------------------------------------------------------------------------- difficulty
