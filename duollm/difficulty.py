@@ -166,9 +166,10 @@ def high_loss_correlation(table: DifficultyTable, quantile: float = 0.75) -> Dic
 class GainOverlap:
     """How differently small-model loss and gain (``difficulty``) rank the tokens.
 
-    Fields: ``n`` tokens; ``n_top`` tokens in each top / bottom group (the ``1 - quantile``
-    share); ``top_overlap`` the share of the top group by loss that is also in the top group by
-    gain (1: the same tokens; ``chance_overlap`` = ``n_top / n`` when the two rankings are
+    Fields: ``n`` tokens; ``n_top`` tokens in each top group (the ``1 - quantile`` share);
+    ``n_low`` tokens in each bottom group (``n_top`` unless ``low`` was given);
+    ``top_overlap`` the share of the top group by loss that is also in the top group by gain
+    (1: the same tokens; ``chance_overlap`` = ``n_top / n`` when the two rankings are
     independent); ``high_loss_low_gain`` the share of the top-loss group whose gain is in the
     bottom group; ``low_loss_high_gain`` the share of the bottom-loss group whose gain is in the
     top group; ``spearman`` the rank correlation of loss and gain; ``loss`` the loss column
@@ -184,6 +185,7 @@ class GainOverlap:
     low_loss_high_gain: float
     spearman: float
     loss: str = "loss_small"
+    n_low: int = 0
 
     def describe(self) -> str:
         q = round(100 * (1 - self.quantile))
@@ -202,20 +204,21 @@ def _ranks(x: torch.Tensor) -> torch.Tensor:
 
 def gain_overlap(table: DifficultyTable, quantile: float = 0.75,
                  sequences: Optional[Sequence[int]] = None,
-                 loss: str = "loss_small") -> GainOverlap:
+                 loss: str = "loss_small", low: Optional[float] = None) -> GainOverlap:
     """The paper's difficulty claim as numbers: rank tokens by ``loss`` and by gain.
 
     Args:
       table: a ``DifficultyTable``.
       quantile: the top group is the tokens above this quantile (0.75: the top quartile), the
         bottom group the same number of tokens from the other end.
+      low: the share of tokens in each bottom group instead (e.g. 0.5: below the median).
+        Gain is bounded by the loss (the oracle's loss is >= 0), so the bottom quartile by
+        loss can hardly reach the top quartile by gain; the study's criterion uses 0.5.
       sequences: optional sequence ids to include, repeats allowed (a bootstrap resample over
         sequences); default every row.
       loss: ``"loss_small"`` (the paper's small-model loss) or ``"loss_big"``.
     Returns: a ``GainOverlap``.
     """
-    if not 0.0 < quantile < 1.0:
-        raise ValueError(f"quantile: expected a value in (0, 1), got {quantile!r}")
     if loss not in ("loss_small", "loss_big"):
         raise ValueError(f"loss: expected 'loss_small' or 'loss_big', got {loss!r}")
     raw, gain = getattr(table, loss).double(), table.difficulty.double()
@@ -223,13 +226,31 @@ def gain_overlap(table: DifficultyTable, quantile: float = 0.75,
         rows = [torch.nonzero(table.sequence == int(s)).flatten() for s in sequences]
         rows = torch.cat(rows) if rows else torch.zeros(0, dtype=torch.int64)
         raw, gain = raw[rows], gain[rows]
+    if raw.numel() < 2:
+        raise ValueError(f"table: needs at least 2 tokens, got {raw.numel()}")
+    return rank_overlap(raw, gain, quantile, loss, low)
+
+
+def rank_overlap(loss: torch.Tensor, gain: torch.Tensor, quantile: float = 0.75,
+                 loss_name: str = "loss_small", low: Optional[float] = None) -> GainOverlap:
+    """``gain_overlap`` on tensors: ``loss`` and ``gain`` of the same tokens, any shape
+    (flattened, e.g. (B, T-1) from an oracle table); ``loss_name`` labels the result.
+    Returns: a ``GainOverlap``."""
+    if not 0.0 < quantile < 1.0:
+        raise ValueError(f"quantile: expected a value in (0, 1), got {quantile!r}")
+    if low is not None and not 0.0 < low < 1.0:
+        raise ValueError(f"low: expected a share in (0, 1), got {low!r}")
+    raw, gain = loss.reshape(-1).double(), gain.reshape(-1).double()
+    if raw.shape != gain.shape:
+        raise ValueError(f"gain: {gain.numel()} tokens, loss has {raw.numel()}")
     n = raw.numel()
     if n < 2:
-        raise ValueError(f"table: needs at least 2 tokens, got {n}")
+        raise ValueError(f"loss: needs at least 2 tokens, got {n}")
     n_top = max(1, round((1 - quantile) * n))
     r_loss, r_gain = _ranks(raw), _ranks(gain)
-    top_loss, bot_loss = r_loss >= n - n_top, r_loss < n_top
-    top_gain, bot_gain = r_gain >= n - n_top, r_gain < n_top
+    n_low = n_top if low is None else max(1, round(low * n))
+    top_loss, bot_loss = r_loss >= n - n_top, r_loss < n_low
+    top_gain, bot_gain = r_gain >= n - n_top, r_gain < n_low
     rl, rg = r_loss.double(), r_gain.double()
     spearman = float(((rl - rl.mean()) * (rg - rg.mean())).sum()
                      / ((rl - rl.mean()).norm() * (rg - rg.mean()).norm()))
@@ -237,5 +258,5 @@ def gain_overlap(table: DifficultyTable, quantile: float = 0.75,
         n=n, n_top=n_top, quantile=quantile,
         top_overlap=float((top_loss & top_gain).sum()) / n_top, chance_overlap=n_top / n,
         high_loss_low_gain=float((top_loss & bot_gain).sum()) / n_top,
-        low_loss_high_gain=float((bot_loss & top_gain).sum()) / n_top,
-        spearman=spearman, loss=loss)
+        low_loss_high_gain=float((bot_loss & top_gain).sum()) / n_low,
+        spearman=spearman, loss=loss_name, n_low=n_low)

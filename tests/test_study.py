@@ -151,14 +151,43 @@ def test_position_budget_holds_per_position():
             tab.oracle(m)[0].mean(1).mean()))
 
 
-def test_rank_overlap_known_answers():
-    loss = torch.arange(100.0)
-    same = St.rank_overlap(loss, loss * 2)
-    assert same["overlap"] == 1.0 and same["high_loss_low_gain"] == 0.0
-    assert same["spearman"] == pytest.approx(1.0)
-    rev = St.rank_overlap(loss, -loss)
-    assert rev["overlap"] == 0.0 and rev["high_loss_low_gain"] == 1.0
-    assert rev["low_loss_high_gain"] == pytest.approx(0.5)  # 25 of the 50 low-loss tokens
+def test_difficulty_stage_reports_the_library_rank_overlap():
+    """The study's difficulty shares are duollm.difficulty.rank_overlap's (the function
+    behind gain_overlap) on the evaluation tokens: recomputed here from the table."""
+    from duollm.difficulty import rank_overlap
+
+    n, T, L = 6, 9, 2
+    pats = torch.tensor(list(itertools.product((SMALL, BIG), repeat=L)))
+    losses = torch.rand(len(pats), n, T - 1, generator=torch.Generator().manual_seed(0)) + 1
+    tab = St.PatternLosses(pats, losses)
+    d = St.difficulty(tab, torch.zeros(n, T, dtype=torch.int64), n_boot=20, seed=0)
+    small = losses[tab.index([SMALL] * L)].double()
+    want = rank_overlap(small, small - tab.oracle(tab.mask(None))[0], 0.75, low=0.5)
+    assert d.overlap.estimate == pytest.approx(want.top_overlap)
+    assert d.high_loss_low_gain.estimate == pytest.approx(want.high_loss_low_gain)
+    assert d.low_loss_high_gain.estimate == pytest.approx(want.low_loss_high_gain)
+    assert d.spearman.estimate == pytest.approx(want.spearman)
+
+
+def test_rank_overlap_on_tensors_known_answers():
+    from duollm.difficulty import rank_overlap
+
+    loss = torch.arange(100.0).reshape(4, 25)  # any shape: flattened
+    same = rank_overlap(loss, loss * 2)
+    assert same.top_overlap == 1.0 and same.high_loss_low_gain == 0.0
+    assert same.low_loss_high_gain == 0.0 and same.spearman == pytest.approx(1.0)
+    rev = rank_overlap(loss, -loss)
+    assert rev.top_overlap == 0.0 and rev.high_loss_low_gain == 1.0
+    assert rev.low_loss_high_gain == 1.0 and rev.spearman == pytest.approx(-1.0)
+    # low=0.5: bottom halves; reversed rankings put every top-gain token in the bottom half
+    # by loss, half of the bottom-half-loss group (25 of 50)
+    half = rank_overlap(loss, -loss, low=0.5)
+    assert half.n_low == 50 and half.low_loss_high_gain == pytest.approx(0.5)
+    assert half.high_loss_low_gain == 1.0
+    with pytest.raises(ValueError, match="gain"):
+        rank_overlap(loss, loss[:2])
+    with pytest.raises(ValueError, match="low"):
+        rank_overlap(loss, loss, low=1.0)
 
 
 @pytest.mark.parametrize("argv, option", [

@@ -95,10 +95,12 @@ class PositionBudgetResult:
 class DifficultyResult:
     """Token difficulty (Figures 5, 6): small-model loss vs gain = loss(all small) - oracle.
 
-    ``overlap``: share of the top-quartile-by-loss tokens that are also top-quartile by gain
-    (1: the two rankings pick the same tokens; 0.25: chance). ``high_loss_low_gain``: share of
-    top-quartile-by-loss tokens whose gain is below the median gain; ``low_loss_high_gain``:
-    share of bottom-half-by-loss tokens in the top quartile by gain."""
+    The shares are ``duollm.difficulty.rank_overlap``'s with ``low=0.5`` (see
+    ``stages.LOW``). ``overlap``: share of the top-quartile-by-loss tokens that are also
+    top-quartile by gain (1: the two rankings pick the same tokens; 0.25: chance).
+    ``high_loss_low_gain``: share of top-quartile-by-loss tokens whose gain is below the
+    median gain; ``low_loss_high_gain``: share of bottom-half-by-loss tokens in the top
+    quartile by gain."""
 
     n_tokens: int
     spearman: Interval

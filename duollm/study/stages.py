@@ -413,39 +413,12 @@ def approx_gaps(model, tokens: torch.Tensor, k: int, exhaustive: torch.Tensor, n
 # --------------------------------------------------------------------------- difficulty
 
 
-def _spearman(a: torch.Tensor, b: torch.Tensor) -> float:
-    ra = a.argsort().argsort().double()
-    rb = b.argsort().argsort().double()
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    den = float(ra.norm() * rb.norm())
-    return float((ra * rb).sum()) / den if den > 0 else math.nan
-
-
-def _top(x: torch.Tensor, q: float) -> torch.Tensor:
-    """Mask of the top ``q`` share of ``x`` by rank (ties broken by position)."""
-    n = max(1, round(q * x.numel()))
-    m = torch.zeros_like(x, dtype=torch.bool)
-    m[x.argsort(descending=True, stable=True)[:n]] = True
-    return m
-
-
-def rank_overlap(loss: torch.Tensor, gain: torch.Tensor) -> Dict[str, float]:
-    """The paper's difficulty claim as numbers over tokens (1-D, or (n, T) flattened).
-
-    Returns ``overlap`` (share of the top quartile by loss also in the top quartile by gain),
-    ``high_loss_low_gain`` (share of the top quartile by loss with gain below the median),
-    ``low_loss_high_gain`` (share of the bottom half by loss in the top quartile by gain) and
-    ``spearman`` (rank correlation of loss and gain)."""
-    loss, gain = loss.reshape(-1).double(), gain.reshape(-1).double()
-    if loss.shape != gain.shape or loss.numel() < 4:
-        raise ValueError("loss, gain: expected the same number (>= 4) of tokens")
-    hl, hg = _top(loss, 0.25), _top(gain, 0.25)
-    low_gain = ~_top(gain, 0.5)
-    low_loss = ~_top(loss, 0.5)
-    return {"overlap": float((hl & hg).sum() / hl.sum()),
-            "high_loss_low_gain": float((hl & low_gain).sum() / hl.sum()),
-            "low_loss_high_gain": float((low_loss & hg).sum() / low_loss.sum()),
-            "spearman": _spearman(loss, gain)}
+# ``duollm.difficulty.rank_overlap`` with top groups the top quartile and bottom groups the
+# bottom half. Not the library's default (bottom quartile): gain = loss all small - oracle
+# loss is at most the loss all small, so the lowest-loss quartile (loss near 0) cannot reach
+# the top gain quartile by construction, and "some low-loss tokens gain much" would be
+# untestable (at demo scale that share is 0.000 [0.000, 0.008] with quartiles).
+QUANTILE, LOW = 0.75, 0.5
 
 
 def difficulty(ev: PatternLosses, tokens: torch.Tensor, n_boot: int, seed: int,
@@ -464,15 +437,19 @@ def difficulty(ev: PatternLosses, tokens: torch.Tensor, n_boot: int, seed: int,
     orc = ev.oracle(ev.mask(None))[0]
     gain = small - orc
 
-    def stat(name):
-        return lambda a, b: rank_overlap(a, b)[name]
+    from ..difficulty import rank_overlap
 
-    iv = {n: S.bootstrap(stat(n), small, gain, n_boot=n_boot, seed=seed)
-          for n in ("overlap", "high_loss_low_gain", "low_loss_high_gain", "spearman")}
-    not_one = S.bootstrap(lambda a, b: 1 - rank_overlap(a, b)["overlap"], small, gain,
-                          n_boot=n_boot, seed=seed)
+    def stat(field):
+        return lambda a, b: getattr(rank_overlap(a, b, QUANTILE, low=LOW), field)
+
+    iv = {n: S.bootstrap(stat(f), small, gain, n_boot=n_boot, seed=seed)
+          for n, f in (("overlap", "top_overlap"), ("high_loss_low_gain", "high_loss_low_gain"),
+                       ("low_loss_high_gain", "low_loss_high_gain"), ("spearman", "spearman"))}
+    not_one = S.bootstrap(lambda a, b: 1 - rank_overlap(a, b, QUANTILE, low=LOW).top_overlap,
+                          small, gain, n_boot=n_boot, seed=seed)
     crit = ("share of top-quartile-loss tokens with below-median gain > 0, share of "
-            "bottom-half-loss tokens in the top gain quartile > 0, and 1 - rank overlap > 0")
+            "bottom-half-loss tokens in the top gain quartile > 0, and 1 - top-quartile "
+            "overlap > 0 (duollm.difficulty.rank_overlap, low=0.5)")
     v = S.all_of("loss ranks tokens differently from the gain of extra compute", crit, [
         S.verdict("high loss, low gain", crit, iv["high_loss_low_gain"], +1),
         S.verdict("low loss, high gain", crit, iv["low_loss_high_gain"], +1),
