@@ -130,6 +130,10 @@ _PRESETS: Dict[str, DuoConfig] = {
     # CPU, minutes: the study in miniature.
     "small": DuoConfig(n_layers=6, d_model=192, n_heads=6, vocab_size=256, d_big=768,
                        d_small=48, max_seq_len=256),
+    # The paper's depth (12 layers) at the small preset's width: the study's oracle, routers
+    # and figures at the paper's depth in GPU minutes (2 x 4,096 oracle patterns per sequence).
+    "paper-12": DuoConfig(n_layers=12, d_model=192, n_heads=6, vocab_size=256, d_big=768,
+                          d_small=48, max_seq_len=256),
     # The paper's shape (Alizadeh-Vahid et al. 2024): 1.40B parameters with tied embeddings.
     "paper-1.4b": DuoConfig(n_layers=12, d_model=2560, n_heads=20, vocab_size=32000,
                             d_big=10240, d_small=640, max_seq_len=2048),

@@ -210,6 +210,30 @@ def test_bad_options_fail_before_any_work(argv, option, tmp_path, capsys):
     assert not out.exists()  # nothing was written
 
 
+def test_paper_depth_preset_is_offered_and_warns_on_the_cpu(capsys):
+    """paper-12 is the paper's 12 layers at the small preset's width: accepted on the CPU
+    with a warning naming the cost (a GPU job), silent for the 6-layer demo preset."""
+
+    from duollm.cli import build_parser
+    from duollm.config import DuoConfig
+    from duollm.study.cli import validate
+
+    assert DuoConfig.from_name("paper-12").n_layers == 12
+    parser = build_parser()
+    args = parser.parse_args(["study", "--preset", "paper-12", "--device", "cpu",
+                              "--budgets", "4,6,8"])
+    assert validate(args)[1:] == ([4, 6, 8], "paper-12")
+    err = capsys.readouterr().err
+    assert "warning: 12 layers" in err and "8,192 patterns" in err and "--device cuda" in err
+    validate(parser.parse_args(["study", "--device", "cpu"]))
+    assert capsys.readouterr().err == ""
+    with pytest.raises(SystemExit):
+        parser.parse_args(["study", "--help"])
+    help_text = capsys.readouterr().out
+    assert "paper-12" in help_text and "(default: None)" not in help_text
+    assert "examples:" in help_text and "torchrun" in help_text
+
+
 def test_study_runs_on_a_converted_hf_checkpoint(tmp_path):
     """--hf: the study on a converted Hugging Face model (no tokenizer saved, byte vocab),
     stage 1 skipped with --steps 0."""

@@ -6,6 +6,7 @@ import argparse
 import importlib
 import importlib.util
 import os
+import sys
 from typing import List, Optional
 
 from ..usage import (UsageError, add_threads_arg, apply_thread_rule, check_data_file,
@@ -14,8 +15,46 @@ from ..usage import (UsageError, add_threads_arg, apply_thread_rule, check_data_
 ABLATIONS = "duollm.study.ablations"
 
 
+# Presets beyond this many layers are GPU jobs for the study: the oracle table grows as 2^L
+# patterns per sequence (2 x 4,096 at the paper's 12 layers against 3^6 = 729 at 6).
+CPU_LAYERS = 8
+
+EPILOG = """\
+examples:
+  duollm study --quick                      the whole pipeline in seconds (tiny preset)
+  duollm study --out runs/demo              the demo: small preset (6 layers), ~9 min on 2 cores
+  duollm study --preset paper-12 --device cuda   the paper's depth (12 layers) on a GPU
+  torchrun --nproc_per_node 2 -m duollm study ...   the oracle walks shared among processes
+  duollm study ablations --quick            Figure 8's stage-1 ablations (see its --help)
+Presets with more than 8 layers (paper-12, paper-1.4b) are GPU jobs: on the CPU they run,
+with a warning, for hours. Method, criteria and measured costs: docs/study.md."""
+
+
+class _Defaults(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults in the help, but not "(default: None)" (those are described in words) nor
+    "(default: False)" on flags."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False, argparse.SUPPRESS) or "%(default)" in (
+                action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, _Defaults):
+    """``_Defaults`` with the description and epilog kept as written (line breaks)."""
+
+
+DESCRIPTION = """\
+Run the Duo-LLM study on a prose and a code holdout: random-routing training, the paper's
+oracles, trained routers, token difficulty, and verdicts with 95% intervals. Writes
+report.md, PNG plots and results.json under --out."""
+
+
 def add_cli(parser: argparse.ArgumentParser) -> None:
     """Add the ``duollm study`` arguments (and the ``ablations`` subcommand) to ``parser``."""
+    parser.formatter_class = _HelpFormatter
+    parser.description, parser.epilog = DESCRIPTION, EPILOG
     add_study_args(parser)
     if importlib.util.find_spec(ABLATIONS) is not None:
         mod = importlib.import_module(ABLATIONS)
@@ -23,15 +62,24 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
         p = sub.add_parser("ablations", help="stage-1 ablations (Figure 8): p_big sweep "
                                              "against dense models of equal FLOPs, and "
                                              "freeze-big-then-train-small",
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                           description="Stage-1 ablations (the paper's Figure 8): Duo "
+                                       "models at p_big 0, 0.25, 0.5, 0.75, 1 against dense "
+                                       "models of equal FLOPs per token, and "
+                                       "freeze-big-then-train-small against training both "
+                                       "from scratch; report.md, ablations.png and "
+                                       "results.json. Not part of make demo; under torchrun "
+                                       "the runs are shared among the ranks. See "
+                                       "docs/study.md.",
+                           formatter_class=_Defaults)
         mod.add_args(p)
         p.set_defaults(study_run=mod.run)
 
 
 def add_study_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default=None,
-                        help="model preset (DuoConfig.from_name); default small (tiny with "
-                             "--quick)")
+                        help="model preset: tiny (4 layers), small (6), paper-12 (the paper's "
+                             "12 layers at small's width, a GPU job) or paper-1.4b; default "
+                             "small (tiny with --quick)")
     parser.add_argument("--data", default="default",
                         help="'default' (prose + code holdouts from this interpreter), "
                              "'synthetic' (known difficulty) or a UTF-8 text file")
@@ -147,6 +195,10 @@ def validate(args: argparse.Namespace):
                                           "--preset)")
         n_layers = DuoConfig.from_name(preset).n_layers
     budgets = parse_budgets(args.budgets, n_layers)
+    if n_layers > CPU_LAYERS and device.type == "cpu":
+        print(f"warning: {n_layers} layers: the oracle walks {2 * 2 ** n_layers:,} patterns "
+              f"per holdout sequence, a GPU job (--device cuda); on the CPU expect hours "
+              f"(docs/study.md)", file=sys.stderr)
     return device, budgets, preset
 
 
