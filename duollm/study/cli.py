@@ -27,7 +27,7 @@ examples:
   torchrun --nproc_per_node 2 -m duollm study ...   the oracle walks shared among processes
   duollm study ablations --quick            Figure 8's stage-1 ablations (see its --help)
 Presets with more than 8 layers (paper-12, paper-1.4b) are GPU jobs: on the CPU they run,
-with a warning, for hours. Method, criteria and measured costs: docs/study.md."""
+with a warning, for about an hour. Method, criteria and measured costs: docs/study.md."""
 
 
 class _Defaults(argparse.ArgumentDefaultsHelpFormatter):
@@ -197,8 +197,8 @@ def validate(args: argparse.Namespace):
     budgets = parse_budgets(args.budgets, n_layers)
     if n_layers > CPU_LAYERS and device.type == "cpu":
         print(f"warning: {n_layers} layers: the oracle walks {2 * 2 ** n_layers:,} patterns "
-              f"per holdout sequence, a GPU job (--device cuda); on the CPU expect hours "
-              f"(docs/study.md)", file=sys.stderr)
+              f"per holdout sequence, a GPU job (--device cuda); on the CPU expect about an "
+              f"hour at the default sizes (docs/study.md)", file=sys.stderr)
     return device, budgets, preset
 
 
