@@ -29,7 +29,7 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -231,6 +231,80 @@ def _save(out_dir: str, model, optimizer, step: int, gen, cfg, history, data_nam
         shutil.rmtree(os.path.join(out_dir, f"step_{s:07d}"), ignore_errors=True)
 
 
+def run_loop(cfg: TrainConfig, optimizer: torch.optim.Optimizer, params: List[torch.Tensor],
+             forward: Callable[[], torch.Tensor], validate: Callable[[], Dict[str, float]],
+             save: Callable[[int, List[Dict]], None], *, step: int, history: List[Dict],
+             device: torch.device, resumed_from: Optional[str] = None, is_main: bool = True,
+             reduce: Callable[[torch.Tensor], torch.Tensor] = lambda loss: loss
+             ) -> Dict[str, float]:
+    """The stage-1 training loop shared by ``train`` and ``duollm.hf.train_small``.
+
+    Runs steps ``step .. cfg.steps - 1``: each sets ``lr_at``'s learning rate, calls
+    ``forward()`` (draws a batch and routes from the caller's generator, returns the scalar
+    loss), then zero-grads, backpropagates, clips ``params`` to ``cfg.grad_clip`` and steps
+    ``optimizer``. Every ``cfg.eval_every`` steps and at the last one it appends
+    ``{"step", "train_loss", "val", "tokens_per_s", "lr"}`` to ``history`` (in place;
+    ``train_loss`` is ``reduce`` of the mean loss since the previous validation, ``val`` is
+    ``validate()``); every ``cfg.checkpoint_every`` steps and at the last one, when
+    ``cfg.out_dir`` is set, it calls ``save(step, history)``, whose time does not count in
+    tokens per second. ``is_main`` False (a non-zero rank) prints nothing and shows no bar.
+    Returns: the final validation loss per policy (validated afresh when nothing trained).
+    """
+    log = tqdm.write if cfg.progress and is_main else (lambda *_: None)
+    if resumed_from is not None and is_main:  # said even with progress off: it changes the run
+        print(f"resumed from {resumed_from} at step {step}", flush=True)
+    bar = tqdm(total=cfg.steps, initial=step, unit="step", dynamic_ncols=True,
+               disable=not (cfg.progress and is_main and sys.stderr.isatty()))
+    tokens_per_step = cfg.batch_size * cfg.seq_len
+    loss_sum, loss_n = torch.zeros((), device=device), 0
+    # Throughput counts training only: the clock restarts after each validation and the time
+    # spent saving checkpoints is subtracted. (.item() below syncs CUDA before reading it.)
+    t_mark, t_pause = time.perf_counter(), 0.0
+
+    def tokens_per_s() -> float:
+        return tokens_per_step * loss_n / max(time.perf_counter() - t_mark - t_pause, 1e-9)
+
+    while step < cfg.steps:
+        lr = lr_at(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss = forward()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        optimizer.step()
+        step += 1
+        loss_sum += loss.detach()
+        loss_n += 1
+        if not bar.disable and (step % 10 == 0 or step == cfg.steps):
+            bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{tokens_per_s():.0f}")
+        bar.update(1)
+        if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
+            train_loss = reduce(loss_sum / loss_n).item()
+            if not math.isfinite(train_loss):
+                raise FloatingPointError(f"training diverged: mean loss {train_loss} before "
+                                         f"step {step}; lower lr (now {cfg.lr}) or use "
+                                         f"amp=False")
+            speed = tokens_per_s()
+            val = validate()
+            history.append({"step": step, "train_loss": train_loss, "val": val,
+                            "tokens_per_s": speed, "lr": lr})
+            log(f"step {step:>6}  train {train_loss:.4f}  " + "  ".join(
+                f"val/{k} {v:.4f}" for k, v in val.items()))
+            loss_sum, loss_n = torch.zeros((), device=device), 0
+            t_mark, t_pause = time.perf_counter(), 0.0
+        if cfg.out_dir and ((cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
+                            or step == cfg.steps):
+            t_save = time.perf_counter()
+            save(step, history)
+            t_pause += time.perf_counter() - t_save
+    bar.close()
+    if history and history[-1]["step"] == step:
+        return dict(history[-1]["val"])
+    return validate()  # resumed at (or past) the last step: nothing trained, validate the load
+
+
 def _training_config(model_config: DuoConfig, cfg: TrainConfig) -> DuoConfig:
     # The model's "random" policy means the mix it was trained with.
     return dataclasses.replace(model_config, p_skip=cfg.p_skip, p_small=cfg.p_small,
@@ -317,28 +391,9 @@ def _train(config: DuoConfig, data: TokenData, cfg: TrainConfig, model: Optional
         # Paths that get no tokens leave their weights without gradients under some backends.
         unused = min(cfg.p_small, cfg.p_big) == 0
         ddp = distributed.wrap(model, info, find_unused_parameters=unused)
-    log = tqdm.write if cfg.progress and info.is_main else (lambda *_: None)
-    if ckpt is not None and info.is_main:  # said even with progress off: it changes the run
-        print(f"resumed from {ckpt} at step {step}", flush=True)
-    bar = tqdm(total=cfg.steps, initial=step, unit="step", dynamic_ncols=True,
-               disable=not (cfg.progress and info.is_main and sys.stderr.isatty()))
-    tokens_per_step = cfg.batch_size * cfg.seq_len
-    loss_sum, loss_n = torch.zeros((), device=device), 0
-    # Throughput counts training only: the clock restarts after each validation and the time
-    # spent saving checkpoints is subtracted. (.item() below syncs CUDA before reading it.)
-    t_mark, t_pause = time.perf_counter(), 0.0
+    params = list(model.parameters())  # after sharding: the parameters the optimizer holds
 
-    def tokens_per_s() -> float:
-        return tokens_per_step * loss_n / max(time.perf_counter() - t_mark - t_pause, 1e-9)
-
-    def validate() -> Dict[str, float]:
-        return evaluate(model, data, cfg.seq_len, cfg.batch_size, cfg.eval_batches,
-                        seed=cfg.seed, backend=cfg.backend, amp=cfg.amp)
-
-    while step < cfg.steps:
-        lr = lr_at(step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+    def forward() -> torch.Tensor:
         # Every rank draws the global batch and routes, then keeps its rows: the same draws
         # (and generator state) as a single process.
         batch = sample_batch(data.train, cfg.batch_size, cfg.seq_len, gen)  # (B, T+1)
@@ -347,47 +402,24 @@ def _train(config: DuoConfig, data: TokenData, cfg: TrainConfig, model: Optional
         batch, routes = batch[rows].to(device), routes[:, rows].to(device)
         with _autocast(device, cfg.amp):
             logits = ddp(batch[:, :-1], routes, backend=cfg.backend)  # (b, T, V)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        step += 1
-        loss_sum += loss.detach()
-        loss_n += 1
-        if not bar.disable and (step % 10 == 0 or step == cfg.steps):
-            bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{tokens_per_s():.0f}")
-        bar.update(1)
-        if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
-            train_loss = distributed.mean_across(info, loss_sum / loss_n).item()
-            if not math.isfinite(train_loss):
-                raise FloatingPointError(f"training diverged: mean loss {train_loss} before "
-                                         f"step {step}; lower lr (now {cfg.lr}) or use "
-                                         f"amp=False")
-            speed = tokens_per_s()
-            val = validate()
-            history.append({"step": step, "train_loss": train_loss, "val": val,
-                            "tokens_per_s": speed, "lr": lr})
-            log(f"step {step:>6}  train {train_loss:.4f}  " + "  ".join(
-                f"val/{k} {v:.4f}" for k, v in val.items()))
-            loss_sum, loss_n = torch.zeros((), device=device), 0
-            t_mark, t_pause = time.perf_counter(), 0.0
-        if cfg.out_dir and ((cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
-                            or step == cfg.steps):
-            t_save = time.perf_counter()
-            if sharded:
-                _save_sharded(cfg.out_dir, model, optimizer, step, gen, cfg, history,
-                              data.name, info)
-            elif info.is_main:
-                _save(cfg.out_dir, model, optimizer, step, gen, cfg, history, data.name)
-            distributed.barrier(info)
-            t_pause += time.perf_counter() - t_save
-    bar.close()
-    if history and history[-1]["step"] == step:
-        val_loss = dict(history[-1]["val"])
-    else:  # resumed at (or past) the last step: nothing trained, validate what was loaded
-        val_loss = validate()
+        return F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
+
+    def validate() -> Dict[str, float]:
+        return evaluate(model, data, cfg.seq_len, cfg.batch_size, cfg.eval_batches,
+                        seed=cfg.seed, backend=cfg.backend, amp=cfg.amp)
+
+    def save(step: int, history: List[Dict]) -> None:
+        if sharded:
+            _save_sharded(cfg.out_dir, model, optimizer, step, gen, cfg, history, data.name,
+                          info)
+        elif info.is_main:
+            _save(cfg.out_dir, model, optimizer, step, gen, cfg, history, data.name)
+        distributed.barrier(info)
+
+    val_loss = run_loop(cfg, optimizer, params, forward, validate, save, step=step,
+                        history=history, device=device, resumed_from=ckpt,
+                        is_main=info.is_main,
+                        reduce=lambda loss: distributed.mean_across(info, loss))
     if sharded:
         model = _unsharded(model, cfg, device)
     return TrainResult(model=model, history=history, val_loss=val_loss)

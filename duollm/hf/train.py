@@ -8,11 +8,12 @@ small modules learn to stand in for the big ones inside the real network. With `
 the loss adds ``distill * KL(all-big || routed)`` on the next-token distributions, the all-big
 logits coming from the same (frozen) model without gradients.
 
-The loop is ``duollm train``'s: AdamW with ``duollm.train.lr_at``'s warm-up and cosine,
-gradient clipping, bf16 autocast on CUDA, periodic validation under fixed policies, atomic
-checkpoints and a bit-identical resume on the CPU. All randomness of a step (batch offsets and
-route draws) comes from one CPU generator seeded with ``cfg.seed`` whose state is checkpointed.
-Single process (no torchrun sharding).
+The loop is ``duollm train``'s own (``duollm.train.run_loop``): AdamW with
+``duollm.train.lr_at``'s warm-up and cosine, gradient clipping, bf16 autocast on CUDA,
+periodic validation under fixed policies, atomic checkpoints and a bit-identical resume on
+the CPU. All randomness of a step (batch offsets and route draws) comes from one CPU
+generator seeded with ``cfg.seed`` whose state is checkpointed. Single process (no torchrun
+sharding).
 
 Checkpoint layout (``out_dir/step_N``, written into a temporary sibling then renamed)::
 
@@ -27,8 +28,6 @@ import json
 import math
 import os
 import shutil
-import sys
-import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
@@ -36,12 +35,11 @@ from typing import Dict, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from ..checkpoint import load_into, save_checkpoint
 from ..data import TokenData, eval_batches, sample_batch
 from ..stack import random_routes
-from ..train import TrainConfig, _autocast, latest_checkpoint, lr_at
+from ..train import TrainConfig, _autocast, latest_checkpoint, run_loop
 from .routing import HFDuoFFN, routing, spec_of
 
 FORMAT = "duollm-hf-stage1"
@@ -185,26 +183,9 @@ def _train(model, smalls: nn.ModuleList, data: TokenData, cfg: TrainConfig, dist
         state = load_into(os.path.join(ckpt, TRAIN_DIR), smalls, optimizer, generator=gen,
                           restore_rng=True, device=device)
         step, history = state["step"], state["extra"].get("history", [])
-        print(f"resumed from {ckpt} at step {step}", flush=True)  # it changes the run
     model.train()
-    log = tqdm.write if cfg.progress else (lambda *_: None)
-    bar = tqdm(total=cfg.steps, initial=step, unit="step", dynamic_ncols=True,
-               disable=not (cfg.progress and sys.stderr.isatty()))
-    tokens_per_step = cfg.batch_size * cfg.seq_len
-    loss_sum, loss_n = torch.zeros((), device=device), 0
-    t_mark, t_pause = time.perf_counter(), 0.0
 
-    def tokens_per_s() -> float:
-        return tokens_per_step * loss_n / max(time.perf_counter() - t_mark - t_pause, 1e-9)
-
-    def validate() -> Dict[str, float]:
-        return evaluate(model, data, cfg.seq_len, cfg.batch_size, cfg.eval_batches,
-                        seed=cfg.seed, backend=cfg.backend, amp=cfg.amp)
-
-    while step < cfg.steps:
-        lr = lr_at(step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+    def forward() -> torch.Tensor:
         batch = sample_batch(data.train, cfg.batch_size, cfg.seq_len, gen).to(device)
         routes = random_routes(spec.n_layers, cfg.batch_size, cfg.seq_len, probs,
                                torch.device("cpu"), gen).to(device)  # (L, B, T)
@@ -221,42 +202,18 @@ def _train(model, smalls: nn.ModuleList, data: TokenData, cfg: TrainConfig, dist
             log_p = F.log_softmax(teacher.float(), -1).flatten(0, 1)
             loss = loss + distill * F.kl_div(log_q, log_p, log_target=True,
                                              reduction="batchmean")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        optimizer.step()
-        step += 1
-        loss_sum += loss.detach()
-        loss_n += 1
-        if not bar.disable and (step % 10 == 0 or step == cfg.steps):
-            bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{tokens_per_s():.0f}")
-        bar.update(1)
-        if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
-            train_loss = (loss_sum / loss_n).item()
-            if not math.isfinite(train_loss):
-                raise FloatingPointError(f"training diverged: mean loss {train_loss} before "
-                                         f"step {step}; lower lr (now {cfg.lr}) or use "
-                                         f"amp=False")
-            speed = tokens_per_s()
-            val = validate()
-            history.append({"step": step, "train_loss": train_loss, "val": val,
-                            "tokens_per_s": speed, "lr": lr})
-            log(f"step {step:>6}  train {train_loss:.4f}  " + "  ".join(
-                f"val/{k} {v:.4f}" for k, v in val.items()))
-            loss_sum, loss_n = torch.zeros((), device=device), 0
-            t_mark, t_pause = time.perf_counter(), 0.0
-        if cfg.out_dir and ((cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
-                            or step == cfg.steps):
-            t_save = time.perf_counter()
-            save_stage1(cfg.out_dir, model, smalls, optimizer, step, gen, cfg, distill,
-                        history, data.name)
-            t_pause += time.perf_counter() - t_save
-    bar.close()
-    if history and history[-1]["step"] == step:
-        val_loss = dict(history[-1]["val"])
-    else:  # resumed at (or past) the last step: nothing trained, validate what was loaded
-        val_loss = validate()
+        return loss
+
+    def validate() -> Dict[str, float]:
+        return evaluate(model, data, cfg.seq_len, cfg.batch_size, cfg.eval_batches,
+                        seed=cfg.seed, backend=cfg.backend, amp=cfg.amp)
+
+    def save(step: int, history: List[Dict]) -> None:
+        save_stage1(cfg.out_dir, model, smalls, optimizer, step, gen, cfg, distill, history,
+                    data.name)
+
+    val_loss = run_loop(cfg, optimizer, params, forward, validate, save, step=step,
+                        history=history, device=device, resumed_from=ckpt)
     return SmallTrainResult(model=model, history=history, val_loss=val_loss)
 
 
