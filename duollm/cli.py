@@ -13,7 +13,7 @@ import os
 import platform
 import shlex
 import sys
-from typing import TYPE_CHECKING, List, Optional
+from typing import TYPE_CHECKING, List, Optional, Tuple
 
 from duollm.usage import (EXIT_INTERRUPTED, EXIT_USAGE, UsageError, add_threads_arg,
                           apply_thread_rule, check_data_file, check_device, check_float,
@@ -183,7 +183,6 @@ def plan_train(args: argparse.Namespace) -> TrainPlan:
     from duollm import ops
     from duollm.config import DuoConfig
     from duollm.data import load_data
-    from duollm.train import TrainConfig, latest_checkpoint
 
     # 1. Option values: TrainConfig's own checks, reported under the flags' names.
     check_float("--val-fraction", args.val_fraction, low=0.0, high=1.0, low_open=True,
@@ -191,21 +190,7 @@ def plan_train(args: argparse.Namespace) -> TrainPlan:
     if args.threads is not None:
         check_int("--threads", args.threads, low=0)
     device = check_device("--device", args.device)
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    knobs = {k: v for k, v in vars(args).items() if k in fields}
-    knobs["device"] = str(device)
-    if knobs["min_lr"] is None and isinstance(knobs["lr"], (int, float)):
-        knobs["min_lr"] = knobs["lr"] / 10
-    if not args.out_dir:
-        for flag, asked in (("--resume", args.resume),
-                            ("--resume-if-present", args.resume_if_present),
-                            ("--checkpoint-every", isinstance(args.checkpoint_every, int)
-                             and args.checkpoint_every > 0)):
-            if asked:
-                raise UsageError(flag, "needs --out DIR, the folder that holds the "
-                                       "checkpoints")
-    with options_of(_TRAIN_OPTION):
-        cfg = TrainConfig(**knobs)
+    cfg = train_config(args, device)
     if cfg.backend is not None and cfg.backend != "auto":
         status = ops.backend_status(device)
         if cfg.backend not in status:
@@ -218,16 +203,7 @@ def plan_train(args: argparse.Namespace) -> TrainPlan:
     check_out_dir("--out", cfg.out_dir)
     if args.data not in ("default", "synthetic"):
         check_data_file("--data", args.data)
-    checkpoint = latest_checkpoint(cfg.out_dir) if cfg.out_dir else None
-    if args.resume and checkpoint is None:
-        raise UsageError("--resume", f"no checkpoint (step_N folder) in {cfg.out_dir}; drop "
-                                     f"--resume to start afresh, or use --resume-if-present")
-    if args.resume_if_present:
-        cfg = dataclasses.replace(cfg, resume=checkpoint is not None)
-    if checkpoint is not None and not cfg.resume:
-        raise UsageError("--out", f"{cfg.out_dir} already holds checkpoints of a run (latest: "
-                                  f"{os.path.basename(checkpoint)}); add --resume to continue "
-                                  f"it, or pick another folder")
+    cfg, checkpoint = settle_resume(args, cfg)
     # 3. The corpus and the model shape against the sequence length and the checkpoint.
     with options_of({"source": "--data", "val_fraction": "--val-fraction"}):
         try:
@@ -250,6 +226,67 @@ def plan_train(args: argparse.Namespace) -> TrainPlan:
         _check_resumable(checkpoint, model_config, cfg)
     return TrainPlan(cfg=cfg, data=data, model_config=model_config,
                      checkpoint=checkpoint if cfg.resume else None)
+
+
+def train_config(args: argparse.Namespace, device) -> "TrainConfig":
+    """The ``TrainConfig`` of ``train``'s options (``duollm train`` and ``train --hf`` alike).
+
+    ``--min-lr`` defaults to a tenth of ``--lr``; ``--resume``, ``--resume-if-present`` and
+    ``--checkpoint-every`` without ``--out`` and every value ``TrainConfig`` rejects raise
+    ``UsageError`` under the flag's name.
+    """
+    from duollm.train import TrainConfig
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    knobs = {k: v for k, v in vars(args).items() if k in fields}
+    knobs["device"] = str(device)
+    if knobs["min_lr"] is None and isinstance(knobs["lr"], (int, float)):
+        knobs["min_lr"] = knobs["lr"] / 10
+    if not args.out_dir:
+        for flag, asked in (("--resume", args.resume),
+                            ("--resume-if-present", args.resume_if_present),
+                            ("--checkpoint-every", isinstance(args.checkpoint_every, int)
+                             and args.checkpoint_every > 0)):
+            if asked:
+                raise UsageError(flag, "needs --out DIR, the folder that holds the "
+                                       "checkpoints")
+    with options_of(_TRAIN_OPTION):
+        return TrainConfig(**knobs)
+
+
+def settle_resume(args: argparse.Namespace, cfg) -> Tuple["TrainConfig", Optional[str]]:
+    """``--resume``/``--resume-if-present`` against ``cfg.out_dir``'s checkpoints.
+
+    Returns ``(cfg, checkpoint)``: ``cfg`` with ``resume`` settled, and the newest
+    ``step_N`` folder in ``cfg.out_dir`` (None when there is none). UsageError for
+    ``--resume`` with nothing to resume, or a folder of another run without ``--resume``.
+    """
+    from duollm.train import latest_checkpoint
+
+    checkpoint = latest_checkpoint(cfg.out_dir) if cfg.out_dir else None
+    if args.resume and checkpoint is None:
+        raise UsageError("--resume", f"no checkpoint (step_N folder) in {cfg.out_dir}; drop "
+                                     f"--resume to start afresh, or use --resume-if-present")
+    if args.resume_if_present:
+        cfg = dataclasses.replace(cfg, resume=checkpoint is not None)
+    if checkpoint is not None and not cfg.resume:
+        raise UsageError("--out", f"{cfg.out_dir} already holds checkpoints of a run (latest: "
+                                  f"{os.path.basename(checkpoint)}); add --resume to continue "
+                                  f"it, or pick another folder")
+    return cfg, checkpoint
+
+
+def print_train_result(result, out_dir: Optional[str], note: str = "") -> None:
+    """The end of a ``train`` run: final validation loss per policy, the last throughput and
+    where the checkpoints are (``note`` follows the folder, e.g. how to load them)."""
+    print("\nvalidation loss (nats/token)")
+    print(f"{'policy':<8} {'loss':>8}")
+    for policy, loss in result.val_loss.items():
+        print(f"{policy:<8} {loss:>8.4f}")
+    if result.history:
+        print(f"throughput {result.history[-1]['tokens_per_s']:.0f} tokens/s")
+    if out_dir:
+        print(f"checkpoints in {out_dir}{note}")
 
 
 def _check_resumable(checkpoint: str, model_config, cfg) -> None:
@@ -334,14 +371,7 @@ def run_train(args: argparse.Namespace) -> int:
                                           else ""), file=sys.stderr, flush=True)
         return 1
     if main_rank:
-        print("\nvalidation loss (nats/token)")
-        print(f"{'policy':<8} {'loss':>8}")
-        for policy, loss in result.val_loss.items():
-            print(f"{policy:<8} {loss:>8.4f}")
-        if result.history:
-            print(f"throughput {result.history[-1]['tokens_per_s']:.0f} tokens/s")
-        if cfg.out_dir:
-            print(f"checkpoints in {cfg.out_dir}")
+        print_train_result(result, cfg.out_dir)
     return 0
 
 

@@ -319,8 +319,7 @@ class HFTrainPlan:
 
 def plan_train_hf(args: argparse.Namespace) -> HFTrainPlan:
     """Validate every ``train --hf`` option (UsageError for a mistake); load nothing big."""
-    from duollm.cli import _TRAIN_OPTION
-    from duollm.train import TrainConfig, latest_checkpoint
+    from duollm.cli import settle_resume, train_config
     from duollm.usage import check_float
 
     ckpt = check_checkpoint("--hf", args.hf)
@@ -346,32 +345,14 @@ def plan_train_hf(args: argparse.Namespace) -> HFTrainPlan:
         raise UsageError("--hf", "trains in one process; run it without torchrun")
     check_float("--val-fraction", args.val_fraction, low=0.0, high=1.0, low_open=True,
                 high_open=True)
-    device = check_device("--device", args.device)
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    knobs = {k: v for k, v in vars(args).items() if k in fields}
-    knobs["device"] = str(device)
-    if knobs.get("min_lr") is None and isinstance(knobs["lr"], (int, float)):
-        knobs["min_lr"] = knobs["lr"] / 10
-    knobs.pop("fsdp", None)
-    if not args.out_dir and (args.resume or args.resume_if_present or args.checkpoint_every):
-        raise UsageError("--out", "--resume and --checkpoint-every need --out DIR")
-    with options_of(_TRAIN_OPTION):
-        cfg = TrainConfig(**knobs)
+    cfg = train_config(args, check_device("--device", args.device))  # --fsdp refused above
     check_out_dir("--out", cfg.out_dir)
     if args.data not in ("default",):
         if args.data == "synthetic":
             raise UsageError("--data", "the synthetic corpus is byte-level; with --hf use the "
                                        "embedded corpus (default) or a text file")
         check_data_file("--data", args.data)
-    checkpoint = latest_checkpoint(cfg.out_dir) if cfg.out_dir else None
-    if args.resume and checkpoint is None:
-        raise UsageError("--resume", f"no checkpoint (step_N folder) in {cfg.out_dir}")
-    if args.resume_if_present:
-        cfg = dataclasses.replace(cfg, resume=checkpoint is not None)
-    if checkpoint is not None and not cfg.resume:
-        raise UsageError("--out", f"{cfg.out_dir} already holds checkpoints of a run (latest: "
-                                  f"{os.path.basename(checkpoint)}); add --resume to continue "
-                                  f"it, or pick another folder")
+    cfg, checkpoint = settle_resume(args, cfg)
     if ckpt.max_positions is not None and cfg.seq_len > ckpt.max_positions:
         raise UsageError("--seq-len", f"expected at most {ckpt.max_positions} (the "
                                       f"checkpoint's max_position_embeddings), got "
@@ -386,6 +367,7 @@ def run_train_hf(args: argparse.Namespace) -> int:
     plan = plan_train_hf(args)
     cfg = plan.cfg
     from duollm import hf
+    from duollm.cli import print_train_result
 
     tokenizer = load_tokenizer("--hf", plan.ckpt)
     vocab = plan.ckpt.vocab_size or 0
@@ -407,13 +389,6 @@ def run_train_hf(args: argparse.Namespace) -> int:
           f"{spec.d_small} (big {spec.d_big}), on {data!r}, distill {plan.distill}",
           flush=True)
     result = hf.train_small(model, data, cfg, distill=plan.distill)
-    print("\nvalidation loss (nats/token)")
-    print(f"{'policy':<8} {'loss':>8}")
-    for policy, loss in result.val_loss.items():
-        print(f"{policy:<8} {loss:>8.4f}")
-    if result.history:
-        print(f"throughput {result.history[-1]['tokens_per_s']:.0f} tokens/s")
-    if cfg.out_dir:
-        print(f"checkpoints in {cfg.out_dir} (step_N/model loads with "
-              f"duollm.hf.load_converted)")
+    print_train_result(result, cfg.out_dir,
+                       " (step_N/model loads with duollm.hf.load_converted)")
     return 0
