@@ -94,39 +94,46 @@ class _Spec:
 
 
 @dataclass(frozen=True)
-class Exactly:
-    """Exactly ``k`` layers on ``route`` (default ``BIG``) per token (or per sequence)."""
+class _LayerCount:
+    """A bound on how many layers take ``route``: the fields, checks and wording that
+    ``Exactly`` and ``AtMost`` share (they differ only in the lower bound)."""
 
     k: int
     route: int = BIG
+    _words = ""  # how __str__ says the bound (a class attribute, not a field)
 
     def __post_init__(self):
         _check_count(self.k)
         _check_route(self.route)
 
+    def _lower(self) -> float:
+        raise NotImplementedError
+
     def spec(self, model=None) -> _Spec:
-        return _Spec(_count_costs(self.route), float(self.k), float(self.k))
+        return _Spec(_count_costs(self.route), self._lower(), float(self.k))
 
     def __str__(self) -> str:
-        return f"exactly {self.k} {ROUTE_NAMES[self.route]}"
+        return f"{self._words} {self.k} {ROUTE_NAMES[self.route]}"
 
 
 @dataclass(frozen=True)
-class AtMost:
+class Exactly(_LayerCount):
+    """Exactly ``k`` layers on ``route`` (default ``BIG``) per token (or per sequence)."""
+
+    _words = "exactly"
+
+    def _lower(self) -> float:
+        return float(self.k)
+
+
+@dataclass(frozen=True)
+class AtMost(_LayerCount):
     """At most ``k`` layers on ``route`` (default ``BIG``) per token (or per sequence)."""
 
-    k: int
-    route: int = BIG
+    _words = "at most"
 
-    def __post_init__(self):
-        _check_count(self.k)
-        _check_route(self.route)
-
-    def spec(self, model=None) -> _Spec:
-        return _Spec(_count_costs(self.route), -math.inf, float(self.k))
-
-    def __str__(self) -> str:
-        return f"at most {self.k} {ROUTE_NAMES[self.route]}"
+    def _lower(self) -> float:
+        return -math.inf
 
 
 @dataclass(frozen=True)
