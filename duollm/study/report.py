@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 from .results import HoldoutResult, StudyResult
 from .stats import Interval, Verdict
@@ -480,11 +480,16 @@ def _holdout_md(res: StudyResult, h: HoldoutResult) -> List[str]:
             f"{_iv(d.spearman)}; top-quartile overlap {_iv(d.overlap)} (chance 0.25, identical "
             f"rankings 1); high-loss tokens with below-median gain {_iv(d.high_loss_low_gain)}; "
             f"bottom-half-loss tokens in the top gain quartile {_iv(d.low_loss_high_gain)}."]
-    if d.by_kind:
-        out += ["", "| known kind | tokens | loss all small | gain |", "|---|---|---|---|"]
-        out += [f"| {n} | {v['n']} | {v['loss_small']:.3f} | {v['gain']:.3f} |"
-                for n, v in d.by_kind.items()]
-    return out
+    return out + _by_kind_table(d.by_kind)
+
+
+def _by_kind_table(by_kind: Optional[Dict[str, Dict[str, float]]]) -> List[str]:
+    """Markdown lines of the per-known-kind table (none when the corpus has no kinds)."""
+    if not by_kind:
+        return []
+    return ["", "| known kind | tokens | loss all small | gain |", "|---|---|---|---|"] + [
+        f"| {n} | {v['n']} | {v['loss_small']:.3f} | {v['gain']:.3f} |"
+        for n, v in by_kind.items()]
 
 
 def _synthetic_md(res: StudyResult) -> List[str]:
@@ -501,8 +506,4 @@ def _synthetic_md(res: StudyResult) -> List[str]:
            f"per letter and log 10 = 2.303 per digit: a copy or compute loss near those means "
            f"the model has not learned that kind, and then the known structure the check looks "
            f"for is not there to find."]
-    if d.by_kind:
-        out += ["", "| known kind | tokens | loss all small | gain |", "|---|---|---|---|"]
-        out += [f"| {n} | {v['n']} | {v['loss_small']:.3f} | {v['gain']:.3f} |"
-                for n, v in d.by_kind.items()]
-    return out
+    return out + _by_kind_table(d.by_kind)
