@@ -3,6 +3,7 @@ import hf_models as H
 import pytest
 import torch
 import torch.nn.functional as F
+from stack_contract import check_attend_in_context_with_own_context
 
 from duollm.reference import BIG, SKIP, SMALL
 from duollm.stack import RoutedStack, as_stack
@@ -53,16 +54,7 @@ def test_stack_token_losses_equal_the_models_cross_entropy():
 @pytest.mark.parametrize("family", sorted(H.FAMILIES))
 def test_attend_in_context_with_its_own_context_is_causal_attention(family):
     _, stack = _stack(family)
-    h = stack.embed(H.tokens(T=12))
-    with torch.no_grad():
-        for i in range(L):
-            plain = stack.attend(i, h)
-            recorded, ctx = stack.attend_record(i, h)
-            torch.testing.assert_close(recorded, plain, rtol=1e-5, atol=1e-6)
-            branch = stack.attend_in_context(i, h[None].expand(3, -1, -1, -1), ctx)
-            torch.testing.assert_close(branch, plain[None].expand(3, -1, -1, -1),
-                                       rtol=1e-5, atol=1e-5)
-            h = stack.ffn(i, plain, BIG)
+    check_attend_in_context_with_own_context(stack, stack.embed(H.tokens(T=12)), L)
 
 
 @pytest.mark.parametrize("family", ["qwen3", "mistral", "llama_gqa"])

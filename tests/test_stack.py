@@ -1,6 +1,7 @@
 """The routed-stack interface over DuoLLM computes exactly what DuoLLM.forward computes."""
 import pytest
 import torch
+from stack_contract import check_attend_in_context_with_own_context
 
 from duollm import DuoConfig, DuoLLM
 from duollm.reference import BIG, SKIP, SMALL
@@ -39,16 +40,8 @@ def test_stack_forward_equals_model(model, routes):
 def test_attend_in_context_with_own_context_is_causal_attention(model):
     # When every branch's own keys are the context's, position t sees exactly positions <= t.
     stack = as_stack(model)
-    h = stack.embed(_tokens())  # (B, T, d)
-    with torch.no_grad():
-        for i in range(model.config.n_layers):
-            plain = stack.attend(i, h)
-            recorded, ctx = stack.attend_record(i, h)
-            torch.testing.assert_close(recorded, plain, rtol=1e-5, atol=1e-6)
-            branch = stack.attend_in_context(i, h[None].expand(3, -1, -1, -1), ctx)
-            torch.testing.assert_close(branch, plain[None].expand(3, -1, -1, -1),
-                                       rtol=1e-5, atol=1e-5)
-            h = stack.ffn(i, plain, BIG)
+    check_attend_in_context_with_own_context(stack, stack.embed(_tokens()),  # (B, T, d)
+                                             model.config.n_layers)
 
 
 def test_as_stack_rejects_other_models():
