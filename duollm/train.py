@@ -189,6 +189,31 @@ def evaluate(model: DuoLLM, data: TokenData, seq_len: int, batch_size: int, n_ba
     """
     model = getattr(model, "module", model)  # unwrap DistributedDataParallel
     device = next(model.parameters()).device
+
+    def logits_of(inputs: torch.Tensor, policy: str, gen: torch.Generator) -> torch.Tensor:
+        routes = policy
+        if policy == "random":
+            routes = model.random_routes(inputs.shape[0], seq_len, device, gen)
+        with _autocast(device, amp):
+            return model(inputs, routes, backend=backend)  # (B, T, V)
+
+    return policy_losses(model, data, seq_len, batch_size, n_batches, policies, seed,
+                         logits_of)
+
+
+def policy_losses(model: torch.nn.Module, data: TokenData, seq_len: int, batch_size: int,
+                  n_batches: int, policies: Sequence[str], seed: int,
+                  logits_of: Callable[[torch.Tensor, str, torch.Generator], torch.Tensor]
+                  ) -> Dict[str, float]:
+    """The validation loop shared by ``evaluate`` and ``duollm.hf.train.evaluate``.
+
+    For each policy, a generator seeded with ``seed`` afresh, then over ``eval_batches``'
+    fixed ``(batch_size, seq_len + 1)`` windows of ``data.val``: ``logits_of(inputs, policy,
+    gen)`` gives the (B, T, V) logits of the (B, T) inputs under that policy (drawing any
+    random routes from ``gen``). ``model`` is in eval mode meanwhile (its mode restored).
+    Returns: ``{policy: mean next-token cross-entropy}`` in nats per token.
+    """
+    device = next(model.parameters()).device
     batches = eval_batches(data.val, batch_size, seq_len, n_batches)
     was_training = model.training
     model.eval()
@@ -198,12 +223,8 @@ def evaluate(model: DuoLLM, data: TokenData, seq_len: int, batch_size: int, n_ba
             gen = torch.Generator().manual_seed(seed)
             total = 0.0
             for batch in batches:
-                batch = batch.to(device)
-                routes = policy
-                if policy == "random":
-                    routes = model.random_routes(batch.shape[0], seq_len, device, gen)
-                with _autocast(device, amp):
-                    logits = model(batch[:, :-1], routes, backend=backend)  # (B, T, V)
+                batch = batch.to(device)  # (B, T + 1)
+                logits = logits_of(batch[:, :-1], policy, gen)  # (B, T, V)
                 loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
                 total += loss.item()
             out[policy] = total / len(batches)

@@ -37,9 +37,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checkpoint import load_into, save_checkpoint
-from ..data import TokenData, eval_batches, sample_batch
+from ..data import TokenData, sample_batch
 from ..stack import random_routes
-from ..train import TrainConfig, _autocast, latest_checkpoint, run_loop
+from ..train import TrainConfig, _autocast, latest_checkpoint, policy_losses, run_loop
 from .routing import HFDuoFFN, routing, spec_of
 
 FORMAT = "duollm-hf-stage1"
@@ -86,25 +86,13 @@ def evaluate(model: nn.Module, data: TokenData, seq_len: int, batch_size: int, n
     """
     spec_of(model)  # TypeError naming model when it is not converted
     device = next(model.parameters()).device
-    batches = eval_batches(data.val, batch_size, seq_len, n_batches)
-    was_training = model.training
-    model.eval()
-    out = {}
-    try:
-        for policy in policies:
-            gen = torch.Generator().manual_seed(seed)
-            total = 0.0
-            for batch in batches:
-                batch = batch.to(device)  # (B, T + 1)
-                with routing(model, policy, backend=backend, generator=gen), \
-                        _autocast(device, amp):
-                    logits = _logits(model, batch[:, :-1])  # (B, T, V)
-                total += F.cross_entropy(logits.float().flatten(0, 1),
-                                         batch[:, 1:].flatten()).item()
-            out[policy] = total / len(batches)
-    finally:
-        model.train(was_training)
-    return out
+
+    def logits_of(inputs: torch.Tensor, policy: str, gen: torch.Generator) -> torch.Tensor:
+        with routing(model, policy, backend=backend, generator=gen), _autocast(device, amp):
+            return _logits(model, inputs)  # (B, T, V)
+
+    return policy_losses(model, data, seq_len, batch_size, n_batches, policies, seed,
+                         logits_of)
 
 
 def _check(model: nn.Module, data: TokenData, cfg: TrainConfig, distill) -> None:
