@@ -100,17 +100,17 @@ class _LayerCount:
 
     k: int
     route: int = BIG
-    _words = ""  # how __str__ says the bound (a class attribute, not a field)
+    # Class attributes, not fields: how __str__ says the bound, and whether k is also the floor.
+    _words = ""
+    _exact = False
 
     def __post_init__(self):
         _check_count(self.k)
         _check_route(self.route)
 
-    def _lower(self) -> float:
-        raise NotImplementedError
-
     def spec(self, model=None) -> _Spec:
-        return _Spec(_count_costs(self.route), self._lower(), float(self.k))
+        lower = float(self.k) if self._exact else -math.inf
+        return _Spec(_count_costs(self.route), lower, float(self.k))
 
     def __str__(self) -> str:
         return f"{self._words} {self.k} {ROUTE_NAMES[self.route]}"
@@ -121,9 +121,7 @@ class Exactly(_LayerCount):
     """Exactly ``k`` layers on ``route`` (default ``BIG``) per token (or per sequence)."""
 
     _words = "exactly"
-
-    def _lower(self) -> float:
-        return float(self.k)
+    _exact = True
 
 
 @dataclass(frozen=True)
@@ -131,9 +129,6 @@ class AtMost(_LayerCount):
     """At most ``k`` layers on ``route`` (default ``BIG``) per token (or per sequence)."""
 
     _words = "at most"
-
-    def _lower(self) -> float:
-        return -math.inf
 
 
 @dataclass(frozen=True)
