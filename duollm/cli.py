@@ -11,13 +11,16 @@ import importlib
 import importlib.util
 import os
 import platform
-import shlex
 import sys
-from typing import TYPE_CHECKING, List, Optional, Tuple
+from typing import TYPE_CHECKING, List, Optional
 
 from duollm.usage import (EXIT_INTERRUPTED, EXIT_USAGE, UsageError, add_threads_arg,
                           apply_thread_rule, check_data_file, check_device, check_float,
                           check_int, check_out_dir, format_error, options_of)
+
+from duollm.train_cli import (  # noqa: F401  (re-exported: duollm.cli's names)
+    TRAIN_FLAGS, TRAIN_OPTION, check_resumable, print_train_result, report_interrupt,
+    resume_command, settle_resume, train_config)
 
 if TYPE_CHECKING:  # torch-heavy modules: imported by the commands that need them
     from duollm.config import DuoConfig
@@ -97,28 +100,6 @@ def run_info(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- train
 
-# (flag, TrainConfig field, type, help); defaults come from TrainConfig.
-_TRAIN_FLAGS = [
-    ("--steps", "steps", int, "optimizer steps"),
-    ("--batch-size", "batch_size", int, "global batch in sequences (split across ranks)"),
-    ("--seq-len", "seq_len", int, "tokens per training sequence"),
-    ("--lr", "lr", float, "peak learning rate"),
-    ("--warmup", "warmup", int, "linear warm-up steps"),
-    ("--weight-decay", "weight_decay", float, "AdamW weight decay of the matrices"),
-    ("--grad-clip", "grad_clip", float, "gradient-norm clip (0: off)"),
-    ("--p-big", "p_big", float, "probability a token takes the big FFN at a layer"),
-    ("--p-small", "p_small", float, "probability a token takes the small FFN at a layer"),
-    ("--p-skip", "p_skip", float, "probability a token skips the FFN at a layer"),
-    ("--eval-every", "eval_every", int, "validate every N steps (0: only at the end)"),
-    ("--eval-batches", "eval_batches", int, "validation batches per policy"),
-    ("--seed", "seed", int, "seed of the initial weights, batches and routes"),
-    ("--device", "device", str, "cpu, cuda or cuda:N"),
-    ("--checkpoint-every", "checkpoint_every", int,
-     "save a checkpoint every N steps into --out (0: only the final one)"),
-    ("--backend", "backend", str, "op backend: torch, triton, cuda or auto"),
-]
-
-
 def add_train_args(p: argparse.ArgumentParser) -> None:
     from duollm.config import DuoConfig
     from duollm.train import TrainConfig
@@ -132,7 +113,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-fraction", type=float, default=0.1,
                    help="share of the corpus (its end) held out for validation "
                         "(default: %(default)s)")
-    for flag, name, typ, text in _TRAIN_FLAGS:
+    for flag, name, typ, text in TRAIN_FLAGS:
         p.add_argument(flag, dest=name, type=typ, default=getattr(defaults, name),
                        help=f"{text} (default: %(default)s)")
     p.add_argument("--min-lr", dest="min_lr", type=float, default=None,
@@ -156,12 +137,6 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     from duollm.hf_cli import add_train_hf_args  # --hf, --d-small, --init, --distill
 
     add_train_hf_args(p)
-
-
-# TrainConfig field -> the flag that sets it, so its own checks name the user's option.
-_TRAIN_OPTION = {name: flag for flag, name, _, _ in _TRAIN_FLAGS}
-_TRAIN_OPTION.update(min_lr="--min-lr", out_dir="--out", resume="--resume", amp="--amp",
-                     progress="--no-progress")
 
 
 @dataclasses.dataclass
@@ -223,113 +198,9 @@ def plan_train(args: argparse.Namespace) -> TrainPlan:
                                           f"{tokens.numel()}; lower --seq-len or change "
                                           f"--val-fraction")
     if cfg.resume:
-        _check_resumable(checkpoint, model_config, cfg)
+        check_resumable(checkpoint, model_config, cfg)
     return TrainPlan(cfg=cfg, data=data, model_config=model_config,
                      checkpoint=checkpoint if cfg.resume else None)
-
-
-def train_config(args: argparse.Namespace, device) -> "TrainConfig":
-    """The ``TrainConfig`` of ``train``'s options (``duollm train`` and ``train --hf`` alike).
-
-    ``--min-lr`` defaults to a tenth of ``--lr``; ``--resume``, ``--resume-if-present`` and
-    ``--checkpoint-every`` without ``--out`` and every value ``TrainConfig`` rejects raise
-    ``UsageError`` under the flag's name.
-    """
-    from duollm.train import TrainConfig
-
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    knobs = {k: v for k, v in vars(args).items() if k in fields}
-    knobs["device"] = str(device)
-    if knobs["min_lr"] is None and isinstance(knobs["lr"], (int, float)):
-        knobs["min_lr"] = knobs["lr"] / 10
-    if not args.out_dir:
-        for flag, asked in (("--resume", args.resume),
-                            ("--resume-if-present", args.resume_if_present),
-                            ("--checkpoint-every", isinstance(args.checkpoint_every, int)
-                             and args.checkpoint_every > 0)):
-            if asked:
-                raise UsageError(flag, "needs --out DIR, the folder that holds the "
-                                       "checkpoints")
-    with options_of(_TRAIN_OPTION):
-        return TrainConfig(**knobs)
-
-
-def settle_resume(args: argparse.Namespace, cfg) -> Tuple["TrainConfig", Optional[str]]:
-    """``--resume``/``--resume-if-present`` against ``cfg.out_dir``'s checkpoints.
-
-    Returns ``(cfg, checkpoint)``: ``cfg`` with ``resume`` settled, and the newest
-    ``step_N`` folder in ``cfg.out_dir`` (None when there is none). UsageError for
-    ``--resume`` with nothing to resume, or a folder of another run without ``--resume``.
-    """
-    from duollm.train import latest_checkpoint
-
-    checkpoint = latest_checkpoint(cfg.out_dir) if cfg.out_dir else None
-    if args.resume and checkpoint is None:
-        raise UsageError("--resume", f"no checkpoint (step_N folder) in {cfg.out_dir}; drop "
-                                     f"--resume to start afresh, or use --resume-if-present")
-    if args.resume_if_present:
-        cfg = dataclasses.replace(cfg, resume=checkpoint is not None)
-    if checkpoint is not None and not cfg.resume:
-        raise UsageError("--out", f"{cfg.out_dir} already holds checkpoints of a run (latest: "
-                                  f"{os.path.basename(checkpoint)}); add --resume to continue "
-                                  f"it, or pick another folder")
-    return cfg, checkpoint
-
-
-def print_train_result(result, out_dir: Optional[str], note: str = "") -> None:
-    """The end of a ``train`` run: final validation loss per policy, the last throughput and
-    where the checkpoints are (``note`` follows the folder, e.g. how to load them)."""
-    print("\nvalidation loss (nats/token)")
-    print(f"{'policy':<8} {'loss':>8}")
-    for policy, loss in result.val_loss.items():
-        print(f"{policy:<8} {loss:>8.4f}")
-    if result.history:
-        print(f"throughput {result.history[-1]['tokens_per_s']:.0f} tokens/s")
-    if out_dir:
-        print(f"checkpoints in {out_dir}{note}")
-
-
-def _check_resumable(checkpoint: str, model_config, cfg) -> None:
-    """The checkpoint must hold the model these options build (else loading fails later)."""
-    from duollm.checkpoint import read_meta
-    from duollm.train import _training_config
-
-    saved = read_meta(checkpoint).get("config")
-    if saved is None:
-        return
-    wanted = _training_config(model_config, cfg).to_dict()
-    differ = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
-    if differ:
-        shown = ", ".join(f"{k} {saved.get(k)} there, {wanted.get(k)} here"
-                          for k in differ[:3]) + (", ..." if len(differ) > 3 else "")
-        raise UsageError("--resume", f"{checkpoint} holds a different model ({shown});\n"
-                                     f"  use that run's --preset, --data and --p-* options")
-
-
-def _resume_command(argv: List[str]) -> str:
-    """The command line that continues an interrupted ``train`` run: the same with --resume."""
-    argv = [a for a in argv if a != "--resume-if-present"]
-    if "--resume" not in argv:
-        argv.append("--resume")
-    return "duollm " + shlex.join(argv)
-
-
-def _report_interrupt(args: argparse.Namespace, cfg) -> None:
-    from duollm.checkpoint import read_meta
-    from duollm.train import latest_checkpoint
-
-    checkpoint = latest_checkpoint(cfg.out_dir) if cfg.out_dir else None
-    lines = ["", "duollm train: interrupted (Ctrl-C); the step in progress was abandoned"]
-    if checkpoint is not None:
-        step = read_meta(checkpoint)["step"]
-        lines.append(f"last checkpoint: {checkpoint} (step {step} of {cfg.steps})")
-        lines.append(f"resume with: {_resume_command(args.argv)}")
-    elif cfg.out_dir:
-        lines.append(f"no checkpoint was saved in {cfg.out_dir} yet (--checkpoint-every N "
-                     f"saves one every N steps); nothing to resume")
-    else:
-        lines.append("no checkpoint was saved (no --out); nothing to resume")
-    print("\n".join(lines), file=sys.stderr, flush=True)
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -357,7 +228,7 @@ def run_train(args: argparse.Namespace) -> int:
         if args.debug:
             raise
         if main_rank:
-            _report_interrupt(args, cfg)
+            report_interrupt(args, cfg)
         return EXIT_INTERRUPTED
     except FloatingPointError as e:  # the run diverged: an outcome to report, not a bug
         if args.debug:

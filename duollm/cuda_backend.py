@@ -19,10 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import ops as _ops
 from . import reference
 from .reference import FFNWeights, RouteGroups
-from .torch_backend import _STATIC_MAX, _duo_static as _static_duo_ffn
+from .checks import cannot_sync
+from .torch_backend import STATIC_MAX, duo_static as static_duo_ffn
 
 try:
     from . import _C
@@ -276,8 +276,8 @@ def duo_ffn(x: Tensor, routes: Tensor, params: Sequence[Optional[FFNWeights]],
     Returns: (N, d), dtype of x.
     """
     n, d = x.shape
-    if n <= _STATIC_MAX or _ops._cannot_sync():
-        return _static_duo_ffn(x, routes, params, residual, gate)
+    if n <= STATIC_MAX or cannot_sync():
+        return static_duo_ffn(x, routes, params, residual, gate)
     groups = group_tokens(routes, len(params))
     x_g = gather(x, groups)  # (N, d) grouped order
     offsets = groups.offsets.tolist()  # the one host sync (see docstring)

@@ -319,7 +319,7 @@ class HFTrainPlan:
 
 def plan_train_hf(args: argparse.Namespace) -> HFTrainPlan:
     """Validate every ``train --hf`` option (UsageError for a mistake); load nothing big."""
-    from duollm.cli import settle_resume, train_config
+    from duollm.train_cli import settle_resume, train_config
     from duollm.usage import check_float
 
     ckpt = check_checkpoint("--hf", args.hf)
@@ -367,7 +367,7 @@ def run_train_hf(args: argparse.Namespace) -> int:
     plan = plan_train_hf(args)
     cfg = plan.cfg
     from duollm import hf
-    from duollm.cli import print_train_result
+    from duollm.train_cli import print_train_result
 
     tokenizer = load_tokenizer("--hf", plan.ckpt)
     vocab = plan.ckpt.vocab_size or 0

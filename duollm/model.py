@@ -23,7 +23,7 @@ from torch import nn
 from .config import DuoConfig
 from .modules import DuoFFN, RMSNorm
 from . import ops
-from .stack import POLICIES, Routes, layer_routes, random_routes, resolve_routes  # noqa: F401
+from .routes import POLICIES, Routes, layer_routes, random_routes, resolve_routes  # noqa: F401
 
 
 def rope_tables(head_dim: int, max_len: int, theta: float) -> torch.Tensor:
@@ -348,7 +348,7 @@ class DuoLLM(nn.Module):
                               backend=backend)[:, -1].float()  # (B, V)
                 out = torch.cat([out, self._sample(logits, temperature, top_k, generator)],
                                 dim=1)
-        if tokens.device in ops._flags:  # the one read of the device's error flag
+        if ops.flag_exists(tokens.device):  # the one read of the device's error flag
             ops.check_errors(tokens.device)
         return out
 

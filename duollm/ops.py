@@ -29,11 +29,15 @@ from typing import Callable, Dict, Iterator, Optional, Sequence, Tuple
 
 import torch
 
+from .checks import (  # noqa: F401  (re-exported: duollm.ops is the documented path)
+    FLOAT_DTYPES, HOST_VALUES_MAX, INT_DTYPES, ROUTE_ERROR, TOKEN_ERROR, cannot_sync,
+    check_errors, check_mode, check_routes, check_tensor, env, flag_exists, host_range_check,
+    host_reads, raise_range, route_checks_enabled, sanitize_values, triton_interpreting)
 from .reference import FFNWeights, RouteGroups
 
 OPS = ("group_tokens", "gather", "scatter_combine", "swiglu_ffn", "duo_ffn")
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-INT_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
+# os.environ's own storage (bytes to bytes on POSIX), read directly on the hot path (checks.env)
+_ENV_DATA = getattr(os.environ, "_data", None) if os.name == "posix" else None
 
 
 class BackendUnavailableError(RuntimeError):
@@ -78,10 +82,6 @@ _HAS_TRITON = _installed("triton")
 _HAS_CUDA_EXT = _installed("duollm._C")
 
 
-def _triton_interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def _check_torch(device: Optional[torch.device]) -> Optional[str]:
     return None
 
@@ -89,7 +89,7 @@ def _check_torch(device: Optional[torch.device]) -> Optional[str]:
 def _check_triton(device: Optional[torch.device]) -> Optional[str]:
     if not _HAS_TRITON:
         return "the triton package is not installed (pip install triton)"
-    if _triton_interpreting():
+    if triton_interpreting():
         return None
     if not torch.cuda.is_available():
         return ("no CUDA GPU is visible to torch; run on a GPU or set TRITON_INTERPRET=1 "
@@ -242,193 +242,12 @@ def _resolve(op: str, device: torch.device, name: str, optional: bool = False):
 # --------------------------------------------------------------------------- validation
 
 
-def _check_tensor(name: str, t, dtypes=FLOAT_DTYPES) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in dtypes:
-        raise TypeError(f"{name}: expected dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
-
-
 def _check_same(name: str, t: torch.Tensor, ref: torch.Tensor, ref_name: str,
                 dtype: bool = True) -> None:
     if t.device != ref.device:
         raise ValueError(f"{name}: on {t.device}, but {ref_name} is on {ref.device}")
     if dtype and t.dtype != ref.dtype:
         raise TypeError(f"{name}: dtype {t.dtype} differs from {ref_name}'s {ref.dtype}")
-
-
-# --------------------------------------------------------------------------- route values
-#
-# How route (and token) values are checked, by ``DUOLLM_CHECK_ROUTES`` (docs/speed.md):
-#
-# * ``"1"`` (default): on the CPU the values are read and a bad one raises at once (reading a
-#   CPU tensor is not a synchronisation). On any other device nothing is read back: a token
-#   whose route is out of range skips the layer (its output row is the residual, never left
-#   unwritten) and a flag on the device records it; ``check_errors()`` raises from the flag
-#   (``DuoLLM.generate`` calls it once, after its last step).
-# * ``"device"``: the GPU behaviour everywhere, the CPU included (what tests use to run the
-#   GPU's code path here).
-# * ``"sync"``: debug mode: read the values back and raise at once on every device (one host
-#   synchronisation per call).
-# * ``"0"``: no check and no flag; the kernels stay memory-safe but rows of out-of-range
-#   tokens are unspecified.
-
-_MODES = {"1": "eager", "": "eager", "device": "device", "sync": "sync", "0": "off"}
-_mode_cache = ("1", "eager")
-ROUTE_ERROR, TOKEN_ERROR = 1, 2  # bits of the device-side error flag
-_flags: Dict[torch.device, torch.Tensor] = {}
-
-
-def env(name: str, default: str) -> str:
-    """``os.environ.get(name, default)`` at the cost of one dict lookup: the hot path reads a
-    few settings per call, and ``os.environ.get`` (encode, look up, decode) costs about a
-    microsecond each, a tenth of a decode step's whole budget on a small model."""
-    if _ENV_DATA is None or torch.compiler.is_compiling():
-        return os.environ.get(name, default)
-    raw = _ENV_DATA.get(_ENV_KEYS.get(name) or _ENV_KEYS.setdefault(name, name.encode()))
-    return default if raw is None else raw.decode()
-
-
-# os.environ's own storage (bytes to bytes on POSIX; os.environ writes through to it)
-_ENV_DATA = getattr(os.environ, "_data", None) if os.name == "posix" else None
-_ENV_KEYS: Dict[str, bytes] = {}
-
-
-def check_mode() -> str:
-    """``"eager"``, ``"device"``, ``"sync"`` or ``"off"``, from ``DUOLLM_CHECK_ROUTES``."""
-    global _mode_cache
-    raw = env("DUOLLM_CHECK_ROUTES", "1")
-    if raw != _mode_cache[0]:
-        if raw not in _MODES:
-            raise ValueError(f"DUOLLM_CHECK_ROUTES: expected one of {sorted(_MODES)}, "
-                             f"got {raw!r}")
-        _mode_cache = (raw, _MODES[raw])
-    return _mode_cache[1]
-
-
-def _cannot_sync() -> bool:
-    # Graph capture and compilation cannot read values back: the device path runs instead.
-    if torch.compiler.is_compiling():
-        return True
-    # is_initialized is cheap, is_available is not; no capture can run before CUDA starts.
-    return torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
-
-
-def route_checks_enabled() -> bool:
-    """Whether route/token values are checked at all (``DUOLLM_CHECK_ROUTES`` is not 0)."""
-    return check_mode() != "off"
-
-
-def host_reads(device: torch.device) -> bool:
-    """Whether values on ``device`` are read back and checked at once (eagerly) here."""
-    mode = check_mode()
-    if mode == "off" or mode == "device" or device.type == "meta" or _cannot_sync():
-        return False
-    return mode == "sync" or device.type == "cpu"
-
-
-def _flag(device: torch.device) -> Optional[torch.Tensor]:
-    """The int32 error flag of ``device`` (a 0-d tensor on it), created on first use."""
-    f = _flags.get(device)
-    if f is None:
-        if _cannot_sync():  # no allocation inside a capture or a traced graph
-            return None
-        f = _flags[device] = torch.zeros((), dtype=torch.int32, device=device)
-    return f
-
-
-def _record(bad: torch.Tensor, bit: int) -> None:
-    """OR ``bit`` into the device's flag where any element of the bool tensor ``bad`` is set;
-    no host synchronisation (the flag stays on the device)."""
-    if torch.compiler.is_compiling():
-        return  # the values are still sanitised; a compiled graph keeps no side flag
-    f = _flag(bad.device)
-    if f is not None:
-        f.bitwise_or_(bad.any().to(torch.int32) * bit)
-
-
-def check_errors(device=None) -> None:
-    """Raise ``ValueError`` if a route or token out of range was seen on the device since the
-    last check (the flag of the "device" check mode), and clear the flag.
-
-    Reads one int per device: a host synchronisation, so call it at a point where the stream
-    may wait (after a generation, a training step's ``loss.item()``...). ``device``: only that
-    device's flag (default: every device's).
-    """
-    if device is not None:
-        device = torch.device(device)
-        if device.type == "cuda" and device.index is None:  # tensors carry an index
-            device = torch.device("cuda", torch.cuda.current_device())
-    devices = [device] if device is not None else list(_flags)
-    for dev in devices:
-        f = _flags.get(dev)
-        if f is None:
-            continue
-        bits = int(f.item())
-        if bits:
-            f.zero_()
-            what = []
-            if bits & ROUTE_ERROR:
-                what.append("routes: a route outside the layer's paths (those tokens skipped "
-                            "the layer: their output is the residual)")
-            if bits & TOKEN_ERROR:
-                what.append("tokens: an id outside [0, vocab_size) (read as id 0)")
-            raise ValueError(f"found on {dev} since the last check: " + "; ".join(what)
-                             + ". Set DUOLLM_CHECK_ROUTES=sync to raise at the call that "
-                               "passed it.")
-
-
-def _raise_range(name: str, lo_ok: int, hi_ok: int, lo: int, hi: int, what: str) -> None:
-    if lo < lo_ok or hi >= hi_ok:
-        bad = lo if lo < lo_ok else hi
-        raise ValueError(f"{name}: {what} must lie in [{lo_ok}, {hi_ok}), found {bad}")
-
-
-def host_range_check(t: torch.Tensor, lo_ok: int, hi_ok: int, name: str,
-                     what: str = "values") -> Optional[list]:
-    """Read ``t``'s min and max back (one read; free on the CPU) and raise ``ValueError``
-    naming ``name`` if a value lies outside ``[lo_ok, hi_ok)``. Returns the values as a
-    list when ``t`` is tiny (at most ``HOST_VALUES_MAX`` elements, read whole), else None."""
-    if t.numel() <= HOST_VALUES_MAX:  # decode: one small list beats aminmax's reductions
-        vals = (t if t.dim() == 1 else t.reshape(-1)).tolist()
-        lo, hi = min(vals), max(vals)
-        if lo < lo_ok or hi >= hi_ok:
-            _raise_range(name, lo_ok, hi_ok, lo, hi, what)
-        return vals
-    lo, hi = torch.stack(torch.aminmax(t)).tolist()
-    _raise_range(name, lo_ok, hi_ok, lo, hi, what)
-    return None
-
-
-HOST_VALUES_MAX = 16
-
-
-def sanitize_values(t: torch.Tensor, lo_ok: int, hi_ok: int, fill: int, bit: int
-                    ) -> torch.Tensor:
-    """``t`` with values outside ``[lo_ok, hi_ok)`` replaced by ``fill``, the device's error
-    flag set if any was; on the device, no host synchronisation."""
-    if lo_ok == 0:
-        bad = (t < 0) | (t >= hi_ok)
-    else:
-        bad = (t < lo_ok) | (t >= hi_ok)
-    _record(bad, bit)
-    return torch.where(bad, torch.full((), fill, dtype=t.dtype, device=t.device), t)
-
-
-def check_routes(routes, num_paths: int, shape: Optional[torch.Size] = None,
-                 device: Optional[torch.device] = None, name: str = "routes") -> None:
-    """Validate a routes tensor: integer dtype, expected shape and device; values in range
-    where they can be read without a host synchronisation (see ``check_mode``)."""
-    _check_tensor(name, routes, INT_DTYPES)
-    if shape is not None and routes.shape != shape:
-        raise ValueError(f"{name}: expected shape {tuple(shape)} (one route per token), "
-                         f"got {tuple(routes.shape)}")
-    if device is not None and routes.device != device:
-        raise ValueError(f"{name}: on {routes.device}, but x is on {device}")
-    if not isinstance(num_paths, int) or num_paths < 1:
-        raise ValueError(f"num_paths: expected a positive int, got {num_paths!r}")
-    if routes.numel() and host_reads(routes.device):
-        host_range_check(routes, 0, num_paths, name)
 
 
 def _check_groups(groups, n_tokens: Optional[int], device: torch.device) -> None:
@@ -454,7 +273,7 @@ def _check_weights(name: str, weights, x: torch.Tensor) -> int:
     w_gate, w_up, w_down = weights
     d = x.shape[-1]
     for wname, w in (("w_gate", w_gate), ("w_up", w_up), ("w_down", w_down)):
-        _check_tensor(f"{name}.{wname}", w)
+        check_tensor(f"{name}.{wname}", w)
         _check_same(f"{name}.{wname}", w, x, "x")
         if w.dim() != 2:
             raise ValueError(f"{name}.{wname}: expected 2-D, got shape {tuple(w.shape)}")
@@ -471,7 +290,7 @@ def _check_like_rows(name: str, t, x: torch.Tensor, shape: Tuple[int, ...],
                      ref_name: str = "x", same_dtype: bool = False) -> None:
     if t is None:
         return
-    _check_tensor(name, t)
+    check_tensor(name, t)
     _check_same(name, t, x, ref_name, dtype=same_dtype)
     if tuple(t.shape) != shape:
         raise ValueError(f"{name}: expected shape {shape}, got {tuple(t.shape)}")
@@ -495,7 +314,7 @@ def group_tokens(routes: torch.Tensor, num_paths: int, *,
 def gather(x: torch.Tensor, groups: RouteGroups, norm_weight: Optional[torch.Tensor] = None,
            eps: float = 1e-6, *, backend: Optional[str] = None) -> torch.Tensor:
     """``x[groups.perm]`` (N, d), optionally fused with RMSNorm (``norm_weight`` (d,))."""
-    _check_tensor("x", x)
+    check_tensor("x", x)
     _check_rows("x", x)
     _check_groups(groups, x.shape[0], x.device)
     _check_like_rows("norm_weight", norm_weight, x, (x.shape[1],))
@@ -511,7 +330,7 @@ def scatter_combine(y: torch.Tensor, groups: RouteGroups,
     Args: y (N, d) in grouped order; residual (N, d) token order, y's dtype; gate (N,), any
     float dtype (cast to y's); skip_paths ints.
     """
-    _check_tensor("y", y)
+    check_tensor("y", y)
     _check_rows("y", y)
     _check_groups(groups, y.shape[0], y.device)
     # The output has y's dtype, so a residual of another dtype would be silently rounded.
@@ -530,7 +349,7 @@ def scatter_combine(y: torch.Tensor, groups: RouteGroups,
 def swiglu_ffn(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
                w_down: torch.Tensor, *, backend: Optional[str] = None) -> torch.Tensor:
     """SwiGLU FFN ``(silu(x @ w_gate.T) * (x @ w_up.T)) @ w_down.T`` on x (N, d)."""
-    _check_tensor("x", x)
+    check_tensor("x", x)
     _check_rows("x", x)
     _check_weights("weights", (w_gate, w_up, w_down), x)
     return resolve("swiglu_ffn", x.device, backend)(x, w_gate, w_up, w_down)
@@ -551,7 +370,7 @@ def duo_ffn(x: torch.Tensor, routes, params: Sequence[Optional[FFNWeights]],
     Returns: x.shape, dtype of x. Route values are checked as ``check_mode`` says: at once on
     the CPU, on the device (out-of-range tokens skip, ``check_errors`` raises) elsewhere.
     """
-    _check_tensor("x", x)
+    check_tensor("x", x)
     if x.dim() < 1:
         raise ValueError("x: expected shape (..., d), got a scalar")
     if not isinstance(params, (tuple, list)):
@@ -561,7 +380,7 @@ def duo_ffn(x: torch.Tensor, routes, params: Sequence[Optional[FFNWeights]],
         raise ValueError("params: expected at least one path, got an empty sequence")
     lead, d = x.shape[:-1], x.shape[-1]
     if not _is_int_route(routes):
-        _check_tensor("routes", routes, INT_DTYPES)
+        check_tensor("routes", routes, INT_DTYPES)
         if routes.shape != lead:
             raise ValueError(f"routes: expected shape {tuple(lead)} (one route per token), "
                              f"got {tuple(routes.shape)}")
@@ -609,14 +428,14 @@ def run_duo_ffn(x: torch.Tensor, routes, params: Tuple[Optional[FFNWeights], ...
     n = r_N.numel()
     mode = check_mode()
     if device.type == "cpu" and 0 < n <= HOST_VALUES_MAX and mode != "device" and \
-            not _cannot_sync():
+            not cannot_sync():
         # Decode on the CPU: read the few route values (free here), check them (even with
         # checks off: on a list it costs nothing) and hand them to a backend that can use
         # them (the torch backend's ``duo_ffn_host``), so nothing reads them twice.
         vals = r_N.tolist()
         lo, hi = min(vals), max(vals)
         if lo < min_route or hi >= P:
-            _raise_range("routes", min_route, P, lo, hi, "values")
+            raise_range("routes", min_route, P, lo, hi, "values")
         fn = resolve("duo_ffn", device, backend)
         host = _host_impl.get(fn)
         if host is None:
@@ -630,7 +449,7 @@ def run_duo_ffn(x: torch.Tensor, routes, params: Tuple[Optional[FFNWeights], ...
                         None if gate is None else gate.reshape(-1)).view(x.shape)
     elif n and mode != "off" and device.type != "meta":
         if (mode == "sync" or (mode == "eager" and device.type == "cpu")) and \
-                not _cannot_sync():
+                not cannot_sync():
             host_range_check(r_N, min_route, P, "routes")
         else:
             skip = next((p for p, w in enumerate(params) if w is None), None)

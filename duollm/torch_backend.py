@@ -41,7 +41,8 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from . import ops, reference
+from . import reference
+from .checks import cannot_sync, check_mode
 from .reference import FFNWeights, RouteGroups, group_tokens, rms_norm
 
 __all__ = ["group_tokens", "gather", "scatter_combine", "swiglu_ffn", "duo_ffn", "one_path",
@@ -371,15 +372,15 @@ _HOST_PLAN_MAX = 16
 # Up to this many tokens on a device that cannot be read for free (a GPU, or the CPU in the
 # "device" check mode) every path runs on every row and masks pick each token's result: no
 # counts are read back, so no host synchronisation (decode's weight reads dominate there).
-_STATIC_MAX = 64
+STATIC_MAX = 64
 
 
 def _reads_free(device: torch.device) -> bool:
     """Whether route values on ``device`` may be read back here: on the CPU, unless the
     ``"device"`` check mode asks for the GPU's code path, and never while tracing/capturing."""
-    if device.type != "cpu" or ops._cannot_sync():
+    if device.type != "cpu" or cannot_sync():
         return False
-    return ops.check_mode() != "device"
+    return check_mode() != "device"
 
 
 def _swiglu_rows(x: torch.Tensor, weights: FFNWeights, gate: Optional[torch.Tensor],
@@ -444,7 +445,7 @@ def _duo_host_small(x, vals: List[int], params, residual, gate) -> torch.Tensor:
     return out
 
 
-def _duo_static(x, routes, params, residual, gate) -> torch.Tensor:
+def duo_static(x, routes, params, residual, gate) -> torch.Tensor:
     """Every path on every row, each token keeping its own path's result (masks); ordinary
     differentiable ops with static shapes: no value read back, traceable by
     ``torch.compile(fullgraph=True)`` and capturable in a CUDA graph. A route matching no
@@ -487,8 +488,8 @@ def duo_ffn(
     grad = torch.is_grad_enabled() and (_wants_grad(x, residual, gate) or any(
         w is not None and _wants_grad(*w) for w in params))
     if not _reads_free(x.device):
-        if N <= _STATIC_MAX or ops._cannot_sync():
-            return _duo_static(x, routes, params, residual, gate)
+        if N <= STATIC_MAX or cannot_sync():
+            return duo_static(x, routes, params, residual, gate)
     elif N <= _HOST_PLAN_MAX and N and not grad and not _autocasting(x.device):
         # residual arrives in x's dtype (duollm.ops checks it)
         return _duo_host_small(x.contiguous(), routes.tolist(), params, residual, gate)

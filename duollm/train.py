@@ -171,7 +171,7 @@ def make_optimizer(model: DuoLLM, cfg: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
 
 
-def _autocast(device: torch.device, amp: Optional[bool]):
+def autocast_context(device: torch.device, amp: Optional[bool]):
     enabled = device.type == "cuda" if amp is None else bool(amp)
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
@@ -194,7 +194,7 @@ def evaluate(model: DuoLLM, data: TokenData, seq_len: int, batch_size: int, n_ba
         routes = policy
         if policy == "random":
             routes = model.random_routes(inputs.shape[0], seq_len, device, gen)
-        with _autocast(device, amp):
+        with autocast_context(device, amp):
             return model(inputs, routes, backend=backend)  # (B, T, V)
 
     return policy_losses(model, data, seq_len, batch_size, n_batches, policies, seed,
@@ -326,7 +326,7 @@ def run_loop(cfg: TrainConfig, optimizer: torch.optim.Optimizer, params: List[to
     return validate()  # resumed at (or past) the last step: nothing trained, validate the load
 
 
-def _training_config(model_config: DuoConfig, cfg: TrainConfig) -> DuoConfig:
+def training_config(model_config: DuoConfig, cfg: TrainConfig) -> DuoConfig:
     # The model's "random" policy means the mix it was trained with.
     return dataclasses.replace(model_config, p_skip=cfg.p_skip, p_small=cfg.p_small,
                                p_big=cfg.p_big)
@@ -363,7 +363,7 @@ def train(model_config: DuoConfig, data: TokenData, cfg: TrainConfig,
     if cfg.seq_len > model_config.max_seq_len:
         raise ValueError(f"seq_len: {cfg.seq_len} exceeds the model's max_seq_len "
                          f"{model_config.max_seq_len}")
-    config = _training_config(model_config, cfg)
+    config = training_config(model_config, cfg)
     info = distributed.init(cfg.device) if cfg.data_parallel else \
         distributed.DistInfo(device=cfg.device)
     try:
@@ -379,7 +379,7 @@ def _train(config: DuoConfig, data: TokenData, cfg: TrainConfig, model: Optional
     if model is None:
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank and every run
         model = DuoLLM(config)
-    elif _training_config(model.config, cfg) != config:  # equal up to the route mix
+    elif training_config(model.config, cfg) != config:  # equal up to the route mix
         raise ValueError(f"model: its config {model.config} differs from model_config")
     model.config = config
     model.to(device).train()
@@ -421,7 +421,7 @@ def _train(config: DuoConfig, data: TokenData, cfg: TrainConfig, model: Optional
         routes = model.random_routes(cfg.batch_size, cfg.seq_len, torch.device("cpu"),
                                      gen)  # (L, B, T)
         batch, routes = batch[rows].to(device), routes[:, rows].to(device)
-        with _autocast(device, cfg.amp):
+        with autocast_context(device, cfg.amp):
             logits = ddp(batch[:, :-1], routes, backend=cfg.backend)  # (b, T, V)
         return F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
 

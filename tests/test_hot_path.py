@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from duollm import BIG, SKIP, SMALL, DuoConfig, DuoLLM, KVCache, ops
+from duollm import BIG, SKIP, SMALL, DuoConfig, DuoLLM, KVCache, checks, ops
 from duollm import reference as R
 from duollm.modules import DuoFFN
 
@@ -21,9 +21,9 @@ BACKENDS = ["torch", "triton"]
 def device_mode(monkeypatch):
     """The GPU's check mode, on whatever device is here: values stay on the device."""
     monkeypatch.setenv("DUOLLM_CHECK_ROUTES", "device")
-    ops._flags.clear()
+    checks._flags.clear()
     yield
-    ops._flags.clear()
+    checks._flags.clear()
 
 
 def _ffn(d=16, d_big=24, d_small=6, seed=0, skip=True):
@@ -80,7 +80,7 @@ def _count_reads():
 
 
 def _not_flag(calls):
-    flags = [f for f in ops._flags.values()]
+    flags = [f for f in checks._flags.values()]
     return [(n, t) for n, t in calls if not any(t is f for f in flags)]
 
 
@@ -220,14 +220,14 @@ def test_sync_and_off_modes(monkeypatch):
     with pytest.raises(ValueError, match="routes"):
         ffn(x, bad)
     monkeypatch.setenv("DUOLLM_CHECK_ROUTES", "0")
-    ops._flags.clear()
+    checks._flags.clear()
     with pytest.raises(ValueError, match="routes"):
         ffn(x, bad)  # a few CPU tokens are read anyway (decode path): checking them is free
     x20, res20, _, _ = _inputs(20, 16)
     bad20 = torch.zeros(20, dtype=torch.int64)
     bad20[3] = 5
     ffn(x20, bad20, residual=res20)  # more tokens: nothing checked, nothing flagged
-    assert not ops._flags
+    assert not checks._flags
     monkeypatch.setenv("DUOLLM_CHECK_ROUTES", "bogus")
     with pytest.raises(ValueError, match="DUOLLM_CHECK_ROUTES"):
         ffn(x, bad)

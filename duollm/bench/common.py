@@ -74,7 +74,7 @@ def resolve_backends(spec: Optional[str], device: torch.device) -> Dict[str, Opt
               if not n.startswith("bench-")}  # bench-only stand-ins are not backends
     if spec is None:
         chosen = {n: why for n, why in status.items() if why is None}
-        if device.type == "cpu" and ops._triton_interpreting():
+        if device.type == "cpu" and ops.triton_interpreting():
             chosen.pop("triton", None)  # the interpreter: correct, far too slow to time
         return chosen
     names = [n.strip() for n in spec.split(",") if n.strip()]

@@ -39,7 +39,7 @@ from torch import nn
 from ..checkpoint import load_into, save_checkpoint
 from ..data import TokenData, sample_batch
 from ..stack import random_routes
-from ..train import TrainConfig, _autocast, latest_checkpoint, policy_losses, run_loop
+from ..train import TrainConfig, autocast_context, latest_checkpoint, policy_losses, run_loop
 from .routing import HFDuoFFN, routing, spec_of
 
 FORMAT = "duollm-hf-stage1"
@@ -88,7 +88,7 @@ def evaluate(model: nn.Module, data: TokenData, seq_len: int, batch_size: int, n
     device = next(model.parameters()).device
 
     def logits_of(inputs: torch.Tensor, policy: str, gen: torch.Generator) -> torch.Tensor:
-        with routing(model, policy, backend=backend, generator=gen), _autocast(device, amp):
+        with routing(model, policy, backend=backend, generator=gen), autocast_context(device, amp):
             return _logits(model, inputs)  # (B, T, V)
 
     return policy_losses(model, data, seq_len, batch_size, n_batches, policies, seed,
@@ -178,7 +178,7 @@ def _train(model, smalls: nn.ModuleList, data: TokenData, cfg: TrainConfig, dist
         routes = random_routes(spec.n_layers, cfg.batch_size, cfg.seq_len, probs,
                                torch.device("cpu"), gen).to(device)  # (L, B, T)
         inputs, targets = batch[:, :-1], batch[:, 1:]
-        with _autocast(device, cfg.amp):
+        with autocast_context(device, cfg.amp):
             if distill > 0:
                 with torch.no_grad():
                     teacher = _logits(model, inputs)  # all-big: outside any routing
@@ -210,7 +210,7 @@ def save_stage1(out_dir: str, model: nn.Module, smalls: nn.ModuleList, optimizer
                 data_name: str) -> str:
     """Write ``out_dir/step_N`` atomically (layout in the module docstring); keep the newest
     ``cfg.keep_checkpoints``. Returns the checkpoint folder."""
-    from . import save_converted  # the package re-exports it; imported late (no cycle)
+    from .export import save_converted
 
     os.makedirs(out_dir, exist_ok=True)
     name = f"step_{step:07d}"

@@ -14,12 +14,12 @@ from typing import List, Sequence
 
 import torch
 
-from .budgets import _Spec, as_budget
+from .budgets import BudgetSpec, as_budget
 from .results import OracleResult
 from .runner import Runner
 
 
-def _complete(runner: Runner, spec: _Spec, choices: Sequence[int], i: int, g: torch.Tensor,
+def _complete(runner: Runner, spec: BudgetSpec, choices: Sequence[int], i: int, g: torch.Tensor,
               g_cost: torch.Tensor) -> torch.Tensor:
     """Losses (W, B, T) of branches g after layer i's FFN, completed from layer i+1 on with
     the biggest feasible routes; g_cost the branches' costs, (W, B, T) or (W, 1, 1)."""
@@ -41,7 +41,7 @@ def _complete(runner: Runner, spec: _Spec, choices: Sequence[int], i: int, g: to
 
 
 @torch.no_grad()
-def unit_beam(runner: Runner, spec: _Spec, choices: Sequence[int], granularity: str,
+def unit_beam(runner: Runner, spec: BudgetSpec, choices: Sequence[int], granularity: str,
               budget, base, paths, beam_width: int, progress: bool) -> OracleResult:
     """Beam per unit: per sequence (rows mode, ``"sequence"``) or per position (the
     fixed-context token oracle): each unit keeps its own ``beam_width`` best prefixes."""
@@ -107,7 +107,7 @@ def _keep_by_votes(score: torch.Tensor, width: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def pattern_beam(runner: Runner, spec: _Spec, choices: Sequence[int], budget, paths,
+def pattern_beam(runner: Runner, spec: BudgetSpec, choices: Sequence[int], budget, paths,
                  beam_width: int, progress: bool) -> OracleResult:
     """Beam for the paper's token oracle: prefixes are whole-sequence patterns shared by every
     position, so positions sharing a budget (one class per distinct ``(lo, hi)``) share one beam
@@ -130,7 +130,7 @@ def pattern_beam(runner: Runner, spec: _Spec, choices: Sequence[int], budget, pa
         from tqdm.auto import tqdm
         todo = tqdm(classes, desc="beam token (pattern)", leave=False)
     for c_lo, c_hi in todo:
-        cspec = _Spec(spec.costs.to(dev), c_lo, c_hi)
+        cspec = BudgetSpec(spec.costs.to(dev), c_lo, c_hi)
         pos = ((lo == c_lo) & (hi == c_hi)).to(dev)  # (T,) positions of this class
         h = runner.h0  # (W, B, T, d)
         prefix = torch.zeros(1, 0, dtype=torch.int64, device=dev)  # (W, i)

@@ -56,7 +56,7 @@ def _count_costs(route: int) -> torch.Tensor:
 
 
 @dataclass
-class _Spec:
+class BudgetSpec:
     """A budget as additive per-route costs and bounds on the total over the layers.
 
     ``lo``/``hi`` are floats, or ``(T,)`` float64 tensors for a per-position budget (they
@@ -71,15 +71,15 @@ class _Spec:
     def per_position(self) -> bool:
         return isinstance(self.lo, torch.Tensor)
 
-    def to(self, device) -> "_Spec":
+    def to(self, device) -> "BudgetSpec":
         mv = (lambda v: v.to(device)) if self.per_position else (lambda v: v)
-        return _Spec(self.costs.to(device), mv(self.lo), mv(self.hi))
+        return BudgetSpec(self.costs.to(device), mv(self.lo), mv(self.hi))
 
-    def loose(self) -> "_Spec":
+    def loose(self) -> "BudgetSpec":
         """The scalar bounds that contain every position's (prefix pruning shared by all)."""
         if not self.per_position:
             return self
-        return _Spec(self.costs, float(self.lo.min()), float(self.hi.max()))
+        return BudgetSpec(self.costs, float(self.lo.min()), float(self.hi.max()))
 
     def meets(self, total: torch.Tensor) -> torch.Tensor:
         """Whether complete patterns of ``total`` cost are inside the bounds."""
@@ -108,9 +108,9 @@ class _LayerCount:
         _check_count(self.k)
         _check_route(self.route)
 
-    def spec(self, model=None) -> _Spec:
+    def spec(self, model=None) -> BudgetSpec:
         lower = float(self.k) if self._exact else -math.inf
-        return _Spec(_count_costs(self.route), lower, float(self.k))
+        return BudgetSpec(_count_costs(self.route), lower, float(self.k))
 
     def __str__(self) -> str:
         return f"{self._words} {self.k} {ROUTE_NAMES[self.route]}"
@@ -143,7 +143,7 @@ class FlopBudget:
         if (self.max_flops_per_token is None) == (self.fraction is None):
             raise ValueError("FlopBudget: give exactly one of max_flops_per_token, fraction")
 
-    def spec(self, model=None) -> _Spec:
+    def spec(self, model=None) -> BudgetSpec:
         if model is None:
             raise ValueError("budget: a FlopBudget needs the model (pass model=)")
         from ..stack import as_stack
@@ -151,7 +151,7 @@ class FlopBudget:
         costs = route_flops(model)
         hi = (self.max_flops_per_token if self.max_flops_per_token is not None
               else self.fraction * as_stack(model).n_layers * float(costs[BIG]))
-        return _Spec(costs, -math.inf, float(hi) * (1 + _EPS))
+        return BudgetSpec(costs, -math.inf, float(hi) * (1 + _EPS))
 
     def __str__(self) -> str:
         if self.fraction is not None:
@@ -185,10 +185,10 @@ class PerPosition:
     def mean(self) -> float:
         return sum(self.ks) / len(self.ks)
 
-    def spec(self, model=None) -> _Spec:
+    def spec(self, model=None) -> BudgetSpec:
         hi = torch.tensor(self.ks, dtype=torch.float64)
         lo = hi.clone() if self.kind == "exactly" else torch.full_like(hi, -math.inf)
-        return _Spec(_count_costs(self.route), lo, hi)
+        return BudgetSpec(_count_costs(self.route), lo, hi)
 
     def __str__(self) -> str:
         word = "exactly" if self.kind == "exactly" else "at most"
@@ -243,11 +243,11 @@ def as_budget(budget: Budget):
     return Exactly(budget)
 
 
-def spec_of(budget: Budget, model=None) -> _Spec:
-    """The ``_Spec`` of any budget form (``model`` is needed by ``FlopBudget`` only)."""
+def spec_of(budget: Budget, model=None) -> BudgetSpec:
+    """The ``BudgetSpec`` of any budget form (``model`` is needed by ``FlopBudget`` only)."""
     budget = as_budget(budget)
     if budget is None:
-        return _Spec(_count_costs(BIG), -math.inf, math.inf)
+        return BudgetSpec(_count_costs(BIG), -math.inf, math.inf)
     return budget.spec(model)
 
 
