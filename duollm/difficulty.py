@@ -88,7 +88,7 @@ def token_difficulty(model, tokens: torch.Tensor, budgets: Sequence = (1,),
       base: which token oracle: a fixed context (``"small"``, ``"big"``, a pattern) or
         ``"pattern"`` (the paper's). skip, paths: the oracle's choices (``duollm.oracle``).
       reference: the budget whose oracle defines ``difficulty`` (default: the last budget).
-      kinds: optional (B, T) ground-truth kind of every token (e.g. ``duollm.synthetic``).
+      kinds: optional (B, T) ground-truth kind of every token (e.g. ``duollm.study.synthetic``).
     Returns: a ``DifficultyTable`` of B * (T-1) rows.
     """
     budgets = [AtMost(b) if isinstance(b, int) and not isinstance(b, bool) else b

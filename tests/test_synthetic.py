@@ -1,9 +1,10 @@
-"""duollm.synthetic: the generator's structure, and (slow) difficulty against ground truth."""
+"""duollm.study.synthetic: the generator's structure, and (slow) difficulty against ground
+truth."""
 import pytest
 import torch
 
-from duollm.synthetic import (COMPUTE, COPY, NOISE, STRUCTURE, SyntheticLabels,
-                              make_synthetic_data)
+from duollm.study.synthetic import (COMPUTE, COPY, NOISE, STRUCTURE, SyntheticLabels,
+                                    make_synthetic_data)
 
 
 def _split(n=5000, seed=0):
