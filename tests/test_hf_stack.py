@@ -104,3 +104,21 @@ def test_stack_refuses_a_layer_it_would_not_replay_exactly():
     model = hf.convert(H.transformers.Olmo2ForCausalLM(config).eval(), 8)
     with pytest.raises(ValueError, match="layer 0: the RoutedStack replays pre-norm"):
         as_stack(model)
+
+
+def test_cache_keyword_is_read_from_the_signature():
+    from duollm.hf_compat import cache_keyword
+
+    def new(input_ids=None, cache=None, **kwargs):
+        pass
+
+    def old(input_ids=None, past_key_values=None, **kwargs):
+        pass
+
+    def neither(input_ids=None, **kwargs):
+        pass
+
+    assert cache_keyword(new) == "cache"
+    assert cache_keyword(old) == "past_key_values"
+    with pytest.raises(TypeError, match="neither cache= nor past_key_values="):
+        cache_keyword(neither)

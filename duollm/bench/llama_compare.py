@@ -50,12 +50,14 @@ def _llama_loop(model, prompt: torch.Tensor, new: int) -> torch.Tensor:
     """Greedy decoding with the Llama's own KV cache, no ``generate`` machinery."""
     from transformers import DynamicCache
 
-    cache = DynamicCache()
-    out = model(input_ids=prompt, cache=cache, use_cache=True)
+    from duollm.hf_compat import cache_keyword
+
+    cache = {cache_keyword(model.forward): DynamicCache()}  # its name differs across 5.x
+    out = model(input_ids=prompt, **cache, use_cache=True)
     nxt = out.logits[:, -1].argmax(-1, keepdim=True)
     pieces = [prompt, nxt]
     for _ in range(new - 1):
-        out = model(input_ids=nxt, cache=cache, use_cache=True)
+        out = model(input_ids=nxt, **cache, use_cache=True)
         nxt = out.logits[:, -1].argmax(-1, keepdim=True)
         pieces.append(nxt)
     return torch.cat(pieces, dim=1)

@@ -11,12 +11,12 @@ and its own key. See ``docs/hf.md``.
 """
 from __future__ import annotations
 
-import inspect
 from typing import Optional, Tuple
 
 import torch
 from torch import nn
 
+from ..hf_compat import cache_keyword
 from ..stack import RoutedStack
 from .convert import decoder_layers
 from .routing import spec_of
@@ -54,9 +54,8 @@ class _KVTap:
 
 
 def _cache_kwarg(attn: nn.Module) -> str:
-    # transformers renamed past_key_values to cache (5.x); pass whichever this class takes.
-    params = inspect.signature(attn.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
+    # transformers renamed past_key_values to cache (5.25); pass whichever this class takes.
+    return cache_keyword(attn.forward)
 
 
 def _check_structure(model: nn.Module) -> None:
