@@ -5,6 +5,8 @@ Layout of a checkpoint directory::
     model.safetensors   weights; a tensor tied to another (lm_head = embed) is stored once
     meta.json           format version, DuoConfig, step, tied-weight aliases, ``extra``
     state.pt            optimizer state and RNG states (torch.save, loaded weights_only)
+    router/             the model's attached router, when it has one (``duollm.router_io``;
+                        ``load_checkpoint`` attaches it back for ``routes="router"``)
 
 Saving is atomic: everything is written into a temporary sibling directory, flushed to disk,
 then renamed into place. An interrupted save leaves the previous checkpoint untouched (and at
@@ -26,6 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import DuoConfig
 
+from .router_io import load_attached, save_attached
 FORMAT_VERSION = 1
 WEIGHTS, META, STATE = "model.safetensors", "meta.json", "state.pt"
 _TMP_TAG, _OLD_TAG = ".tmp-", ".old-"
@@ -102,6 +105,7 @@ def _write_checkpoint(tmp: str, model, optimizer, step, extra, generator) -> Non
     config = model.config.to_dict() if isinstance(getattr(model, "config", None),
                                                   DuoConfig) else None
     meta = {"format_version": FORMAT_VERSION, "config": config, "step": step,
+    save_attached(model, tmp)  # the model's router (duollm.router_io), when one is attached
             "aliases": aliases, "extra": extra or {}}
     # meta.json is written last: a directory without it was never completed.
     with open(os.path.join(tmp, META), "w") as f:
@@ -246,3 +250,4 @@ def load_checkpoint(path: str, device="cpu") -> Tuple[torch.nn.Module, Dict]:
     state = load_into(path, model, device=device)
     state["config"] = config
     return model, state
+    load_attached(resolve_checkpoint(path), model)  # its saved router, for routes="router"

@@ -23,7 +23,8 @@ from torch import nn
 from .config import DuoConfig
 from .modules import DuoFFN, RMSNorm
 from . import ops
-from .routes import POLICIES, Routes, layer_routes, random_routes, resolve_routes  # noqa: F401
+from .routes import (POLICIES, Routes, layer_routes, random_routes, resolve_routes,  # noqa: F401
+                     use_saved_router)
 
 
 def rope_tables(head_dim: int, max_len: int, theta: float) -> torch.Tensor:
@@ -241,6 +242,7 @@ class DuoLLM(nn.Module):
             raise ValueError(f"cache: holds batch {cache.k.shape[1]} and {cache.k.shape[3]} "
                              f"positions, tokens need batch {B} and {start + T} positions")
         tokens = self._check_token_values(tokens)
+        routes = use_saved_router(self, routes)  # "router": the router saved with the model
         plan = self._int_routes(routes)
         if plan is None:
             plan = self.resolve_routes(routes, B, T, tokens.device, generator)
@@ -317,6 +319,7 @@ class DuoLLM(nn.Module):
         if isinstance(routes, torch.Tensor) and routes.dim() == 3:
             raise ValueError("routes: generate takes a policy, a (n_layers,) pattern or a "
                              "router, not a per-token tensor")
+        routes = use_saved_router(self, routes)  # looked up once, not per step
         if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2:
             raise ValueError("tokens: expected an integer tensor of shape (B, T)")
         if not isinstance(max_new_tokens, int) or max_new_tokens < 0:

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from .reference import BIG, SKIP, SMALL  # noqa: F401
 from .routes import (  # noqa: F401  (re-exported: duollm.stack's documented names)
-    POLICIES, Routes, layer_routes, random_routes, resolve_routes)
+    POLICIES, Routes, layer_routes, random_routes, resolve_routes, use_saved_router)
 
 
 # --------------------------------------------------------------------------- attention helper
@@ -136,6 +136,7 @@ class RoutedStack(abc.ABC):
 
     def resolve(self, routes: Routes, B: int, T: int,
                 generator: Optional[torch.Generator] = None):
+        routes = use_saved_router(self.model, routes)
         return resolve_routes(routes, self.n_layers, B, T, self.device, generator, self.probs)
 
     def forward(self, tokens: torch.Tensor, routes: Routes = "big", *,

@@ -14,10 +14,12 @@ import math
 import os
 import platform
 import re
+import shlex
 import subprocess
 import sys
+import tempfile
 from importlib import metadata
-from typing import Dict, Iterable, List, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 
@@ -91,12 +93,41 @@ def environment(device: torch.device, dtype: torch.dtype, **extra) -> Dict:
         "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "host_cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
-        "command": " ".join(sys.argv),
+        "command": command_line(),
     }
     if hasattr(os, "getloadavg"):
         env["loadavg_start"] = list(os.getloadavg())
     env.update(extra)
     return env
+
+
+def scrub_paths(text: str) -> str:
+    """``text`` without this machine's paths: the checkout becomes relative, the interpreter's
+    environment ``<venv>``, its installation ``<python>``, the temp folder ``<tmp>`` and the
+    home folder ``~`` (committed results must name no machine's paths)."""
+    tmp = tempfile.gettempdir()
+    places = [(ROOT + os.sep, ""), (ROOT, "."), (sys.prefix, "<venv>"),
+              (sys.base_prefix, "<python>"), (tmp, "<tmp>"),
+              (os.path.expanduser("~"), "~")]
+    for path, name in sorted(places, key=lambda p: -len(p[0])):
+        if path and path not in (os.sep, "~"):
+            text = text.replace(path, name)
+    return text
+
+
+def command_line(argv: Optional[List[str]] = None) -> str:
+    """The command that wrote a result file as a user types it (``duollm bench ...``), with no
+    machine's paths in it."""
+    argv = list(sys.argv if argv is None else argv)
+    prog = argv[0] if argv else ""
+    where = os.path.basename(os.path.dirname(os.path.abspath(prog))) if prog else ""
+    if os.path.basename(prog) == "__main__.py" and where in ("duollm", "bench"):
+        head = ["duollm"] if where == "duollm" else ["duollm", "bench"]
+    elif os.path.basename(prog) == "duollm":
+        head = ["duollm"]
+    else:
+        head = ["python", prog]
+    return scrub_paths(shlex.join(head + argv[1:]))
 
 
 def stamp() -> str:

@@ -7,7 +7,8 @@ converted HF models.
   under that policy (same rotate-half RoPE and theta, RMSNorm eps, head_dim, tied embeddings).
 * ``save_converted(model, path)`` / ``load_converted(path)``: a converted HF model, both paths,
   bit-exact: the HF ``config.json``, ``duollm.json`` (the ``HFDuoSpec`` and the model class) and
-  the full state dict as ``model.safetensors``.
+  the full state dict as ``model.safetensors``; plus ``router/`` when a router is attached to
+  the model (``duollm.router_io``), attached again on load for ``routing(model, "router")``.
 * ``load_pretrained(path, d_small)``: a converted save as is, or a plain local HF checkpoint
   loaded and converted; plus its tokenizer when the folder has one.
 
@@ -32,6 +33,7 @@ import transformers
 from torch import nn
 from transformers.initialization import no_init_weights
 
+from ..router_io import load_attached, save_attached
 from .convert import INITS, convert
 from .routing import spec_of
 
@@ -170,6 +172,7 @@ def save_converted(model: nn.Module, path: PathLike, *, tokenizer=None,
         (tmp / SPEC_FILE).write_text(json.dumps(record, indent=2) + "\n")
         safetensors.torch.save_model(model, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"},
                                      force_contiguous=True)
+        save_attached(model, str(tmp))  # its router (duollm.router_io), when one is attached
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     return Path(path)
@@ -250,6 +253,7 @@ def load_converted(path: PathLike, *, dtype: Optional[torch.dtype] = None,
     if dtype is not None or device is not None:
         model.to(device=device, dtype=dtype)
     return model.eval()
+    load_attached(str(path), model)  # its saved router, for routing(model, "router")
 
 
 def _tokenizer(path: Path):

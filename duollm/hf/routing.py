@@ -24,7 +24,7 @@ from torch import nn
 from .. import ops
 from ..modules import DuoFFN, SwiGLU
 from ..reference import BIG, SKIP, SMALL
-from ..stack import POLICIES, Routes, random_routes, resolve_routes
+from ..stack import POLICIES, Routes, random_routes, resolve_routes, use_saved_router
 
 # Where ``convert`` records what it did on the model (``spec_of`` reads it back).
 SPEC_ATTR = "duollm_hf"
@@ -218,8 +218,9 @@ def routing(model, routes: Routes, *, backend: Optional[str] = None,
 
     ``routes``: any form ``DuoLLM.forward`` takes (``docs/routes-and-budgets.md``): a policy
     (``"big"``, ``"small"``, ``"skip"``, ``"random"`` drawn per call from the conversion's
-    ``probs`` with ``generator``), an ``(n_layers,)`` pattern, an ``(n_layers, B, T)`` per-token
-    tensor (for one forward of exactly that ``(B, T)``), or a router ``router(layer, hidden)
+    ``probs`` with ``generator``), ``"router"`` (the router saved with the model), an
+    ``(n_layers,)`` pattern, an ``(n_layers, B, T)`` per-token tensor (for one forward of
+    exactly that ``(B, T)``), or a router ``router(layer, hidden)
     -> routes (B, T)`` or ``(routes, gate)`` called once per layer per forward with that layer's
     FFN input ``hidden (B, T, d_model)``. ``backend``: the ``duollm.ops`` backend of the routed
     FFNs (None: all-big runs the original expression, other routes the default backend).
@@ -239,7 +240,7 @@ def routing(model, routes: Routes, *, backend: Optional[str] = None,
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator: expected a torch.Generator, got "
                         f"{type(generator).__name__}")
-    plan = _build_plan(spec, routes, backend, generator)
+    plan = _build_plan(spec, use_saved_router(model, routes), backend, generator)
     token = _ACTIVE.set({**(_ACTIVE.get() or {}), spec: plan})
     try:
         yield model

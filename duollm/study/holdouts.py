@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import glob
 import os
+import sys
 import sysconfig
 from dataclasses import dataclass
 from typing import List, Optional
@@ -89,7 +90,9 @@ def load_holdout(name: str, val_fraction: float = 0.1, max_code_bytes: int = 600
         text, source = default_corpus_text(), "pydoc_data.topics"
     elif name == CODE:
         text = code_text(max_code_bytes)
-        source = f"{stdlib_dir()}/*.py ({len(code_files(max_code_bytes))} files)"
+        # Named, not located: a report must not carry this machine's interpreter path.
+        source = (f"the Python standard library ({len(code_files(max_code_bytes))} files, "
+                  f"Python {sys.version_info.major}.{sys.version_info.minor})")
     else:
         raise ValueError(f"name: expected 'prose' or 'code' (or a path), got {name!r}")
     train, val = split_tokens(tok.encode(text, as_tensor=True), val_fraction)
