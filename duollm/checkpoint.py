@@ -27,8 +27,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .config import DuoConfig
-
 from .router_io import load_attached, save_attached
+
 FORMAT_VERSION = 1
 WEIGHTS, META, STATE = "model.safetensors", "meta.json", "state.pt"
 _TMP_TAG, _OLD_TAG = ".tmp-", ".old-"
@@ -99,13 +99,13 @@ def _write_checkpoint(tmp: str, model, optimizer, step, extra, generator) -> Non
     """Write every file of a checkpoint into the (new, empty) directory ``tmp``."""
     tensors, aliases = _unique_tensors(model)
     save_file(tensors, os.path.join(tmp, WEIGHTS))
+    save_attached(model, tmp)  # the model's router (duollm.router_io), when one is attached
     state = {"optimizer": optimizer.state_dict() if optimizer is not None else None,
              "rng": rng_state(generator)}
     torch.save(state, os.path.join(tmp, STATE))
     config = model.config.to_dict() if isinstance(getattr(model, "config", None),
                                                   DuoConfig) else None
     meta = {"format_version": FORMAT_VERSION, "config": config, "step": step,
-    save_attached(model, tmp)  # the model's router (duollm.router_io), when one is attached
             "aliases": aliases, "extra": extra or {}}
     # meta.json is written last: a directory without it was never completed.
     with open(os.path.join(tmp, META), "w") as f:
@@ -249,5 +249,5 @@ def load_checkpoint(path: str, device="cpu") -> Tuple[torch.nn.Module, Dict]:
     model = DuoLLM(config).to(device)
     state = load_into(path, model, device=device)
     state["config"] = config
-    return model, state
     load_attached(resolve_checkpoint(path), model)  # its saved router, for routes="router"
+    return model, state

@@ -252,8 +252,8 @@ def load_converted(path: PathLike, *, dtype: Optional[torch.dtype] = None,
                          f"unexpected {unexpected})")
     if dtype is not None or device is not None:
         model.to(device=device, dtype=dtype)
-    return model.eval()
     load_attached(str(path), model)  # its saved router, for routing(model, "router")
+    return model.eval()
 
 
 def _tokenizer(path: Path):
