@@ -37,6 +37,11 @@ EXTERNAL = {
     # Beside duollm.hf, not in it: building the parser must not import transformers.
     "convert": ("duollm.hf_cli", "give every SwiGLU MLP of a local Hugging Face checkpoint a "
                                  "small sibling and a skip path, and save the converted model"),
+    "generate": ("duollm.generate_cli", "generate text from a DuoLLM checkpoint or a converted "
+                                        "folder under a routing, with tokens/s, the realised "
+                                        "mix and FFN FLOPs per token"),
+    "train-router": ("duollm.router_cli", "train a router on a saved model at a budget and "
+                                          "save it with the model (routes 'router')"),
 }
 
 
