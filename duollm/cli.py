@@ -42,6 +42,8 @@ EXTERNAL = {
                                         "mix and FFN FLOPs per token"),
     "train-router": ("duollm.router_cli", "train a router on a saved model at a budget and "
                                           "save it with the model (routes 'router')"),
+    "data": ("duollm.data_cli", "token shards: tokenize text files once into memory-mapped "
+                                "uint16/uint32 shards (prepare) and check them (verify)"),
 }
 
 
@@ -113,8 +115,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="tiny", choices=DuoConfig.presets(),
                    help="model shape (default: %(default)s)")
     p.add_argument("--data", default="default", metavar="PATH|default|synthetic",
-                   help="corpus: the embedded pydoc text (default), the synthetic corpus, or "
-                        "a UTF-8 text file")
+                   help="corpus: the embedded pydoc text (default), the synthetic corpus, "
+                        "a token shard folder (duollm data prepare; its split and "
+                        "vocabulary), or a UTF-8 text file (bytes, split by --val-fraction)")
     p.add_argument("--val-fraction", type=float, default=0.1,
                    help="share of the corpus (its end) held out for validation "
                         "(default: %(default)s)")
@@ -162,7 +165,7 @@ def plan_train(args: argparse.Namespace) -> TrainPlan:
     """
     from duollm import ops
     from duollm.config import DuoConfig
-    from duollm.data import load_data
+    from duollm.data_cli import check_data_source, cli_token_data
 
     # 1. Option values: TrainConfig's own checks, reported under the flags' names.
     check_float("--val-fraction", args.val_fraction, low=0.0, high=1.0, low_open=True,
@@ -181,17 +184,12 @@ def plan_train(args: argparse.Namespace) -> TrainPlan:
                                           f"{status[cfg.backend]}")
     # 2. Files: the output folder and the corpus, before anything is read or written.
     check_out_dir("--out", cfg.out_dir)
-    if args.data not in ("default", "synthetic"):
-        check_data_file("--data", args.data)
+    check_data_source("--data", args.data)  # a text file or a shard folder (duollm data)
     cfg, checkpoint = settle_resume(args, cfg)
-    # 3. The corpus and the model shape against the sequence length and the checkpoint.
-    with options_of({"source": "--data", "val_fraction": "--val-fraction"}):
-        try:
-            data = load_data(args.data, val_fraction=args.val_fraction)
-        except ValueError as e:  # too short to split: no field prefix
-            if "too short" not in str(e):
-                raise
-            raise UsageError("--data", str(e)) from None
+    # 3. The corpus and the model shape against the sequence length and the checkpoint. A
+    # text file is streamed into a temporary shard folder, a shard folder memory-mapped;
+    # the model's vocabulary is the data's tokenizer's.
+    data = cli_token_data("--data", args.data, args.val_fraction)
     model_config = DuoConfig.from_name(args.preset, vocab_size=data.vocab_size)
     if cfg.seq_len > model_config.max_seq_len:
         raise UsageError("--seq-len", f"expected at most {model_config.max_seq_len} (the "

@@ -5,7 +5,9 @@ English and Python), read from the running interpreter so no text ships with duo
 UTF-8 text file works too, and ``"synthetic"`` gives a corpus whose per-token difficulty is
 known (``duollm.study.synthetic``).
 
-Every corpus is a stream of byte ids (vocabulary 256). The validation split is the last
+Every text corpus is a stream of byte ids (vocabulary 256); a token shard folder
+(``duollm.shards``, ``duollm data prepare``) carries its own tokenizer's ids and vocabulary.
+The validation split is the last
 ``val_fraction`` of the stream, contiguous and never shuffled, so the split is the same on every
 machine and no validation text leaks into training windows.
 """
@@ -18,6 +20,7 @@ import torch
 
 # TokenData lives in a leaf module so the synthetic corpus (duollm.study.synthetic) can build
 # one without importing this module: data -> study.synthetic -> tokendata, no cycle.
+from .shards import ShardedTokens, is_shard_dir, load_shards
 from .study.synthetic import make_synthetic_data
 from .tokendata import TokenData
 
@@ -80,10 +83,14 @@ def load_data(source: Optional[str] = None, val_fraction: float = 0.1) -> TokenD
 
     Args:
       source: ``None`` or ``"default"`` for the embedded pydoc corpus, ``"synthetic"`` for
-        ``duollm.study.synthetic.make_synthetic_data(val_fraction=...)``, anything else a path to a
-        UTF-8 text file.
-      val_fraction: share of the stream (its end) held out for validation.
-    Returns: a ``TokenData`` with byte-level ids (vocab 256) for the text corpora.
+        ``duollm.study.synthetic.make_synthetic_data(val_fraction=...)``, a token shard folder
+        (``duollm data prepare``; read by memory map, split by shard as its meta.json says),
+        anything else a path to a UTF-8 text file (read into memory: the command line's
+        ``--data FILE`` goes through ``duollm.shards.file_token_data`` instead).
+      val_fraction: share of the stream (its end) held out for validation (not used for a
+        shard folder).
+    Returns: a ``TokenData`` with byte-level ids (vocab 256) for the text corpora; for a
+      shard folder, ``ShardedTokens`` views and the tokenizer's vocabulary.
     Raises: FileNotFoundError for a missing file, ValueError for an empty, non-UTF-8 or too
       short one.
     """
@@ -100,6 +107,8 @@ def load_data(source: Optional[str] = None, val_fraction: float = 0.1) -> TokenD
         if not os.path.exists(path):
             raise FileNotFoundError(f"source: no such file {path!r} (use 'default', "
                                     f"'synthetic' or a path to a UTF-8 text file)")
+        if is_shard_dir(path):
+            return load_shards(path)
         if os.path.isdir(path):
             raise ValueError(f"source: {path!r} is a directory, expected a text file")
         with open(path, "rb") as f:
@@ -116,8 +125,9 @@ def load_data(source: Optional[str] = None, val_fraction: float = 0.1) -> TokenD
 
 
 def _check_window_args(tokens, batch_size: int, seq_len: int) -> None:
-    if not isinstance(tokens, torch.Tensor) or tokens.dim() != 1:
-        raise ValueError("tokens: expected a 1-D tensor of token ids")
+    # ShardedTokens: memory-mapped shards, indexed like a 1-D tensor (duollm.shards)
+    if not isinstance(tokens, (torch.Tensor, ShardedTokens)) or tokens.dim() != 1:
+        raise ValueError("tokens: expected a 1-D tensor of token ids (or ShardedTokens)")
     for name, value in (("batch_size", batch_size), ("seq_len", seq_len)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name}: expected a positive int, got {value!r}")

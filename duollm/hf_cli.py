@@ -122,27 +122,41 @@ def load_tokenizer(option: str, ckpt: Checkpoint):
 def token_data(source: str, tokenizer, vocab_size: int, val_fraction: float, option: str):
     """A ``duollm.data.TokenData`` of ``source`` in the model's own token ids.
 
-    ``source``: ``"default"`` (the embedded corpus) or a UTF-8 text file. With ``tokenizer``
-    (a ``transformers`` tokenizer) the text is tokenized by it; without, it is bytes, which
-    need a vocabulary of at least 256.
+    ``source``: ``"default"`` (the embedded corpus), a token shard folder (``duollm data
+    prepare``; it must have been made with the model's tokenizer) or a UTF-8 text file
+    (streamed into a temporary shard folder, ``duollm.shards.file_token_data``). With
+    ``tokenizer`` (a ``transformers`` tokenizer) the text is tokenized by it; without, it is
+    bytes, which need a vocabulary of at least 256.
     """
     import torch
 
-    from duollm.data import (ByteTokenizer, TokenData, default_corpus_text, load_data,
-                             split_tokens)
+    from duollm import shards
+    from duollm.data import ByteTokenizer, TokenData, default_corpus_text, split_tokens
+    from duollm.data_cli import cli_token_data
 
+    if source != "default" and shards.is_shard_dir(source):
+        shard_set = shards.open_shards(source)
+        try:
+            shards.check_shards_for_model(shard_set, tokenizer, vocab_size)
+        except ValueError as e:
+            raise UsageError("--data", str(e).removeprefix("shards: ")) from None
+        return cli_token_data("--data", source, val_fraction)
     if tokenizer is None:
         if vocab_size < ByteTokenizer.vocab_size:
             raise UsageError(option, f"the checkpoint ships no tokenizer and its vocabulary "
                                      f"of {vocab_size} cannot hold the 256 byte ids")
-        with options_of({"source": "--data", "val_fraction": "--val-fraction"}):
-            return load_data(source, val_fraction=val_fraction)
-    if source == "default":
-        text, name = default_corpus_text(), "pydoc-topics"
-    else:
-        with open(source, encoding="utf-8") as f:
-            text = f.read()
-        name = os.path.basename(source)
+        return cli_token_data("--data", source, val_fraction)
+    if source != "default":
+        tok = shards.ShardTokenizer("hf", tokenizer_name(tokenizer), vocab_size, hf=tokenizer)
+        try:
+            return shards.file_token_data(source, val_fraction, tok)
+        except ValueError as e:
+            field, _, text = str(e).partition(": ")
+            if field == "tokenizer":
+                raise UsageError(option, f"the tokenizer produces ids outside the model's "
+                                         f"vocabulary of {vocab_size}: {text}") from None
+            raise UsageError("--data", text if field == "source" else str(e)) from None
+    text, name = default_corpus_text(), "pydoc-topics"
     ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
     tokens = torch.tensor(ids, dtype=torch.int64)
     if tokens.numel() and int(tokens.max()) >= vocab_size:
@@ -153,7 +167,28 @@ def token_data(source: str, tokenizer, vocab_size: int, val_fraction: float, opt
     except ValueError as e:
         raise UsageError("--data", str(e)) from None
     return TokenData(train=train, val=val, vocab_size=vocab_size,
-                     name=f"{name} ({type(tokenizer).__name__})")
+                     name=f"{name} ({tokenizer_name(tokenizer)} tokens)")
+
+
+def tokenizer_name(tokenizer) -> str:
+    """A tokenizer in words (``duollm.shards.describe_tokenizer``)."""
+    from duollm.shards import describe_tokenizer
+
+    return describe_tokenizer(tokenizer)
+
+
+def announce_tokenizer(command: str, tokenizer, path: str) -> None:
+    """Say which tokenizer a command reads text with; a warning on stderr when the checkpoint
+    has none and bytes are used instead."""
+    import sys
+
+    if tokenizer is None:
+        print(f"warning: {path} holds no tokenizer; {command} reads the text as UTF-8 bytes "
+              f"(ids 0-255), which the model was probably not trained on. Save the "
+              f"tokenizer with the model (duollm convert and train --hf do when the source "
+              f"folder has one)", file=sys.stderr, flush=True)
+    else:
+        print(f"tokenizer: {tokenizer_name(tokenizer)} from {path}", flush=True)
 
 
 def calibration_tokens(n: int, tokenizer, vocab_size: int, max_positions: Optional[int]):
@@ -351,7 +386,9 @@ def plan_train_hf(args: argparse.Namespace) -> HFTrainPlan:
         if args.data == "synthetic":
             raise UsageError("--data", "the synthetic corpus is byte-level; with --hf use the "
                                        "embedded corpus (default) or a text file")
-        check_data_file("--data", args.data)
+        from duollm.data_cli import check_data_source
+
+        check_data_source("--data", args.data)  # a text file or a shard folder
     cfg, checkpoint = settle_resume(args, cfg)
     if ckpt.max_positions is not None and cfg.seq_len > ckpt.max_positions:
         raise UsageError("--seq-len", f"expected at most {ckpt.max_positions} (the "
@@ -367,9 +404,12 @@ def run_train_hf(args: argparse.Namespace) -> int:
     plan = plan_train_hf(args)
     cfg = plan.cfg
     from duollm import hf
-    from duollm.train_cli import print_train_result
+    from duollm.train import latest_checkpoint
+    from duollm.train_cli import describe_data, print_train_result, report_interrupt
+    from duollm.usage import EXIT_INTERRUPTED
 
     tokenizer = load_tokenizer("--hf", plan.ckpt)
+    announce_tokenizer("train --hf", tokenizer, plan.ckpt.path)
     vocab = plan.ckpt.vocab_size or 0
     data = token_data(args.data, tokenizer, vocab, args.val_fraction, "--hf")
     for split, tokens in (("training", data.train), ("validation", data.val)):
@@ -386,9 +426,24 @@ def run_train_hf(args: argparse.Namespace) -> int:
     spec = hf.spec_of(model)
     apply_thread_rule(args.threads, cfg.device, spec.d_model)
     print(f"stage 1 on {plan.ckpt.path}: {spec.n_layers} layers, small FFNs of width "
-          f"{spec.d_small} (big {spec.d_big}), on {data!r}, distill {plan.distill}",
-          flush=True)
-    result = hf.train_small(model, data, cfg, distill=plan.distill)
+          f"{spec.d_small} (big {spec.d_big}), on {describe_data(data)}, distill "
+          f"{plan.distill}", flush=True)
+    try:
+        result = hf.train_small(model, data, cfg, distill=plan.distill, tokenizer=tokenizer)
+    except KeyboardInterrupt:
+        # Checkpoints are renamed into place whole, so the newest one on disk loads.
+        if getattr(args, "debug", False):
+            raise
+        report_interrupt(args, cfg, "train --hf")
+        return EXIT_INTERRUPTED
+    except FloatingPointError as e:  # the run diverged: an outcome to report, not a bug
+        if getattr(args, "debug", False):
+            raise
+        text = str(e).replace("lower lr", "lower --lr").replace("amp=False", "--no-amp")
+        last = latest_checkpoint(cfg.out_dir)
+        print(f"duollm train --hf: {text}" + (f"\nlast checkpoint: {last}" if last else ""),
+              file=sys.stderr, flush=True)
+        return 1
     print_train_result(result, cfg.out_dir,
                        " (step_N/model loads with duollm.hf.load_converted)")
     return 0

@@ -17,7 +17,8 @@ sharding).
 
 Checkpoint layout (``out_dir/step_N``, written into a temporary sibling then renamed)::
 
-    model/      duollm.hf.save_converted(model): loads with duollm.hf.load_converted
+    model/      duollm.hf.save_converted(model, tokenizer=...): loads with
+                duollm.hf.load_converted; the tokenizer's files when one was given
     train/      duollm.checkpoint of the small modules, optimizer, RNG states, history
     meta.json   written last: the step and the layout (a folder without it is incomplete)
 """
@@ -122,7 +123,7 @@ def _check(model: nn.Module, data: TokenData, cfg: TrainConfig, distill) -> None
 
 
 def train_small(model: nn.Module, data: TokenData, cfg: TrainConfig,
-                distill: float = 0.0) -> SmallTrainResult:
+                distill: float = 0.0, tokenizer=None) -> SmallTrainResult:
     """Stage 1 for a model converted by ``duollm.hf.convert``: train only its small FFNs.
 
     Args:
@@ -135,6 +136,8 @@ def train_small(model: nn.Module, data: TokenData, cfg: TrainConfig,
         ``p_skip``/``p_small``/``p_big``, validation, ``out_dir``/``checkpoint_every``/
         ``resume``, ``backend``, ``progress``.
       distill: weight of ``KL(all-big || routed)`` added to the next-token cross-entropy.
+      tokenizer: the model's ``transformers`` tokenizer; every checkpoint's ``model/`` folder
+        carries its files, so ``study --hf`` on it reads text as training did.
     Returns: a ``SmallTrainResult``.
 
     With ``cfg.resume`` training continues from the newest ``cfg.out_dir/step_N`` (small
@@ -150,7 +153,7 @@ def train_small(model: nn.Module, data: TokenData, cfg: TrainConfig,
         p.requires_grad_(id(p) in trainable)
     was_training = model.training
     try:
-        return _train(model, smalls, data, cfg, float(distill), device)
+        return _train(model, smalls, data, cfg, float(distill), device, tokenizer)
     finally:
         for p, flag in frozen_flags.items():
             p.requires_grad_(flag)
@@ -158,7 +161,7 @@ def train_small(model: nn.Module, data: TokenData, cfg: TrainConfig,
 
 
 def _train(model, smalls: nn.ModuleList, data: TokenData, cfg: TrainConfig, distill: float,
-           device: torch.device) -> SmallTrainResult:
+           device: torch.device, tokenizer=None) -> SmallTrainResult:
     spec = spec_of(model)
     params = list(smalls.parameters())
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8,
@@ -198,7 +201,7 @@ def _train(model, smalls: nn.ModuleList, data: TokenData, cfg: TrainConfig, dist
 
     def save(step: int, history: List[Dict]) -> None:
         save_stage1(cfg.out_dir, model, smalls, optimizer, step, gen, cfg, distill, history,
-                    data.name)
+                    data.name, tokenizer=tokenizer)
 
     val_loss = run_loop(cfg, optimizer, params, forward, validate, save, step=step,
                         history=history, device=device, resumed_from=ckpt)
@@ -207,7 +210,7 @@ def _train(model, smalls: nn.ModuleList, data: TokenData, cfg: TrainConfig, dist
 
 def save_stage1(out_dir: str, model: nn.Module, smalls: nn.ModuleList, optimizer, step: int,
                 gen: torch.Generator, cfg: TrainConfig, distill: float, history: List[Dict],
-                data_name: str) -> str:
+                data_name: str, tokenizer=None) -> str:
     """Write ``out_dir/step_N`` atomically (layout in the module docstring); keep the newest
     ``cfg.keep_checkpoints``. Returns the checkpoint folder."""
     from .export import save_converted
@@ -218,7 +221,7 @@ def save_stage1(out_dir: str, model: nn.Module, smalls: nn.ModuleList, optimizer
     tmp = os.path.join(out_dir, f".{name}.tmp-{uuid.uuid4().hex[:8]}")
     os.mkdir(tmp)
     try:
-        save_converted(model, os.path.join(tmp, MODEL_DIR))
+        save_converted(model, os.path.join(tmp, MODEL_DIR), tokenizer=tokenizer)
         extra = {"train_config": dataclasses.asdict(cfg), "distill": distill,
                  "history": history, "data": data_name}
         save_checkpoint(os.path.join(tmp, TRAIN_DIR), smalls, optimizer, step=step,
