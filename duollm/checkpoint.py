@@ -19,9 +19,10 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import uuid
-from typing import Dict, Optional, Tuple
+from typing import Dict, Iterable, Optional, Tuple
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -63,13 +64,18 @@ def set_rng_state(state: Dict, generator: Optional[torch.Generator] = None) -> N
 
 
 def _unique_tensors(model: torch.nn.Module):
-    """(tensors, aliases): the state dict with each shared storage kept once.
+    """(tensors, aliases): the state dict with each shared storage kept once."""
+    return unique_tensors(model.state_dict().items())
+
+
+def unique_tensors(named: Iterable[Tuple[str, torch.Tensor]]):
+    """(tensors, aliases) of ``(name, tensor)`` pairs: each shared storage kept once.
 
     safetensors refuses tensors that share memory, and tied weights do; ``aliases`` maps each
-    dropped name to the kept name it shares storage with.
+    dropped name to the (first) kept name it shares storage with.
     """
     tensors, aliases, seen = {}, {}, {}
-    for name, t in model.state_dict().items():
+    for name, t in named:
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape),
                tuple(t.stride()), t.dtype)
         if key in seen:
@@ -161,10 +167,22 @@ def save_checkpoint(path: str, model: torch.nn.Module,
 
 def _remove_stale(parent: str, base: str) -> None:
     """Delete leftovers of interrupted saves of ``base`` (never the checkpoint itself)."""
-    final_exists = os.path.isfile(os.path.join(parent, base, META))
+    remove_stale(parent, base, complete=os.path.isfile(os.path.join(parent, base, META)))
+
+
+def remove_stale(parent: str, base: str, *, complete: bool) -> None:
+    """Delete what writers of ``parent/base`` killed mid-save left beside it.
+
+    Every atomic writer of this package (``save_checkpoint``, ``duollm.hf``'s folders, stage-1
+    step folders) builds ``.{base}.tmp-XXXXXXXX`` and, replacing an old folder, first moves that
+    one to ``.{base}.old-XXXXXXXX``. A SIGKILL skips their own cleanup, so the next write to
+    the same target calls this: ``.tmp-`` leftovers always go; ``.old-`` ones only when
+    ``complete`` (``base`` itself is whole), as before then they may hold its only copy.
+    """
+    pattern = re.compile(rf"^\.{re.escape(base)}\.(tmp|old)-[a-z0-9_]{{8}}$")
     for entry in os.listdir(parent):
-        if entry.startswith(f".{base}{_TMP_TAG}") or (
-                final_exists and entry.startswith(f".{base}{_OLD_TAG}")):
+        match = pattern.match(entry)
+        if match and (match.group(1) == "tmp" or complete):
             shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
 
 
@@ -216,7 +234,18 @@ def load_into(path: str, model: torch.nn.Module,
             raise ValueError(f"model: its config {model.config} differs from the checkpoint's "
                              f"{saved}")
     tensors = load_file(os.path.join(ckpt, WEIGHTS), device=str(device))
-    for name, target in meta["aliases"].items():
+    aliases = meta.get("aliases")
+    if not isinstance(aliases, dict):
+        raise ValueError(f"path: {ckpt}/{META}: 'aliases' must be an object, got "
+                         f"{type(aliases).__name__}")
+    for name, target in aliases.items():
+        # An alias only names a tied weight stored once; it must never stand in for a stored
+        # tensor (a tampered meta.json would silently load another weight in its place).
+        if name in tensors or not isinstance(target, str) or target not in tensors:
+            why = "is stored in the weights file itself" if name in tensors else \
+                f"points to {target!r}, which is not in the weights file"
+            raise ValueError(f"path: {ckpt}/{META}: alias {name!r} {why}; the file is damaged "
+                             f"or was edited")
         tensors[name] = tensors[target]
     model.load_state_dict(tensors, strict=True)
     state = torch.load(os.path.join(ckpt, STATE), map_location=device, weights_only=True)

@@ -138,7 +138,12 @@ class _Plan:
         B, T = x.shape[0], x.shape[1]
         if self.router is not None:
             r = self.router(i, x)
-            r, gate = r if isinstance(r, tuple) else (r, None)
+            r, gate = r if isinstance(r, tuple) and len(r) == 2 else (r, None)
+            if not isinstance(r, torch.Tensor):  # None would re-enter this plan: no recursion
+                name = getattr(self.router, "__qualname__", None) or type(self.router).__name__
+                raise TypeError(f"routes: the router {name} returned {type(r).__name__} for "
+                                f"layer {i}; a router returns a routes tensor (B, T) or a "
+                                f"(routes, gate) pair")
             return ffn(x, r, gate=gate, backend=self.backend)
         if self.random:
             r = random_routes(1, B, T, self.spec.probs, x.device, self.generator)[0]

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoint import load_into, save_checkpoint
+from ..checkpoint import load_into, remove_stale, save_checkpoint
 from ..data import TokenData, sample_batch
 from ..stack import random_routes
 from ..train import TrainConfig, autocast_context, latest_checkpoint, policy_losses, run_loop
@@ -218,6 +218,10 @@ def save_stage1(out_dir: str, model: nn.Module, smalls: nn.ModuleList, optimizer
     os.makedirs(out_dir, exist_ok=True)
     name = f"step_{step:07d}"
     final = os.path.join(out_dir, name)
+    # One process writes a run's steps: a hidden step folder left here is a killed save's.
+    for entry in os.listdir(out_dir):
+        if entry.startswith(".step_"):
+            remove_stale(out_dir, entry[1:].partition(".")[0], complete=True)
     tmp = os.path.join(out_dir, f".{name}.tmp-{uuid.uuid4().hex[:8]}")
     os.mkdir(tmp)
     try:
