@@ -80,9 +80,11 @@ def check_prepare(args: argparse.Namespace):
             raise UsageError("--tokenizer", f"expected 'bytes' or a local Hugging Face "
                                             f"tokenizer folder, got {args.tokenizer!r} (no "
                                             f"such folder; nothing is downloaded)")
-        from duollm.hf_cli import require_transformers
+        import importlib.util
 
-        require_transformers("--tokenizer")
+        if importlib.util.find_spec("transformers") is None:
+            raise UsageError("--tokenizer", "a Hugging Face tokenizer folder needs the "
+                                            "transformers package: pip install transformers")
     try:
         tok = shards.load_tokenizer(args.tokenizer)
     except ValueError as e:

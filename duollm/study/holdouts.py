@@ -31,13 +31,17 @@ PROSE, CODE = "prose", "code"
 @dataclass
 class Holdout:
     """One holdout corpus: ``name`` (``"prose"``/``"code"`` or a file name), ``source`` (where
-    it was read), ``train`` (N_train,) and ``val`` (N_val,) int64 byte ids."""
+    it was read), ``train`` (N_train,) and ``val`` (N_val,) int64 byte ids -- or, for a token
+    shard folder (``duollm.shards``), memory-mapped ``ShardedTokens`` of its ``tokenizer``'s
+    ids (its held-out shards are ``val``)."""
 
     name: str
     source: str
     train: torch.Tensor
     val: torch.Tensor
     val_kind: Optional[torch.Tensor] = None  # (N_val,) known token kinds (synthetic corpus)
+    vocab_size: int = 256
+    tokenizer: str = "bytes"  # "bytes", or the shard folder's tokenizer name
 
 
 def stdlib_dir() -> str:
@@ -99,11 +103,40 @@ def load_holdout(name: str, val_fraction: float = 0.1, max_code_bytes: int = 600
     return Holdout(name, source, train, val)
 
 
+def shard_holdout(folder: str) -> Holdout:
+    """A token shard folder (``duollm data prepare``) as the study's one holdout: its training
+    shards train the model, its held-out shards give the oracle's sequences; both stay
+    memory-mapped."""
+    from ..shards import open_shards
+
+    s = open_shards(folder)
+    return Holdout(os.path.basename(s.folder.rstrip(os.sep)), s.folder, s.train, s.val,
+                   vocab_size=s.vocab_size, tokenizer=s.tokenizer_name)
+
+
+def check_shard_holdout(h: Holdout, tokenizer, vocab_size: int) -> None:
+    """ValueError unless a shard holdout's ids are a model's (its vocabulary of
+    ``vocab_size``, its ``transformers`` tokenizer or None for bytes); other holdouts pass."""
+    if not isinstance(h.train, torch.Tensor):
+        from ..shards import check_shards_for_model, open_shards
+
+        try:
+            check_shards_for_model(open_shards(h.source), tokenizer, vocab_size)
+        except ValueError as e:
+            raise ValueError(f"data: {str(e).removeprefix('shards: ')}") from None
+
+
 def training_data(holdouts: List[Holdout]) -> TokenData:
     """The study's training stream: every holdout's training part back to back (byte ids).
-    Its ``val`` is the first holdout's (what ``train`` reports during training)."""
+    Its ``val`` is the first holdout's (what ``train`` reports during training). A shard
+    holdout is its own stream (memory-mapped, never concatenated)."""
     if not holdouts:
         raise ValueError("holdouts: expected at least one")
+    if any(h.tokenizer != "bytes" or not isinstance(h.train, torch.Tensor) for h in holdouts):
+        if len(holdouts) != 1:
+            raise ValueError("holdouts: a token shard holdout is studied alone")
+        h = holdouts[0]
+        return TokenData(h.train, h.val, h.vocab_size, f"{h.name} ({h.tokenizer} tokens)")
     train = torch.cat([h.train for h in holdouts])
     name = "+".join(h.name for h in holdouts)
     return TokenData(train, holdouts[0].val, 256, name)

@@ -14,12 +14,16 @@ import torch
 from ..reference import BIG
 from . import stages as St
 from . import stats as S
-from .holdouts import (CODE, PROSE, Holdout, load_holdout, synthetic_holdout, training_data,
-                       windows)
+from .holdouts import (CODE, PROSE, Holdout, check_shard_holdout, load_holdout, shard_holdout,
+                       synthetic_holdout, training_data, windows)
 from .results import HoldoutResult, StudyResult
 
 
 def _holdouts(data, sizes: St.StudySizes, seed: int) -> List[Holdout]:
+    from ..shards import is_shard_dir
+
+    if data not in (None, "default", "synthetic") and is_shard_dir(data):
+        return [shard_holdout(str(data))]  # its tokenizer's ids, memory-mapped
     if data in (None, "default"):
         return [load_holdout(PROSE), load_holdout(CODE)]
     if data == "synthetic":
@@ -178,6 +182,8 @@ def run_study(preset: Optional[str] = None, data="default", steps: Optional[int]
     source, train_val = "duollm", {}
     if model is None and hf is not None:
         model, tok = _load_hf_model(hf, log, hf_d_small)
+        for h in holdouts:  # a shard folder's ids must be the model's tokenizer's
+            check_shard_holdout(h, tok, model_shape(model)["vocab_size"])
         if tok is not None:
             holdouts = [retokenize(h, tok) for h in holdouts]
             tdata = training_data(holdouts)
@@ -267,7 +273,11 @@ def _load_hf_model(path: str, log, d_small: Optional[int] = None):
 
 
 def retokenize(h: Holdout, tokenizer) -> Holdout:
-    """A byte-id holdout re-encoded with an HF tokenizer (the same text, the model's ids)."""
+    """A byte-id holdout re-encoded with an HF tokenizer (the same text, the model's ids).
+    A token shard holdout is already in its tokenizer's ids (``check_shard_holdout``)."""
+    if h.tokenizer != "bytes" or not isinstance(h.train, torch.Tensor):
+        return h
+
     def enc(ids: torch.Tensor) -> torch.Tensor:
         text = bytes(ids.tolist()).decode("utf-8", errors="replace")
         return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"],
