@@ -179,3 +179,27 @@ def test_meta_is_json_with_config(tmp_path):
         meta = json.load(f)
     assert DuoConfig.from_dict(meta["config"]) == model.config
     assert meta["format_version"] == ckpt_mod.FORMAT_VERSION
+
+
+@pytest.mark.parametrize("aliases", [{"lm_head.weight": "embed.weight"},
+                                     {"ghost.weight": "nowhere.weight"}, ["x"]])
+def test_tampered_aliases_never_replace_a_stored_tensor(tmp_path, aliases):
+    """An alias names a tied weight stored once; in an edited meta.json it used to overwrite
+    the stored lm_head with the embedding, silently."""
+    model = _model(tie_embeddings=False)
+    save_checkpoint(tmp_path / "ck", model, step=0)
+    meta_file = tmp_path / "ck" / "meta.json"
+    meta = json.loads(meta_file.read_text())
+    assert meta["aliases"] == {}
+    meta_file.write_text(json.dumps({**meta, "aliases": aliases}))
+    with pytest.raises(ValueError, match="alias"):
+        load_checkpoint(tmp_path / "ck")
+
+
+def test_tied_aliases_still_load(tmp_path):
+    model = _model(tie_embeddings=True)
+    save_checkpoint(tmp_path / "ck", model, step=0)
+    assert read_meta(tmp_path / "ck")["aliases"]  # the tie is stored as an alias
+    loaded, _ = load_checkpoint(tmp_path / "ck")
+    _assert_same_model(model, loaded)
+    assert loaded.lm_head.weight is loaded.embed.weight

@@ -278,3 +278,17 @@ def test_bf16_routing_matches_the_float32_model():
     assert (out - ref).abs().max() < 0.1
     wrong = _logits(model, t, [BIG, BIG, SKIP]).float()
     assert (wrong - ref).abs().max() > 0.2
+
+
+@pytest.mark.parametrize("returns", [None, (None, None), "big", (1, 2, 3)])
+def test_a_router_returning_no_routes_tensor_is_named_with_its_layer(returns):
+    """Returning None used to re-enter the routing plan until RecursionError."""
+    model = _converted()
+
+    def my_router(layer, hidden):
+        if layer == 1:
+            return returns
+        return torch.full(hidden.shape[:2], BIG)
+
+    with pytest.raises(TypeError, match=r"router .*my_router returned \w+ for layer 1"):
+        _logits(model, H.tokens(), my_router)
