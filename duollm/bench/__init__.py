@@ -8,6 +8,8 @@ Subcommands (``duollm bench <cmd> --help``):
   step with a KV cache, eager and in a CUDA graph, against the dense layer/model.
 * ``model``   — DuoLLM forward and training-step throughput per mix; oracle patterns/s.
 * ``report``  — a Markdown table from any set of result files or folders.
+* ``frontier`` — held-out loss against measured prefill/decode tokens/s for every routing of a
+  saved (or ``--quick``-trained) model, with the Pareto front (``duollm.bench.frontier``).
 
 Every measuring command writes ``<kind>-<dtype>-<stamp>.csv/.json`` and PNG plots under
 ``--out`` (default ``runs/bench/<device-slug>/``; ``--commit-results`` writes into the
@@ -29,6 +31,9 @@ _COMMANDS = {
     "report": ("duollm.bench.report", "Markdown tables from result files or folders"),
     "hf": ("duollm.bench.hf_bench", "a converted Hugging Face model vs the original: prefill "
                                     "and greedy decode at all-big, all-small and 1/12 big"),
+    "frontier": ("duollm.bench.frontier", "held-out loss vs measured prefill/decode tokens/s "
+                                          "for dense models, fixed patterns, random routing, "
+                                          "trained routers and the oracle bound"),
 }
 
 

@@ -145,3 +145,55 @@ def model_plots(rows: List[Dict], env: Dict, out_dir: str, prefix: str) -> List[
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return [path]
+
+
+_FRONTIER_STYLE = {"dense": dict(marker="*", ms=11, color="black"),
+                   "policy": dict(marker="s", ms=6, color="tab:gray"),
+                   "fixed": dict(marker="o", ms=5, color="tab:blue"),
+                   "random": dict(marker="^", ms=5, color="tab:orange"),
+                   "router": dict(marker="D", ms=6, color="tab:red")}
+
+
+def frontier_plot(rows: List[Dict], env: Dict, out_dir: str, prefix: str) -> str:
+    """``duollm bench frontier``: held-out loss against tokens/s, one panel per timed setting
+    (prefill / decode at batch 1 and 8), the Pareto front of the deployable routings drawn,
+    dense models as stars, the oracle's losses as dotted lines (a bound: not deployable)."""
+    settings = [("prefill", 1), ("prefill", 8), ("decode", 1), ("decode", 8)]
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8.2))
+    oracle = [r for r in rows if r["kind"] == "oracle"]
+    for ax, (phase, batch) in zip(axes.flat, settings):
+        key = f"{phase}_b{batch}"
+        live = [r for r in rows if r["kind"] != "oracle" and r.get(f"{key}_tps")
+                and not math.isnan(r[f"{key}_tps"])]
+        for kind, st in _FRONTIER_STYLE.items():
+            pts = [r for r in live if r["kind"] == kind]
+            if pts:
+                ax.plot([r[f"{key}_tps"] for r in pts], [r["loss"] for r in pts], ls="none",
+                        label=kind, **st)
+        for r in live:
+            if r["kind"] in ("dense", "policy", "router"):
+                ax.annotate(r["routing"], (r[f"{key}_tps"], r["loss"]), fontsize=6,
+                            xytext=(3, 3), textcoords="offset points")
+        front = sorted((r[f"{key}_tps"], r["loss"]) for r in live if r.get(f"{key}_front"))
+        if front:
+            xs, ys = zip(*front)
+            ax.step(xs, ys, where="post", color="tab:green", lw=1.2, alpha=.8,
+                    label="Pareto front")
+        for r in oracle:
+            ax.axhline(r["loss"], color="tab:purple", ls=":", lw=.8)
+        if oracle:
+            ax.plot([], [], color="tab:purple", ls=":", lw=.8,
+                    label="oracle k=1..L-1 (bound, not deployable)")
+        ax.set_xscale("log")
+        ax.set_xlabel("tokens / s")
+        ax.set_ylabel("held-out loss (nats / token)")
+        ax.set_title(f"{phase}, batch {batch}", fontsize=9)
+        ax.grid(alpha=.3)
+    axes.flat[0].legend(fontsize=7)
+    fig.suptitle(f"quality vs speed: {env['device']}, {env['dtype']}, {env.get('model', '')}",
+                 fontsize=10)
+    fig.tight_layout()
+    path = os.path.join(out_dir, f"{prefix}.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
