@@ -37,6 +37,8 @@ EXTERNAL = {
     # Beside duollm.hf, not in it: building the parser must not import transformers.
     "convert": ("duollm.hf_cli", "give every SwiGLU MLP of a local Hugging Face checkpoint a "
                                  "small sibling and a skip path, and save the converted model"),
+    "export": ("duollm.export_cli", "write the all-big or all-small model of a DuoLLM or "
+                                    "converted checkpoint as a plain transformers checkpoint"),
     "generate": ("duollm.generate_cli", "generate text from a DuoLLM checkpoint or a converted "
                                         "folder under a routing, with tokens/s, the realised "
                                         "mix and FFN FLOPs per token"),

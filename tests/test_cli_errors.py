@@ -378,3 +378,83 @@ def test_every_command_applies_the_thread_rule(argv, threads, workdir, monkeypat
     assert calls == ([] if threads is None else [threads])
     if argv[0] == "study":
         assert progress == [False]
+
+
+# --------------------------------------------------------------------------- issue 15: duollm
+# export (engineer B)
+
+
+@pytest.fixture(scope="module")
+def export_dirs(tmp_path_factory):
+    """A DuoLLM run, a plain module's checkpoint, a plain HF folder, a converted folder and
+    one that lost its duollm.json."""
+    pytest.importorskip("transformers")
+    import hf_models
+
+    from duollm import DuoConfig, DuoLLM, hf
+    from duollm.checkpoint import save_checkpoint
+
+    root = tmp_path_factory.mktemp("export_dirs")
+    duo = DuoLLM(DuoConfig.from_name("tiny", n_layers=2))
+    save_checkpoint(root / "run" / "step_0000004", duo, step=4)
+    save_checkpoint(root / "module", torch.nn.Linear(2, 2))
+    hf_models.llama().save_pretrained(root / "plain")
+    hf.save_converted(hf.convert(hf_models.llama(), 8), root / "conv")
+    hf.save_converted(hf.convert(hf_models.llama(), 8), root / "norecord")
+    os.remove(root / "norecord" / "duollm.json")
+    return root
+
+
+EXPORT_BAD = [
+    (["{x}/nowhere", "--out", "o"], "PATH", ["no such folder"]),
+    (["a_file", "--out", "o"], "PATH", ["is a file"]),
+    (["a_dir", "--out", "o"], "PATH", ["not a DuoLLM or converted checkpoint"]),
+    (["{x}/plain", "--out", "o"], "PATH", ["plain Hugging Face checkpoint"]),
+    (["{x}/norecord", "--out", "o"], "PATH", ["converted model's weights", "duollm.json"]),
+    (["{x}/module", "--out", "o"], "PATH", ["holds no DuoConfig"]),
+    (["{x}/run", "--which", "medium", "--out", "o"], "--which", ["big or small"]),
+    (["{x}/run", "--out", "a_file"], "--out", ["is a file"]),
+    (["{x}/conv", "--out", "full"], "--out", ["not empty"]),
+    (["{x}/conv", "--out", "{x}/conv/inside"], "--out", ["inside the checkpoint PATH reads"]),
+    (["{x}/run", "--out", "{x}/run/step_0000004/x"], "--out", ["inside the checkpoint"]),
+]
+
+
+@pytest.mark.parametrize("argv,option,fragments", EXPORT_BAD,
+                         ids=[" ".join(b[0]) + f" {b[1]}" for b in EXPORT_BAD])
+def test_export_refuses_before_any_work(argv, option, fragments, export_dirs, workdir,
+                                        monkeypatch, capsys):
+    """exit 2, one line naming the option, nothing loaded or written."""
+    import duollm.checkpoint
+    from duollm import hf
+
+    def forbidden(*a, **k):
+        raise AssertionError("a model was loaded or written despite a bad option")
+
+    for module, name in ((duollm.checkpoint, "load_checkpoint"), (hf, "load_pretrained"),
+                         (hf, "export")):
+        monkeypatch.setattr(module, name, forbidden)
+    (workdir / "full").mkdir()
+    (workdir / "full" / "notes.txt").write_text("mine")
+    argv = ["export"] + [a.replace("{x}", str(export_dirs)) for a in argv]
+    before, dirs_before = _tree(workdir), _tree(export_dirs)
+    code = cli.main(argv)
+    out, err = capsys.readouterr()
+    assert code == usage.EXIT_USAGE, (out, err)
+    assert err.startswith(f"duollm export: error: {option}: "), err
+    for fragment in fragments:
+        assert fragment in err, err
+    assert len(err.strip().splitlines()) <= 2 and "Traceback" not in err + out
+    assert _tree(workdir) == before and _tree(export_dirs) == dirs_before
+
+
+def test_export_of_a_tampered_converted_folder_exits_2(export_dirs, workdir, capsys):
+    import shutil
+
+    shutil.copytree(export_dirs / "conv", workdir / "bad")
+    rec = workdir / "bad" / "duollm.json"
+    rec.write_text(rec.read_text().replace('"float32"', '"float99"'))
+    code = cli.main(["export", "bad", "--out", "o"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("duollm export: error: PATH: ") and "dtype" in err, err
+    assert not (workdir / "o").exists()
