@@ -36,8 +36,24 @@ def test_study_quick_writes_report_and_every_plot(quick_run, capsys):
     assert "base='pattern'" in report and "base='big'" in report
     assert report.count("| greedy | ") == 2 and report.count("| beam (width 4) | ") == 2
     rows = [r for r in report.splitlines() if r.startswith("| 4a, ") or r.startswith("| 2d, ")]
-    assert rows and all(any(f"**{o}**" in r for o in ("holds", "does not hold",
-                                                      "not resolved")) for r in rows)
+    assert rows and all(any(f"**{o}**" in r for o in (
+        "holds", "does not hold", "not resolved", "not testable",
+        "not distinguishable from selection")) for r in rows)
+    # verdicts.json beside report.md: one entry per verdict with the issue's fields
+    verdicts = json.loads((out / "verdicts.json").read_text())
+    assert verdicts == res["verdicts"]
+    keys = {(v["figure"], v["holdout"]) for v in verdicts}
+    assert {("4a", "prose"), ("4c", "code"), ("2d", "prose"), ("3d", "code"),
+            ("5/6", "synthetic")} <= keys
+    for v in verdicts:
+        assert {"figure", "holdout", "claim", "criterion", "setting", "estimate", "interval",
+                "null_estimate", "vs_null", "p", "p_holm", "verdict"} <= set(v)
+        assert set(v["setting"]) == {"ours", "paper", "why"}
+        if v["verdict"] == "not testable":
+            assert v["reason"]  # the measured reason
+        else:
+            assert all(p["interval"] is not None for p in v["parts"])
+    assert "Holm-corrected together" in report and "| Holm p |" in report
 
 
 def test_results_json_has_the_typed_fields(quick_run):
@@ -291,3 +307,82 @@ def test_approx_gaps_against_the_exhaustive_oracle():
     assert wide.gap.estimate == pytest.approx(0, abs=1e-9) and wide.exact_share == 1.0
     with pytest.raises(ValueError, match="exhaustive"):
         St.approx_gaps(model, tokens, 2, ex[:, 1:], n_boot=50, seed=0)
+
+
+@pytest.fixture(scope="module")
+def tiny_run_folder(tmp_path_factory):
+    """A duollm train run folder (step_N checkpoints) of a tiny model."""
+    from duollm.config import DuoConfig
+    from duollm.data import load_data
+    from duollm.train import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("ckpt") / "run"
+    cfg = TrainConfig(steps=4, batch_size=2, seq_len=16, checkpoint_every=2, out_dir=str(out),
+                      eval_every=0, eval_batches=1, progress=False, keep_checkpoints=2)
+    train(DuoConfig.from_name("tiny"), load_data(), cfg)
+    return out
+
+
+def test_study_checkpoint_resolves_run_and_step_folders(tiny_run_folder, tmp_path):
+    from duollm.study.pipeline import resolve_study_checkpoint
+
+    steps = sorted(p.name for p in tiny_run_folder.iterdir() if p.name.startswith("step_"))
+    assert steps == ["step_0000002", "step_0000004"]
+    newest = str(tiny_run_folder / "step_0000004")
+    assert resolve_study_checkpoint(str(tiny_run_folder)) == newest
+    assert resolve_study_checkpoint(str(tiny_run_folder / "step_0000002")) == str(
+        tiny_run_folder / "step_0000002")
+    with pytest.raises(ValueError, match="neither a checkpoint"):
+        resolve_study_checkpoint(str(tmp_path))
+    with pytest.raises(ValueError, match="not a folder"):
+        resolve_study_checkpoint(str(tmp_path / "missing"))
+
+
+@pytest.mark.parametrize("extra, option", [
+    (["--preset", "tiny"], "--preset"), (["--steps", "3"], "--steps"),
+    (["--seeds", "2"], "--seeds")])
+def test_study_checkpoint_refuses_what_it_does_not_use(tiny_run_folder, extra, option,
+                                                        tmp_path, capsys):
+    from duollm.cli import main
+
+    out = tmp_path / "never"
+    rc = main(["study", "--quick", "--checkpoint", str(tiny_run_folder), "--out", str(out)]
+              + extra)
+    assert rc == 2 and f"error: {option}" in capsys.readouterr().err and not out.exists()
+    rc = main(["study", "--quick", "--checkpoint", str(tmp_path), "--out", str(out)])
+    assert rc == 2 and "--checkpoint" in capsys.readouterr().err and not out.exists()
+
+
+@pytest.mark.parametrize("which", ["run", "step"])
+def test_study_checkpoint_with_null_control(tiny_run_folder, which, tmp_path):
+    """study --checkpoint on a run folder (its newest step) and on a step folder, with the
+    null control: the checkpoint's weights are studied (no training), every verdict has the
+    null's numbers."""
+    from duollm.cli import main
+    from duollm.study.pipeline import run_study
+
+    path = tiny_run_folder if which == "run" else tiny_run_folder / "step_0000002"
+    out = tmp_path / "study"
+    if which == "run":
+        rc = main(["study", "--quick", "--checkpoint", str(path), "--out", str(out),
+                   "--null-control", "--no-synthetic-check", "--n-random", "4",
+                   "--oracle-batch", "4", "--router-steps", "2", "--no-progress"])
+        assert rc == 0
+        res = json.loads((out / "results.json").read_text())
+        assert res["source"] == "checkpoint:" + str(path / "step_0000004")
+        assert res["steps"] == 4 and res["null_control"] is True
+        verdicts = json.loads((out / "verdicts.json").read_text())
+    else:
+        res = run_study(checkpoint=str(path), quick=True, out=str(out), progress=False,
+                        synthetic_check=False, n_random=4, oracle_batch=4, router_steps=2,
+                        null_control=True)
+        assert res.steps == 2 and res.source == "checkpoint:" + str(path)
+        verdicts = res.verdicts
+    assert "the DuoLLM checkpoint" in (out / "report.md").read_text()
+    judged = [v for v in verdicts if v["verdict"] != "not testable"]
+    # every judged verdict has the null's numbers, unless the null model's own
+    # precondition failed (then the reason says so, e.g. its gain is zero everywhere)
+    assert judged and all((p["null"] is not None and p["vs_null"] is not None)
+                          or v["reason"].startswith("null model:")
+                          for v in judged for p in v["parts"])
+    assert any(v["vs_null"] is not None for v in judged)

@@ -112,6 +112,17 @@ def add_study_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--d-small", type=int, default=None, metavar="N",
                         help="with --hf and a plain (unconverted) checkpoint: convert it with "
                              "small FFNs of width N (pruned from the big ones)")
+    parser.add_argument("--checkpoint", default=None, metavar="DIR",
+                        help="study a saved DuoLLM checkpoint instead of training one: a step "
+                             "folder, or a run folder (its newest complete step_N)")
+    parser.add_argument("--null-control", action="store_true",
+                        help="also measure every verdict on the null model (big FFN = small "
+                             "FFN zero-padded, so big == small) over the same sequences; a "
+                             "claim needing big != small holds only against it (roughly "
+                             "doubles the run time)")
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="train this many models (seeds --seed, --seed+1, ...); the "
+                             "verdicts' intervals cover seeds and sequences")
     parser.add_argument("--no-progress", action="store_true",
                         help="no progress bars or stage lines (bars appear only on a "
                              "terminal anyway)")
@@ -166,6 +177,31 @@ def _hf_layers(args: argparse.Namespace) -> int:
     return n_layers
 
 
+def _checkpoint_layers(args: argparse.Namespace) -> int:
+    """Check ``--checkpoint`` (and the options it excludes); its layer count."""
+    from ..checkpoint import read_meta
+    from .pipeline import resolve_study_checkpoint
+
+    for flag, value in (("--hf", args.hf), ("--preset", args.preset), ("--steps", args.steps),
+                        ("--d-small", args.d_small)):
+        if value is not None:
+            raise UsageError(flag, "not used with --checkpoint (the checkpoint fixes the "
+                                   "model; nothing is trained)")
+    if args.seeds > 1:
+        raise UsageError("--seeds", "with --checkpoint there is one model; drop --seeds")
+    try:
+        path = resolve_study_checkpoint(args.checkpoint)
+        config = read_meta(path)["config"]
+        n_layers = int(config["n_layers"])
+        vocab = int(config["vocab_size"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UsageError("--checkpoint", str(e).removeprefix("checkpoint: ")) from None
+    if vocab < 256:
+        raise UsageError("--checkpoint", f"{path} has a vocabulary of {vocab}; the study's "
+                                         f"holdouts are byte ids (256)")
+    return n_layers
+
+
 def validate(args: argparse.Namespace):
     """Every check of the study's options, before any work. Returns (device, budgets,
     preset)."""
@@ -187,7 +223,12 @@ def validate(args: argparse.Namespace):
     if args.oracle_batch is not None:
         check_int("--oracle-batch", args.oracle_batch, low=4)
     check_int("--seed", args.seed, low=0)
-    if args.hf is not None:
+    check_int("--seeds", args.seeds, low=1)
+    if args.checkpoint is not None:
+        n_layers = _checkpoint_layers(args)
+    elif args.hf is not None:
+        if args.seeds > 1:
+            raise UsageError("--seeds", "with --hf there is one model; drop --seeds")
         n_layers = _hf_layers(args)
     else:
         if args.d_small is not None:
@@ -218,7 +259,8 @@ def run_cli(args: argparse.Namespace) -> int:
                     n_random=args.n_random, oracle_batch=args.oracle_batch, seed=args.seed,
                     quick=args.quick, progress=show_progress(not args.no_progress),
                     synthetic_check=not args.no_synthetic_check, hf=args.hf,
-                    hf_d_small=args.d_small)
+                    hf_d_small=args.d_small, null_control=args.null_control,
+                    seeds=args.seeds, checkpoint=args.checkpoint)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun rank 0 alone reports
         return 0
     from .report import summary_text

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
 from typing import Dict, List, Optional, Sequence
 
@@ -46,8 +47,10 @@ def model_shape(model) -> Dict:
 
 def analyse_holdout(model, h: Holdout, routers: List[St.TrainedRouter], sizes: St.StudySizes,
                     budgets: List[int], n_random: int, n_sequences: int, seed: int,
-                    device, progress: bool, log=print) -> HoldoutResult:
-    """Every oracle, baseline, router and difficulty result on one holdout."""
+                    device, progress: bool, log=print,
+                    collect: Optional[list] = None) -> HoldoutResult:
+    """Every oracle, baseline, router and difficulty result on one holdout. ``collect``: a
+    list that receives the holdout's ``duollm.study.verdicts.VerdictInputs``."""
     shape = model_shape(model)
     L = shape["n_layers"]
     T = min(sizes.oracle_len, shape["max_seq_len"] - 1) + 1
@@ -109,6 +112,9 @@ def analyse_holdout(model, h: Holdout, routers: List[St.TrainedRouter], sizes: S
     diff = St.difficulty(ev, toks[ev_i], nb, seed,
                          kinds=None if kinds is None else kinds[ev_i])
     rmap = {name: rt[0].t().tolist() for name, rt in r_routes.items()}
+    if collect is not None:
+        collect.append(_verdict_inputs(h, sel, ev, n_random, seed, budgets, shape, r_vals,
+                                       r_routes))
     return HoldoutResult(
         name=h.name, source=h.source, n_sequences=n_sequences, seq_len=T,
         n_selection=int(sel_i.numel()), n_evaluation=int(ev_i.numel()),
@@ -121,15 +127,63 @@ def analyse_holdout(model, h: Holdout, routers: List[St.TrainedRouter], sizes: S
         routing_map=rmap, approx_gaps=gaps)
 
 
+def _verdict_inputs(h: Holdout, sel, ev, n_random: int, seed: int, budgets, shape, r_vals,
+                    r_routes):
+    from .verdicts import VerdictInputs
+
+    return VerdictInputs(h.name, sel, ev, n_random, seed, list(budgets),
+                         (shape["d_small"], shape["d_big"]), dict(r_vals), dict(r_routes))
+
+
+def verdict_inputs(model, h: Holdout, routers: List[St.TrainedRouter], sizes: St.StudySizes,
+                   budgets: List[int], n_random: int, n_sequences: int, seed: int, device,
+                   progress: bool, log=print):
+    """What the verdicts read on one holdout, without the rest of ``analyse_holdout``: the
+    pattern table split as ``analyse_holdout`` splits it and the routers on the evaluation
+    sequences (for the null model and for the seeds after the first)."""
+    shape = model_shape(model)
+    T = min(sizes.oracle_len, shape["max_seq_len"] - 1) + 1
+    toks = windows(h.val, n_sequences, T)
+    sel_i, ev_i = S.split_indices(n_sequences, seed)
+    log(f"[{h.name}] oracle table over {n_sequences}x{T - 1} positions (verdict inputs)")
+    tab = St.pattern_table(model, toks.to(device), progress)
+    r_vals, r_routes = {}, {}
+    for tr in routers:
+        _, r_vals[tr.name], r_routes[tr.name] = St.evaluate_router(
+            model, tr, toks[sel_i].to(device), toks[ev_i].to(device), sizes.n_boot, seed)
+    return _verdict_inputs(h, tab.subset(sel_i), tab.subset(ev_i), n_random, seed, budgets,
+                           shape, r_vals, r_routes)
+
+
+def resolve_study_checkpoint(path: str) -> str:
+    """``--checkpoint``: a step folder (holds ``meta.json``) as it is, or a run folder's
+    newest complete ``step_N``. ValueError when it is neither."""
+    from ..train import latest_checkpoint
+
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"checkpoint: expected a folder path, got {type(path).__name__}")
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise ValueError(f"checkpoint: {path} is not a folder")
+    if os.path.isfile(os.path.join(path, "meta.json")):
+        return path
+    step = latest_checkpoint(path)
+    if step is None:
+        raise ValueError(f"checkpoint: {path} is neither a checkpoint (no meta.json) nor a run "
+                         f"folder with a complete step_N checkpoint")
+    return step
+
+
 def run_study(preset: Optional[str] = None, data="default", steps: Optional[int] = None,
               device: str = "cpu", out: Optional[str] = None,
               budgets: Optional[Sequence[int]] = None, router_steps: Optional[int] = None,
               n_random: int = 100, oracle_batch: Optional[int] = None, seed: int = 0,
               quick: bool = False, progress: bool = True, model=None,
               synthetic_check: bool = True, hf: Optional[str] = None,
-              hf_d_small: Optional[int] = None) -> StudyResult:
-    """Run every stage on both holdouts and write ``report.md``, PNG plots and
-    ``results.json`` under ``out``; returns the ``StudyResult``.
+              hf_d_small: Optional[int] = None, null_control: bool = False,
+              seeds: int = 1, checkpoint: Optional[str] = None) -> StudyResult:
+    """Run every stage on both holdouts and write ``report.md``, PNG plots, ``results.json``
+    and ``verdicts.json`` under ``out``; returns the ``StudyResult``.
 
     Args:
       preset: model preset (default "small", "tiny" with ``quick``).
@@ -142,6 +196,12 @@ def run_study(preset: Optional[str] = None, data="default", steps: Optional[int]
       hf: a converted Hugging Face checkpoint folder (``duollm.hf.load_pretrained``);
         with ``steps`` > 0 its small FFNs are trained first (``duollm.hf.train_small``).
       hf_d_small: with ``hf`` a plain (unconverted) checkpoint: the small FFNs' width.
+      null_control: also measure every verdict on the null model (``duollm.study.null``:
+        big == small exactly; its routers trained the same way) over the same sequences.
+      seeds: models trained with seeds ``seed, seed + 1, ...``; the verdicts' intervals are
+        hierarchical bootstraps over seeds and sequences (the figures show the first seed).
+      checkpoint: a ``DuoLLM`` checkpoint to study instead of training one: a step folder, or
+        a run folder (its newest complete ``step_N``).
     """
     from .. import distributed
     from .report import write_report
@@ -163,6 +223,25 @@ def run_study(preset: Optional[str] = None, data="default", steps: Optional[int]
     steps = sizes.steps if steps is None else steps
     router_steps = sizes.router_steps if router_steps is None else router_steps
     n_seq = sizes.n_sequences if oracle_batch is None else oracle_batch
+    if not isinstance(seeds, int) or isinstance(seeds, bool) or seeds < 1:
+        raise ValueError(f"seeds: expected an int >= 1, got {seeds!r}")
+    given = [n for n, v in (("model", model), ("hf", hf), ("checkpoint", checkpoint))
+             if v is not None]
+    if len(given) > 1:
+        raise ValueError(f"{given[1]}: give one of model, hf, checkpoint, not {given}")
+    if given and seeds > 1:
+        raise ValueError(f"seeds: {seeds} seeds train {seeds} models; with {given[0]} there "
+                         f"is one model")
+    ckpt_step = None
+    if checkpoint is not None:
+        from ..checkpoint import load_checkpoint
+
+        ckpt_dir = resolve_study_checkpoint(checkpoint)
+        model, state = load_checkpoint(ckpt_dir)
+        if model.config.vocab_size < 256:
+            raise ValueError(f"checkpoint: {ckpt_dir} has a vocabulary of "
+                             f"{model.config.vocab_size}; the holdouts are byte ids (256)")
+        ckpt_step, checkpoint = state["step"], ckpt_dir
     torch.manual_seed(seed)
     timings: Dict[str, float] = {}
 
@@ -189,6 +268,9 @@ def run_study(preset: Optional[str] = None, data="default", steps: Optional[int]
             tdata = training_data(holdouts)
         model, train_val = _train_hf(model, tdata, sizes, steps, seed, device, progress, log)
         source = hf
+    elif checkpoint is not None:
+        log(f"studying the checkpoint {checkpoint} (step {ckpt_step})")
+        source, steps = f"checkpoint:{checkpoint}", int(ckpt_step)
     elif model is None:
         log(f"stage 1: random-routing training, preset {preset}, {steps} steps on "
             f"{tdata.name} (skip/small/big {St.TRAIN_PROBS})")
@@ -209,35 +291,100 @@ def run_study(preset: Optional[str] = None, data="default", steps: Optional[int]
                                progress, log)
     timings["routers_s"] = time.perf_counter() - t0
 
-    results = []
+    results, collected = [], []
     for h in holdouts:
         t0 = time.perf_counter()
         results.append(analyse_holdout(model, h, routers, sizes, budgets, n_random, n_seq,
-                                       seed, device, progress, log))
+                                       seed, device, progress, log, collect=collected))
         timings[f"{h.name}_s"] = time.perf_counter() - t0
+    real_in = {inp.holdout: [inp] for inp in collected}
+    null_in = None
+    run = dict(sizes=sizes, budgets=budgets, n_random=n_random, n_sequences=n_seq,
+               device=device, progress=progress, log=log)
+    if null_control:
+        t0 = time.perf_counter()
+        null_in = {h.name: [] for h in holdouts}
+        _add_null(model, tdata, holdouts, seq_len, router_steps, seed, null_in, run)
+        timings["null_s"] = time.perf_counter() - t0
+    if seeds > 1:
+        t0 = time.perf_counter()
+        for s_i in range(seed + 1, seed + seeds):
+            log(f"seed {s_i}: random-routing training, preset {preset}, {steps} steps")
+            m = St.train_model(preset, tdata, sizes, steps, s_i, device,
+                               progress).model.to(device).eval()
+            rs = St.train_routers(m, tdata, sizes, seq_len, router_steps, s_i, budgets,
+                                  progress, log)
+            for h in holdouts:
+                real_in[h.name].append(verdict_inputs(m, h, rs, seed=s_i, **run))
+            if null_control:
+                _add_null(m, tdata, holdouts, seq_len, router_steps, s_i, null_in, run)
+        timings["seeds_s"] = time.perf_counter() - t0
     synth = None
     if synthetic_check:
         t0 = time.perf_counter()
         log("synthetic check: the difficulty criterion on a corpus of known difficulty")
         synth = St.synthetic_check(sizes, seed, device, progress)
         timings["synthetic_s"] = time.perf_counter() - t0
+    from . import verdicts as V
+
+    records = V.judge_family(real_in, null_in, n_boot=sizes.n_boot, seed=seed,
+                             extra=[V.synthetic_record(synth)] if synth is not None else [])
     timings["total_s"] = time.perf_counter() - t_start
     # CPU seconds of this process: on a machine shared with other jobs, the wall time above
     # stretches while this stays what a quiet machine would take (one thread on the CPU).
     timings["total_cpu_s"] = time.process_time() - cpu_start
     res = StudyResult(
-        name=name, preset=preset if source == "duollm" else "hf",
+        name=name, preset=preset if source == "duollm" else (
+            "checkpoint" if source.startswith("checkpoint:") else "hf"),
         config=(model.config.to_dict() if source == "duollm" else shape),
         data=tdata.name, source=source, steps=steps, train_probs=list(St.TRAIN_PROBS),
         train_val_loss=dict(train_val), seed=seed, device=str(device), n_random=n_random,
-        holdouts=results, synthetic=synth, timings=timings)
+        holdouts=results, synthetic=synth, timings=timings,
+        verdicts=[V.record_dict(r) for r in records], null_control=bool(null_control),
+        seeds=list(range(seed, seed + seeds)))
     if dist_info.is_main:
         write_report(res, out_dir)
         with open(os.path.join(out_dir, "results.json"), "w") as f:
             json.dump(dataclasses.asdict(res), f, indent=1, default=_json_default)
+        with open(os.path.join(out_dir, "verdicts.json"), "w") as f:
+            json.dump(res.verdicts, f, indent=1, default=_json_default)
     distributed.barrier(dist_info)  # the report exists once any rank returns
     log(f"done in {timings['total_s']:.0f}s; report in {out_dir}/report.md")
     return res
+
+
+def _add_null(model, tdata, holdouts, seq_len: int, router_steps: int, seed: int,
+              null_in: Dict[str, list], run: Dict) -> None:
+    """The null control of one seed's model: its null model (big == small,
+    ``duollm.study.null``), routers trained on it as on the real one, and the verdict inputs
+    of every holdout over the same sequences."""
+    from .null import null_model
+
+    run["log"]("null control: the same pipeline on the null model (big FFN = small FFN "
+               "zero-padded)")
+    nm = null_model(model).eval()
+    rs = St.train_routers(nm, tdata, run["sizes"], seq_len, router_steps, seed,
+                          run["budgets"], run["progress"], run["log"])
+    for h in holdouts:
+        null_in[h.name].append(verdict_inputs(nm, h, rs, seed=seed, **run))
+
+
+HF_MODEL_DIR = "model"  # out/model: a study --hf --steps N run's trained model
+
+
+def default_name(preset: str, data, quick: bool, hf: Optional[str] = None) -> str:
+    """The folder name under ``runs/`` when no ``out`` is given: the model (the preset, or
+    ``hf-`` and the checkpoint's folder name), the data and ``-quick``."""
+    kind = data if data in (None, "default", "synthetic") else "data"
+    model = preset
+    if hf is not None:
+        parts = [p for p in os.path.abspath(os.fspath(hf)).split(os.sep) if p]
+        if len(parts) >= 3 and parts[-1] == HF_MODEL_DIR and parts[-2].startswith("step_"):
+            parts = parts[:-1]  # a train --hf step's model: name the run and the step
+            model = f"hf-{parts[-2]}-{parts[-1]}"
+        else:
+            model = f"hf-{parts[-1] if parts else 'model'}"
+    return f"{model}-{kind or 'default'}" + ("-quick" if quick else "")
 
 
 def _json_default(x):

@@ -325,8 +325,14 @@ def summary_text(res: StudyResult) -> str:
         lines.append(f"{h.name}: all big {_iv(h.all_big)}, all small {_iv(h.all_small)}; "
                      f"oracle-tok (k={h.headline_k}) "
                      f"{_iv(_curve(h, 'oracle').points[h.headline_k])}")
-    for fig, where, v in verdicts(res):
-        lines.append(f"Fig {fig:<5} {where:<9} {v.outcome:<14} {v.claim}: {_iv(v.interval)}")
+    if res.verdicts:
+        from .verdicts import summary_lines
+
+        lines += summary_lines(res.verdicts)
+    else:
+        for fig, where, v in verdicts(res):
+            lines.append(f"Fig {fig:<5} {where:<9} {v.outcome:<14} {v.claim}: "
+                         f"{_iv(v.interval)}")
     lines.append("time: " + ", ".join(f"{k[:-2]} {v:.0f}s" for k, v in res.timings.items()))
     return "\n".join(lines)
 
@@ -361,6 +367,8 @@ def markdown(res: StudyResult) -> str:
     out = [f"# Duo-LLM study: {res.name}", ""]
     trained = (f"trained {res.steps} steps with random routing (skip/small/big probabilities "
                f"{res.train_probs}) on `{res.data}`" if res.source == "duollm"
+               else f"the DuoLLM checkpoint `{res.source[len('checkpoint:'):]}` (step "
+                    f"{res.steps})" if res.source.startswith("checkpoint:")
                else f"converted Hugging Face checkpoint `{res.source}` ({res.steps} small-FFN "
                     f"training steps)")
     out.append(f"Model `{res.preset}`: {L} layers, d_model {cfg['d_model']}, big FFN "
@@ -392,10 +400,7 @@ def markdown(res: StudyResult) -> str:
             "the same question at the other end.",
             "- **Best fixed pattern / best of N random patterns**: one pattern for every "
             "token, chosen on the selection split, scored on the evaluation split.", ""]
-    out += ["## Verdicts", "", "| figure, holdout | claim of the paper | criterion | "
-            "estimate [95% CI] | verdict |", "|---|---|---|---|---|"]
-    for fig, where, v in verdicts(res):
-        out.append(_verdict_row(f"{fig}, {where}", v))
+    out += _verdicts_md(res)
     for h in res.holdouts:
         out += _holdout_md(res, h)
     if res.synthetic is not None:
@@ -403,6 +408,47 @@ def markdown(res: StudyResult) -> str:
     out += ["", "## Run time", "",
             ", ".join(f"{k[:-2]}: {v:.1f} s" for k, v in res.timings.items()), ""]
     return "\n".join(out)
+
+
+def _verdicts_md(res: StudyResult) -> List[str]:
+    """The verdict family (``verdicts.json``): settings, parts, null control, Holm."""
+    from .verdicts import (ALPHA, BIG_SMALL_MARGIN, SKIP_EQUIV_MARGIN, SPEARMAN_MAX,
+                           markdown_table)
+
+    if not res.verdicts:  # a result from before the verdict family
+        return (["## Verdicts", "", "| figure, holdout | claim of the paper | criterion | "
+                 "estimate [95% CI] | verdict |", "|---|---|---|---|---|"]
+                + [_verdict_row(f"{fig}, {where}", v) for fig, where, v in verdicts(res)])
+    seeds = res.seeds or [res.seed]
+    n_fam = len(res.verdicts)
+    out = ["## Verdicts", "",
+           f"The family: the {n_fam} verdicts below (every claim on every holdout, and the "
+           f"synthetic check), Holm-corrected together at {ALPHA}. "
+           f"{len(seeds)} training seed(s) {seeds}"
+           + ("; every interval is a hierarchical bootstrap (seeds, then sequences within "
+              "each seed)" if len(seeds) > 1 else
+              "; intervals cover sequences only (one seed: seed-to-seed variation is not in "
+              "them)") + ". A verdict **holds** / **does not hold** when every part's 95% "
+           "interval excludes zero on the claimed / other side and its Holm p is below "
+           f"{ALPHA}; **not resolved** otherwise; **not testable** when its precondition "
+           "fails (the measured reason follows). Constants fixed in code before any data: "
+           f"2d's equivalence margin {SKIP_EQUIV_MARGIN}, 5/6's Spearman bound "
+           f"{SPEARMAN_MAX}, the all-small minus all-big margin {BIG_SMALL_MARGIN} nats that a "
+           f"claim needing big != small requires.", ""]
+    if res.null_control:
+        out += ["**Null control** (`--null-control`): every verdict is also measured on the "
+                "null model (`duollm.study.null.null_model`: each big FFN replaced by the "
+                "small FFN zero-padded to d_big, so big == small exactly; its routers trained "
+                "like the real model's) over the same sequences. *null model* is its "
+                "estimate, *real minus null* the interval of the difference, paired over "
+                "sequences. A claim that needs big != small and holds on the real model but "
+                "whose difference does not exclude zero on the claimed side is **not "
+                "distinguishable from selection**. In the null model every big/small pattern "
+                "ties, so for claims about big/small patterns its estimate is zero (no "
+                "selection among ties); selection among skip patterns remains.", ""]
+    else:
+        out += ["No null control in this run (`--null-control` adds it).", ""]
+    return out + markdown_table(res.verdicts, res.null_control)
 
 
 def _holdout_md(res: StudyResult, h: HoldoutResult) -> List[str]:
@@ -495,15 +541,22 @@ def _by_kind_table(by_kind: Optional[Dict[str, Dict[str, float]]]) -> List[str]:
 def _synthetic_md(res: StudyResult) -> List[str]:
     s = res.synthetic
     d = s.difficulty
+    from .verdicts import fmt
+
+    known = "memory" if s.task == "memory" else "copy/compute"
+    corpus = ("a key -> value table: value letters follow only from the table stored in the "
+              "weights, so their answer lives in the FFN; noise letters cannot be predicted"
+              if s.task == "memory" else
+              "noise spans cannot be predicted; copied spans and running sums can")
     out = ["", "## The difficulty criterion on the synthetic corpus (known answer)", "",
            f"![synthetic]({SYNTHETIC_PLOT})", "",
-           f"A `{s.preset}` model trained {s.steps} steps on the synthetic corpus (noise "
-           f"spans cannot be predicted; copied spans and running sums can). Noise minus "
-           f"copy/compute small-model loss {_iv(s.noise_minus_rest_loss)}; copy/compute minus "
-           f"noise gain {_iv(s.rest_minus_noise_gain)}; rank overlap {_iv(d.overlap)}, "
-           f"high-loss-low-gain share {_iv(d.high_loss_low_gain)}. Verdict: "
-           f"**{s.verdict.outcome}**. For reference, a uniform guess costs log 26 = 3.258 nats "
-           f"per letter and log 10 = 2.303 per digit: a copy or compute loss near those means "
-           f"the model has not learned that kind, and then the known structure the check looks "
-           f"for is not there to find."]
+           f"A `{s.preset}` model trained {s.steps} steps on the synthetic corpus ({corpus}); "
+           f"{s.setting}; every number on its {s.n_sequences} evaluation sequences. "
+           f"Precondition (does the model learn it?): {known} tokens' loss with every layer "
+           f"big {fmt(s.precondition, zero=False)} nats, against log(26)/2 = 1.629 (a "
+           f"uniform guess is log 26 = 3.258). Noise minus {known} small-model loss "
+           f"{fmt(s.noise_minus_rest_loss)}; {known} minus noise gain "
+           f"{fmt(s.rest_minus_noise_gain)}; rank overlap {_iv(d.overlap)}, Spearman "
+           f"{_iv(d.spearman)}. Verdict: **{s.verdict.outcome}**"
+           + (f" ({s.reason})" if s.reason else "") + "."]
     return out + _by_kind_table(d.by_kind)

@@ -166,9 +166,15 @@ class SyntheticCheck:
     preset: str
     steps: int
     difficulty: DifficultyResult
-    noise_minus_rest_loss: Interval  # loss(all small): noise minus copy/compute
-    rest_minus_noise_gain: Interval  # gain: copy/compute minus noise
+    noise_minus_rest_loss: Interval  # loss(all small): noise minus the known kind
+    rest_minus_noise_gain: Interval  # gain: the known kind (memory, or copy/compute) minus noise
     verdict: Verdict
+    task: str = "copy"  # "memory" (key -> value table) or "copy" (copy spans, running sums)
+    precondition: Optional[Interval] = None  # the known tokens' loss with every layer big
+    parts: List = field(default_factory=list)  # (name, Interval, p) of each part
+    setting: str = ""
+    reason: str = ""  # why "not testable", with the measured numbers
+    n_sequences: int = 0  # evaluation sequences the numbers come from
 
 
 @dataclass
@@ -189,3 +195,9 @@ class StudyResult:
     holdouts: List[HoldoutResult]
     synthetic: Optional[SyntheticCheck]
     timings: Dict[str, float]
+    # the verdict family (duollm.study.verdicts.record_dict per verdict, Holm-corrected):
+    # what verdicts.json holds and the report's verdict table shows
+    verdicts: List[Dict] = field(default_factory=list)
+    null_control: bool = False  # every verdict also measured on the null model
+    seeds: List[int] = field(default_factory=list)  # training seeds of the verdicts'
+    # hierarchical bootstrap (the figures show the first)

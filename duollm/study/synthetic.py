@@ -95,3 +95,71 @@ def make_synthetic_data(n_tokens: int = 300_000, seed: int = 0, val_fraction: fl
     if return_labels:
         return data, SyntheticLabels(kinds_N[:-n_val], kinds_N[-n_val:])
     return data
+
+
+# --------------------------------------------------------------------------- memory task
+
+# Kinds of the key -> value memory corpus (``make_memory_data``); STRUCTURE and NOISE as above.
+MEMORY, KEY = 4, 5
+KIND_NAMES.update({MEMORY: "memory", KEY: "key"})
+
+
+def memory_table(n_keys: int, seed: int = 0, key_len: int = 3, value_len: int = 3):
+    """``n_keys`` distinct random letter keys, each with a random letter value: a list of
+    (key ids, value ids), a pure function of the arguments."""
+    if not isinstance(n_keys, int) or not 1 <= n_keys <= 26 ** key_len:
+        raise ValueError(f"n_keys: expected an int in 1..{26 ** key_len}, got {n_keys!r}")
+    gen = torch.Generator().manual_seed(seed)
+    keys = torch.randperm(26 ** key_len, generator=gen)[:n_keys].tolist()
+    table = []
+    for k in keys:
+        key = [_LETTERS[(k // 26 ** i) % 26] for i in range(key_len)]
+        value = [_LETTERS[i] for i in torch.randint(0, 26, (value_len,), generator=gen).tolist()]
+        table.append((key, value))
+    return table
+
+
+def make_memory_data(n_tokens: int = 200_000, n_keys: int = 512, seed: int = 0,
+                     val_fraction: float = 0.1, noise_share: float = 0.4,
+                     return_labels: bool = False):
+    """A byte corpus whose answer lives in the FFN: a memorised key -> value table.
+
+    Lines are ``k KEY : VALUE \\n`` (no spaces; KEY and VALUE 3 random letters, the pair drawn
+    from a fixed table of ``n_keys`` entries) or, with probability ``noise_share``, ``~`` and
+    3..8 random letters (``NOISE``). A value's letters (``MEMORY``) follow from nothing in the
+    context, only from the table the model stored in its weights: copying (attention's job)
+    cannot produce them. A table large enough for the big FFNs and too large for the small
+    ones makes memory tokens the ones that gain from compute. Key letters are ``KEY``,
+    ``k``, ``:`` and line ends ``STRUCTURE``. The validation split draws from the same table.
+
+    Returns ``TokenData`` or ``(TokenData, SyntheticLabels)`` like ``make_synthetic_data``.
+    """
+    if not isinstance(n_tokens, int) or n_tokens < 4:
+        raise ValueError(f"n_tokens: expected an int >= 4, got {n_tokens!r}")
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction: expected a float in (0, 1), got {val_fraction!r}")
+    if not 0 <= noise_share < 1:
+        raise ValueError(f"noise_share: expected a float in [0, 1), got {noise_share!r}")
+    table = memory_table(n_keys, seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    toks, kinds = [], []
+    while len(toks) < n_tokens:
+        if float(torch.rand((), generator=gen)) < noise_share:
+            n = 3 + int(torch.randint(0, 6, (), generator=gen))
+            toks += [ord("~")] + [_LETTERS[i] for i in
+                                  torch.randint(0, 26, (n,), generator=gen).tolist()]
+            kinds += [STRUCTURE] + [NOISE] * n
+        else:
+            key, value = table[int(torch.randint(0, n_keys, (), generator=gen))]
+            toks += [ord("k")] + key + [ord(":")] + value
+            kinds += [STRUCTURE] + [KEY] * len(key) + [STRUCTURE] + [MEMORY] * len(value)
+        toks.append(ord("\n"))
+        kinds.append(STRUCTURE)
+    toks_N = torch.tensor(toks[:n_tokens], dtype=torch.int64)
+    kinds_N = torch.tensor(kinds[:n_tokens], dtype=torch.int64)
+    n_val = max(2, int(n_tokens * val_fraction))
+    data = TokenData(toks_N[:-n_val], toks_N[-n_val:], 256,
+                     f"memory(n_keys={n_keys}, seed={seed})")
+    if return_labels:
+        return data, SyntheticLabels(kinds_N[:-n_val], kinds_N[-n_val:])
+    return data

@@ -180,16 +180,24 @@ def hboot(stat: Callable[..., float], groups: Sequence[Sequence[torch.Tensor]],
     seed, resampled together). Each resample draws the seeds with replacement (when there is
     more than one), then each drawn seed's sequences with replacement. Returns the interval
     and the two-sided bootstrap p-value of "the statistic is zero" (below 0.05 exactly when
-    the 95% interval excludes zero, up to the +1 of the p-value's count)."""
+    the 95% interval excludes zero, for a normal bootstrap distribution)."""
     est, b, n0 = _samples(stat, groups, n_boot, seed)
     if b.numel() == 0 or math.isnan(est):
         return S.Interval(est, math.nan, math.nan, n0, level), math.nan
     a = (1 - level) / 2
     lo, hi = torch.quantile(b, torch.tensor([a, 1 - a], dtype=torch.float64)).tolist()
-    m = b.numel()
-    p = min(1.0, 2 * min((int((b <= 0).sum()) + 1) / (m + 1),
-                         (int((b >= 0).sum()) + 1) / (m + 1)))
-    return S.Interval(est, lo, hi, n0, level), p
+    return S.Interval(est, lo, hi, n0, level), _normal_p(est, b)
+
+
+def _normal_p(est: float, b: torch.Tensor, shift: float = 0.0) -> float:
+    """Two-sided p of "the statistic is ``shift``" from the bootstrap standard error (normal
+    approximation): unlike counting resamples beyond zero it has no floor at 1/n_boot, which
+    Holm across a family of twenty needs."""
+    sd = float(b.std()) if b.numel() > 1 else math.nan
+    d = abs(est - shift)
+    if math.isnan(sd) or sd == 0:
+        return 1.0 if d == 0 or math.isnan(sd) else 0.0
+    return math.erfc(d / sd / math.sqrt(2))
 
 
 def equivalence_p(stat, groups, margin: float, n_boot: int, seed: int) -> float:
@@ -197,12 +205,15 @@ def equivalence_p(stat, groups, margin: float, n_boot: int, seed: int) -> float:
     each doubled like ``hboot``'s p so that p < 0.05 matches the 95% interval inside the
     margin."""
     est, b, _ = _samples(stat, groups, n_boot, seed)
-    if b.numel() == 0:
+    if b.numel() < 2 or math.isnan(est):
         return math.nan
-    m = b.numel()
-    hi = (int((b >= margin).sum()) + 1) / (m + 1)
-    lo = (int((b <= -margin).sum()) + 1) / (m + 1)
-    return min(1.0, 2 * max(hi, lo))
+
+    def one_sided(shift, above):  # p of "at least shift" (above) or "at most shift"
+        p2 = _normal_p(est, b, shift)
+        inside = est < shift if above else est > shift
+        return p2 / 2 if inside else 1 - p2 / 2
+
+    return min(1.0, 2 * max(one_sided(margin, True), one_sided(-margin, False)))
 
 
 def holm(pvalues: Sequence[float]) -> List[float]:
@@ -232,7 +243,7 @@ def part_outcome(iv: S.Interval, expect: int, margin: float) -> str:
     return S.UNRESOLVED if s == 0 else (S.HOLDS if s == expect else S.FAILS)
 
 
-def fmt(iv: Optional[S.Interval], nd: int = 3) -> str:
+def fmt(iv: Optional[S.Interval], nd: int = 3, zero: bool = True) -> str:
     """``estimate [low, high]`` with enough decimals that no nonzero bound rounds to zero (at
     least two significant digits of the smallest nonzero number), and "excludes 0" spelled
     out when the interval does."""
@@ -244,7 +255,7 @@ def fmt(iv: Optional[S.Interval], nd: int = 3) -> str:
         d = max(nd, min(10, max(1 - math.floor(math.log10(abs(x))) for x in xs)))
     if math.isnan(iv.low):
         return "n/a" if math.isnan(iv.estimate) else f"{iv.estimate:.{d}f}"
-    tag = " (excludes 0)" if iv.sign() != 0 else ""
+    tag = " (excludes 0)" if zero and iv.sign() != 0 else ""
     return f"{iv.estimate:.{d}f} [{iv.low:.{d}f}, {iv.high:.{d}f}]{tag}"
 
 
@@ -345,8 +356,9 @@ def _precondition_big(inp: VerdictInputs) -> None:
     d = all_route(inp.ev, SMALL) - all_route(inp.ev, BIG)
     iv, _ = hboot(_mean, [(d,)], n_boot=400, seed=inp.seed)
     if not iv.low > BIG_SMALL_MARGIN:
-        raise NotTestable(f"all small minus all big is {fmt(iv)} nats on the evaluation "
-                          f"split: the big FFN is not measurably better than the small one")
+        raise NotTestable(f"all small minus all big is {fmt(iv, zero=False)} nats on the "
+                          f"evaluation split: the big FFN is not measurably better than the "
+                          f"small one")
 
 
 def _spearman(a, b):
@@ -640,12 +652,29 @@ def apply_holm(records: List[VerdictRecord], alpha: float = ALPHA) -> List[Verdi
 
 def judge_family(real: Dict[str, List[VerdictInputs]],
                  null: Optional[Dict[str, List[VerdictInputs]]] = None, n_boot: int = 1000,
-                 seed: int = 0, specs: Sequence[Spec] = SPECS) -> List[VerdictRecord]:
-    """Every spec on every holdout (``real[holdout]``: one input per seed), Holm-corrected
-    across all of them."""
+                 seed: int = 0, specs: Sequence[Spec] = SPECS,
+                 extra: Sequence[VerdictRecord] = ()) -> List[VerdictRecord]:
+    """Every spec on every holdout (``real[holdout]``: one input per seed), and the ``extra``
+    records (the synthetic check), Holm-corrected across all of them: the family."""
     recs = [judge_one(s, real[h], None if null is None else null[h], n_boot, seed)
             for h in real for s in specs]
-    return apply_holm(recs)
+    return apply_holm(recs + list(extra))
+
+
+def synthetic_record(check) -> VerdictRecord:
+    """The synthetic check (``stages.synthetic_check``'s ``SyntheticCheck``) as a record of
+    the family: its parts, its precondition, its p."""
+    parts = [PartResult(name, 1, 0.0, iv, p, part_outcome(iv, 1, 0.0))
+             for name, iv, p in check.parts]
+    rec = VerdictRecord("synthetic", "5/6", "synthetic", check.verdict.claim,
+                        check.verdict.criterion, check.setting, "none (our control)",
+                        "a corpus whose answer is known", True, 1, check.n_sequences, parts,
+                        None, None, check.verdict.outcome, check.reason)
+    if rec.verdict == S.HOLDS:
+        rec.p = max(p.p for p in parts)
+    elif rec.verdict == S.FAILS:
+        rec.p = min(p.p for p in parts if p.outcome == S.FAILS)
+    return rec
 
 
 def record_dict(r: VerdictRecord) -> Dict:
@@ -675,25 +704,47 @@ def _num(x):
     return None if x is None or (isinstance(x, float) and math.isnan(x)) else x
 
 
-def markdown_table(records: List[VerdictRecord], null: bool) -> List[str]:
-    """The report's verdict table: one row per part (the verdict on its first row)."""
+def _iv_of(d: Optional[Dict]) -> Optional[S.Interval]:
+    if d is None:
+        return None
+    f = [math.nan if d[k] is None else d[k] for k in ("estimate", "low", "high")]
+    return S.Interval(f[0], f[1], f[2], d["n"], d["level"])
+
+
+def markdown_table(entries: List[Dict], null: bool) -> List[str]:
+    """The report's verdict table from ``verdicts.json`` entries: one row per part (the
+    verdict, its setting and its Holm p on the part's first row)."""
     head = ("| figure, holdout | claim | setting: paper / ours (why) | part | estimate [95% CI]"
             + (" | null model | real minus null" if null else "") + " | Holm p | verdict |")
     out = [head, "|" + "---|" * (head.count("|") - 1)]
-    for r in records:
-        setting = f"{r.setting_paper} / {r.setting_ours}" + (f" ({r.setting_why})"
-                                                             if r.setting_why else "")
-        ph = "-" if r.p_holm is None else f"{r.p_holm:.3g}"
-        verdict = f"**{r.verdict}**" + (f": {r.reason}" if r.reason else "")
-        if not r.parts:
-            out.append(f"| {r.figure}, {r.holdout} | {r.claim} | {setting} | - | - "
+    for r in entries:
+        st = r["setting"]
+        setting = f"{st['paper']} / {st['ours']}" + (f" ({st['why']})" if st["why"] else "")
+        ph = "-" if r["p_holm"] is None else f"{r['p_holm']:.3g}"
+        verdict = f"**{r['verdict']}**" + (f": {r['reason']}" if r["reason"] else "")
+        where = f"{r['figure']}, {r['holdout']}"
+        if not r["parts"]:
+            out.append(f"| {where} | {r['claim']} | {setting} | - | - "
                        + ("| - | - " if null else "") + f"| {ph} | {verdict} |")
             continue
-        for i, p in enumerate(r.parts):
+        for i, p in enumerate(r["parts"]):
             first = i == 0
             out.append(
-                f"| {r.figure + ', ' + r.holdout if first else ''} | {r.claim if first else ''}"
-                f" | {setting if first else ''} | {p.name} | {fmt(p.interval)}"
-                + (f" | {fmt(p.null)} | {fmt(p.vs_null)}" if null else "")
-                + f" | {ph if first else ''} | {verdict if first else p.outcome} |")
+                f"| {where if first else ''} | {r['claim'] if first else ''} | "
+                f"{setting if first else ''} | {p['name']} | {fmt(_iv_of(p['interval']))}"
+                + (f" | {fmt(_iv_of(p['null']))} | {fmt(_iv_of(p['vs_null']))}" if null else "")
+                + f" | {ph if first else ''} | {verdict if first else p['outcome']} |")
+    return out
+
+
+def summary_lines(entries: List[Dict]) -> List[str]:
+    """One line per verdict (``duollm study``'s printout)."""
+    out = []
+    for r in entries:
+        iv = _iv_of(r["parts"][0]["interval"]) if r["parts"] else None
+        extra = ""
+        if r["parts"] and r["parts"][0]["vs_null"] is not None:
+            extra = f"; minus null {fmt(_iv_of(r['parts'][0]['vs_null']))}"
+        out.append(f"Fig {r['figure']:<5} {r['holdout']:<9} {r['verdict']:<14} {r['claim']}: "
+                   f"{fmt(iv)}{extra}" + (f" ({r['reason']})" if r["reason"] else ""))
     return out
