@@ -7,7 +7,9 @@ documented import path.
 from __future__ import annotations
 
 import os
-from typing import Dict, Optional
+import threading
+import weakref
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -41,7 +43,6 @@ def check_tensor(name: str, t, dtypes=FLOAT_DTYPES) -> None:
 _MODES = {"1": "eager", "": "eager", "device": "device", "sync": "sync", "0": "off"}
 _mode_cache = ("1", "eager")
 ROUTE_ERROR, TOKEN_ERROR = 1, 2  # bits of the device-side error flag
-_flags: Dict[torch.device, torch.Tensor] = {}
 
 
 def env(name: str, default: str) -> str:
@@ -92,55 +93,174 @@ def host_reads(device: torch.device) -> bool:
     return mode == "sync" or device.type == "cpu"
 
 
-def _flag(device: torch.device) -> Optional[torch.Tensor]:
-    """The int32 error flag of ``device`` (a 0-d tensor on it), created on first use."""
-    f = _flags.get(device)
-    if f is None:
-        if cannot_sync():  # no allocation inside a capture or a traced graph
+def device_key(device) -> torch.device:
+    """``device`` (a ``torch.device``, a string such as ``"cpu:0"``, or a CUDA index) as the
+    key its error flag is stored under: the device tensors report (``cpu`` has no index; a
+    CUDA device without one is the current device)."""
+    if isinstance(device, torch.device):
+        dev = device
+    elif isinstance(device, (str, int)) and not isinstance(device, bool):
+        try:
+            dev = torch.device(device)
+        except RuntimeError as e:
+            raise ValueError(f"device: {device!r} is not a device ({e})") from None
+    else:
+        raise TypeError(f"device: expected a torch.device, a string or an int, got "
+                        f"{type(device).__name__}")
+    if dev.type == "cpu":
+        return torch.device("cpu")  # CPU tensors report "cpu"; "cpu:0" is the same device
+    if dev.type == "cuda" and dev.index is None:  # tensors carry an index
+        return torch.device("cuda", torch.cuda.current_device())
+    return dev
+
+
+_LOCK = threading.Lock()  # creation of flags, and CPU read-modify-writes of them
+_OWNERS: "weakref.WeakSet[RouteErrors]" = weakref.WeakSet()
+
+
+class RouteErrors:
+    """The device-side error flags of one owner: an int32 0-d tensor per device whose bits
+    (``ROUTE_ERROR``, ``TOKEN_ERROR``) record out-of-range routes and token ids seen there
+    without a host synchronisation (the "device" check mode, docs/ops.md).
+
+    Each ``DuoLLM`` and each converted Hugging Face model owns one (``model.route_errors``),
+    shared by its layers, so one model's bad input never makes another model's ``generate``
+    raise; ``duollm.ops`` calls outside a model (and a standalone ``DuoFFN``) share
+    ``DEFAULT_ERRORS``. ``source`` names the owner in the error message.
+
+    A flag is an ordinary tensor even when first made under ``torch.inference_mode`` (a later
+    check or backward outside it can update it); creation is locked, so two threads racing
+    on a fresh flag share one; CPU updates are locked too (GPU updates are stream-ordered, and
+    the Triton kernels set their bit with an atomic OR). Pickling or deep-copying an owner
+    (a model saved whole, ``copy.deepcopy``) gives a fresh, clear one.
+    """
+
+    def __init__(self, source: str):
+        if not isinstance(source, str):
+            raise TypeError(f"source: expected a str, got {type(source).__name__}")
+        self.source = source
+        self.flags: Dict[torch.device, torch.Tensor] = {}
+        _OWNERS.add(self)
+
+    def __repr__(self) -> str:
+        return f"RouteErrors({self.source!r})"
+
+    def __getstate__(self):
+        return {"source": self.source}
+
+    def __setstate__(self, state):
+        self.__init__(state["source"])
+
+    def flag(self, device: torch.device) -> Optional[torch.Tensor]:
+        """The flag of ``device`` (a tensor's ``.device``), created on first use; None inside
+        a CUDA-graph capture that finds none (nothing is allocated into a graph)."""
+        f = self.flags.get(device)
+        if f is not None:
+            return f
+        if torch.compiler.is_compiling():  # dynamo traces the creation and the dict store
+            f = self.flags[device] = torch.zeros((), dtype=torch.int32, device=device)
+            return f
+        if cannot_sync():  # a capture: no allocation into the graph's pool
             return None
-        f = _flags[device] = torch.zeros((), dtype=torch.int32, device=device)
-    return f
+        with _LOCK:
+            f = self.flags.get(device)
+            if f is None:
+                # never an inference tensor: a check or a forward outside inference_mode
+                # later updates it in place
+                with torch.inference_mode(False), torch.no_grad():
+                    f = torch.zeros((), dtype=torch.int32, device=device)
+                self.flags[device] = f
+        return f
+
+    def record(self, bad: torch.Tensor, bit: int) -> None:
+        """OR ``bit`` into the flag of ``bad``'s device where any element of the bool tensor
+        ``bad`` is set; no host synchronisation."""
+        f = self.flag(bad.device)
+        if f is None:
+            return
+        hit = bad.any().to(torch.int32) * bit
+        if f.device.type == "cpu" and not torch.compiler.is_compiling():
+            with _LOCK:  # a CPU read-modify-write: two threads must not interleave
+                f.bitwise_or_(hit)
+        else:
+            f.bitwise_or_(hit)
+
+    def check(self, device=None) -> None:
+        """Raise ``ValueError`` if this owner's flag of ``device`` (default: every device)
+        is set, and clear it; reads one int per flag (a host synchronisation)."""
+        problems = self._collect(None if device is None else device_key(device))
+        if problems:
+            raise ValueError(_message(problems))
+
+    def _collect(self, device: Optional[torch.device]) -> List[Tuple[str, torch.device, int]]:
+        devices = [device] if device is not None else list(self.flags)
+        found = []
+        for dev in devices:
+            f = self.flags.get(dev)
+            if f is None:
+                continue
+            with _LOCK:
+                bits = int(f.item())
+                if bits:
+                    with torch.inference_mode(False), torch.no_grad():
+                        f.zero_()
+            if bits:
+                found.append((self.source, dev, bits))
+        return found
 
 
-def _record(bad: torch.Tensor, bit: int) -> None:
-    """OR ``bit`` into the device's flag where any element of the bool tensor ``bad`` is set;
-    no host synchronisation (the flag stays on the device)."""
-    if torch.compiler.is_compiling():
-        return  # the values are still sanitised; a compiled graph keeps no side flag
-    f = _flag(bad.device)
-    if f is not None:
-        f.bitwise_or_(bad.any().to(torch.int32) * bit)
+def _message(problems: List[Tuple[str, torch.device, int]]) -> str:
+    parts = []
+    for source, dev, bits in problems:
+        what = []
+        if bits & ROUTE_ERROR:
+            what.append("routes: a route outside the layer's paths (those tokens skipped "
+                        "the layer: their output is the residual)")
+        if bits & TOKEN_ERROR:
+            what.append("tokens: an id outside [0, vocab_size) (read as id 0)")
+        parts.append(f"found on {dev} in {source} since the last check: " + "; ".join(what))
+    return ("; and ".join(parts) + ". Set DUOLLM_CHECK_ROUTES=sync to raise at the call that "
+            "passed it.")
+
+
+DEFAULT_ERRORS = RouteErrors("duollm.ops calls outside a model")
+_flags = DEFAULT_ERRORS.flags  # the shared per-device flags (tests clear them)
+
+
+def errors_of(errors: Optional[RouteErrors]) -> RouteErrors:
+    """``errors``, or the shared ``DEFAULT_ERRORS`` for None."""
+    return DEFAULT_ERRORS if errors is None else errors
+
+
+def _flag(device: torch.device) -> Optional[torch.Tensor]:
+    """The shared (``DEFAULT_ERRORS``) flag of ``device``."""
+    return DEFAULT_ERRORS.flag(device)
+
+
+def _record(bad: torch.Tensor, bit: int, errors: Optional[RouteErrors] = None) -> None:
+    """OR ``bit`` into the flag of ``errors`` (default: the shared one) where ``bad`` has a
+    set element; no host synchronisation (the flag stays on the device)."""
+    errors_of(errors).record(bad, bit)
 
 
 def check_errors(device=None) -> None:
     """Raise ``ValueError`` if a route or token out of range was seen on the device since the
     last check (the flag of the "device" check mode), and clear the flag.
 
-    Reads one int per device: a host synchronisation, so call it at a point where the stream
-    may wait (after a generation, a training step's ``loss.item()``...). ``device``: only that
-    device's flag (default: every device's).
+    Checks every owner's flags (each model's and the shared one of calls outside a model) and
+    names where each error came from. Reads one int per flag: a host synchronisation, so call
+    it at a point where the stream may wait (after a generation, a training step's
+    ``loss.item()``...). ``device``: only that device's flags (default: every device's);
+    ``"cpu:0"`` and ``torch.device("cpu", 0)`` mean the CPU. ``model.route_errors.check()``
+    checks one model's flags only.
     """
-    if device is not None:
-        device = torch.device(device)
-        if device.type == "cuda" and device.index is None:  # tensors carry an index
-            device = torch.device("cuda", torch.cuda.current_device())
-    devices = [device] if device is not None else list(_flags)
-    for dev in devices:
-        f = _flags.get(dev)
-        if f is None:
-            continue
-        bits = int(f.item())
-        if bits:
-            f.zero_()
-            what = []
-            if bits & ROUTE_ERROR:
-                what.append("routes: a route outside the layer's paths (those tokens skipped "
-                            "the layer: their output is the residual)")
-            if bits & TOKEN_ERROR:
-                what.append("tokens: an id outside [0, vocab_size) (read as id 0)")
-            raise ValueError(f"found on {dev} since the last check: " + "; ".join(what)
-                             + ". Set DUOLLM_CHECK_ROUTES=sync to raise at the call that "
-                               "passed it.")
+    dev = None if device is None else device_key(device)
+    owners = [DEFAULT_ERRORS] + [o for o in list(_OWNERS) if o is not DEFAULT_ERRORS]
+    problems = []
+    for owner in owners:
+        problems += owner._collect(dev)
+    if problems:
+        raise ValueError(_message(problems))
 
 
 def raise_range(name: str, lo_ok: int, hi_ok: int, lo: int, hi: int, what: str) -> None:
@@ -168,15 +288,15 @@ def host_range_check(t: torch.Tensor, lo_ok: int, hi_ok: int, name: str,
 HOST_VALUES_MAX = 16
 
 
-def sanitize_values(t: torch.Tensor, lo_ok: int, hi_ok: int, fill: int, bit: int
-                    ) -> torch.Tensor:
-    """``t`` with values outside ``[lo_ok, hi_ok)`` replaced by ``fill``, the device's error
-    flag set if any was; on the device, no host synchronisation."""
+def sanitize_values(t: torch.Tensor, lo_ok: int, hi_ok: int, fill: int, bit: int,
+                    errors: Optional[RouteErrors] = None) -> torch.Tensor:
+    """``t`` with values outside ``[lo_ok, hi_ok)`` replaced by ``fill``, the error flag of
+    ``errors`` (default: the shared one) set if any was; no host synchronisation."""
     if lo_ok == 0:
         bad = (t < 0) | (t >= hi_ok)
     else:
         bad = (t < lo_ok) | (t >= hi_ok)
-    _record(bad, bit)
+    errors_of(errors).record(bad, bit)
     return torch.where(bad, torch.full((), fill, dtype=t.dtype, device=t.device), t)
 
 
@@ -201,6 +321,6 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def flag_exists(device: torch.device) -> bool:
-    """Whether ``device`` has an error flag yet (one was recorded or allocated there)."""
-    return device in _flags
+def flag_exists(device, errors: Optional[RouteErrors] = None) -> bool:
+    """Whether ``device`` has an error flag of ``errors`` (default: the shared one) yet."""
+    return device_key(device) in errors_of(errors).flags

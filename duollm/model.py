@@ -189,6 +189,12 @@ class DuoLLM(nn.Module):
             "rope", rope_tables(config.head_dim, config.max_seq_len, config.rope_theta),
             persistent=False)
         self.apply(self._init_weights)
+        # This model's error flags (docs/ops.md): its layers' bad routes and its bad token ids
+        # are recorded here, and generate raises only for those, never another model's.
+        self.route_errors = ops.RouteErrors(
+            f"DuoLLM at {id(self):#x} (n_layers={config.n_layers}, d_model={config.d_model})")
+        for block in self.layers:
+            block.ffn.route_errors = self.route_errors
         # GPT-2 style: shrink the projections that write into the residual stream.
         for name, p in self.named_parameters():
             if name.endswith(("o_proj.weight", "down_proj.weight")):
@@ -274,7 +280,8 @@ class DuoLLM(nn.Module):
             return tokens
         if ops.check_mode() == "off":
             return tokens
-        return ops.sanitize_values(tokens, 0, V, 0, ops.TOKEN_ERROR)
+        return ops.sanitize_values(tokens, 0, V, 0, ops.TOKEN_ERROR,
+                                   getattr(self, "route_errors", None))
 
     def _int_routes(self, routes) -> Optional[List[int]]:
         """A policy name (but ``"random"``) or a list of ints as one int route per layer, so
@@ -351,9 +358,19 @@ class DuoLLM(nn.Module):
                               backend=backend)[:, -1].float()  # (B, V)
                 out = torch.cat([out, self._sample(logits, temperature, top_k, generator)],
                                 dim=1)
-        if ops.flag_exists(tokens.device):  # the one read of the device's error flag
-            ops.check_errors(tokens.device)
+        # the one read of this model's error flag (another model's errors stay with it)
+        self.check_errors(tokens.device)
         return out
+
+    def check_errors(self, device=None) -> None:
+        """Raise ``ValueError`` if this model saw a route or token id out of range on
+        ``device`` (default: every device) since the last check without raising at once
+        (the "device" check mode: a GPU, ``torch.compile``, a CUDA graph; docs/ops.md), and
+        clear its flag. Other models' errors are theirs; ``duollm.ops.check_errors()``
+        checks every model's. Reads one int per device (a host synchronisation)."""
+        errors = getattr(self, "route_errors", None)  # None: unpickled from an older version
+        if errors is not None:
+            errors.check(device)
 
     @staticmethod
     def _sample(logits: torch.Tensor, temperature: float, top_k: Optional[int],

@@ -63,6 +63,10 @@ class DuoFFN(nn.Module):
     """
 
     num_paths = 3
+    # Whose error flags record this layer's out-of-range routes (``duollm.checks.RouteErrors``):
+    # None, the shared ones of ``duollm.ops``, for a standalone layer; ``DuoLLM`` sets its own
+    # on each of its layers, so ``model.route_errors.check()`` reports that model's only.
+    route_errors = None
 
     def __init__(self, d_model: int, d_big: int, d_small: int, skip: bool = True):
         super().__init__()
@@ -98,7 +102,8 @@ class DuoFFN(nn.Module):
         params = self._params()
         self._check_call(params, x, routes, residual, gate)
         return ops.run_duo_ffn(x, routes, params, residual, gate, backend,
-                               min_route=SKIP if self.skip else SMALL)
+                               min_route=SKIP if self.skip else SMALL,
+                               errors=self.route_errors)
 
     # Validation names the caller's arguments and compares them with the layer (docs/style.md).
     # What depends only on the layer's weights is checked once and cached: until the layer is

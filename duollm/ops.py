@@ -30,9 +30,10 @@ from typing import Callable, Dict, Iterator, Optional, Sequence, Tuple
 import torch
 
 from .checks import (  # noqa: F401  (re-exported: duollm.ops is the documented path)
-    FLOAT_DTYPES, HOST_VALUES_MAX, INT_DTYPES, ROUTE_ERROR, TOKEN_ERROR, cannot_sync,
-    check_errors, check_mode, check_routes, check_tensor, env, flag_exists, host_range_check,
-    host_reads, raise_range, route_checks_enabled, sanitize_values, triton_interpreting)
+    DEFAULT_ERRORS, FLOAT_DTYPES, HOST_VALUES_MAX, INT_DTYPES, ROUTE_ERROR, TOKEN_ERROR,
+    RouteErrors, cannot_sync, check_errors, check_mode, check_routes, check_tensor,
+    device_key, env, errors_of, flag_exists, host_range_check, host_reads, raise_range,
+    route_checks_enabled, sanitize_values, triton_interpreting)
 from .reference import FFNWeights, RouteGroups
 
 OPS = ("group_tokens", "gather", "scatter_combine", "swiglu_ffn", "duo_ffn")
@@ -306,9 +307,26 @@ def group_tokens(routes: torch.Tensor, num_paths: int, *,
     Args:
       routes: (...) integer path index per token, in ``[0, num_paths)``.
       num_paths: P.
+
+    Route values are checked as ``check_mode`` says. Where they are not read (the "device"
+    mode, ``DUOLLM_CHECK_ROUTES=0``, a trace or capture) an out-of-range route is grouped
+    after every path (it counts in no path: ``perm[offsets[P]:]``), its ``groups.routes``
+    entry is ``P``, and ``scatter_combine`` gives it the residual; the device's error flag
+    records it (not in mode 0), for ``check_errors``.
     """
     check_routes(routes, num_paths)
-    return resolve("group_tokens", routes.device, backend)(routes.reshape(-1), num_paths)
+    fn = resolve("group_tokens", routes.device, backend)
+    r_N = routes.reshape(-1)
+    if not r_N.numel() or routes.device.type == "meta" or host_reads(routes.device):
+        return fn(r_N, num_paths)
+    bad = (r_N < 0) | (r_N >= num_paths)
+    if route_checks_enabled():
+        errors_of(None).record(bad, ROUTE_ERROR)
+    # one more bucket, P, after all paths: every backend sorts it last, memory-safe
+    g = fn(torch.where(bad, torch.full((), num_paths, dtype=r_N.dtype, device=r_N.device),
+                       r_N), num_paths + 1)
+    return RouteGroups(g.perm, g.inv, g.counts[:num_paths], g.offsets[:num_paths + 1],
+                       g.routes)
 
 
 def gather(x: torch.Tensor, groups: RouteGroups, norm_weight: Optional[torch.Tensor] = None,
@@ -343,6 +361,10 @@ def scatter_combine(y: torch.Tensor, groups: RouteGroups,
     for p in skip_paths:
         if not 0 <= p < groups.num_paths:
             raise ValueError(f"skip_paths: {p} is not a path index in [0, {groups.num_paths})")
+    # A token group_tokens could not check (its route became P) skips too: the residual.
+    # (Path indices are bits of an int64 mask in the triton backend: at most 62 paths here.)
+    if groups.num_paths < 63:
+        skip_paths = skip_paths + (groups.num_paths,)
     return resolve("scatter_combine", y.device, backend)(y, groups, residual, gate, skip_paths)
 
 
@@ -402,7 +424,8 @@ def _is_int_route(routes) -> bool:
 
 def run_duo_ffn(x: torch.Tensor, routes, params: Tuple[Optional[FFNWeights], ...],
                 residual: Optional[torch.Tensor] = None, gate: Optional[torch.Tensor] = None,
-                backend: Optional[str] = None, min_route: int = 0) -> torch.Tensor:
+                backend: Optional[str] = None, min_route: int = 0,
+                errors: Optional[RouteErrors] = None) -> torch.Tensor:
     """``duo_ffn`` after validation: the lean hot path that modules call once they have
     checked shapes, dtypes and devices (``DuoFFN`` does, naming its caller's arguments).
 
@@ -410,6 +433,10 @@ def run_duo_ffn(x: torch.Tensor, routes, params: Tuple[Optional[FFNWeights], ...
     out of range too (``DuoFFN(skip=False)`` passes 1). Nothing here reads a value back to
     the host except on the CPU in the default mode, where that is free. An int ``routes``
     sends every token down that path without any routes tensor (policies, patterns).
+    ``errors``: whose flags record out-of-range routes (a model's ``RouteErrors``; None: the
+    shared ones). A backend whose kernels set the flag themselves (``FLAGS_ROUTES``: the
+    triton backend, one masked atomic store) gets the flag and the raw routes; the others
+    get the routes sanitised here (bad ones sent to a skip path, the flag set by torch ops).
     """
     P = len(params)
     d = x.shape[-1]
@@ -452,10 +479,28 @@ def run_duo_ffn(x: torch.Tensor, routes, params: Tuple[Optional[FFNWeights], ...
                 not cannot_sync():
             host_range_check(r_N, min_route, P, "routes")
         else:
+            fn = resolve("duo_ffn", device, backend)
+            if torch.compiler.is_compiling():
+                kflag = getattr(sys.modules.get(fn.__module__), "FLAGS_ROUTES", False)
+            else:
+                kflag = _kernel_flags.get(fn)
+            if kflag is None:
+                kflag = _kernel_flags[fn] = bool(getattr(sys.modules.get(fn.__module__),
+                                                         "FLAGS_ROUTES", False))
+            # routes below min_route must still land on a skip path in the kernels
+            f = (errors_of(errors).flag(device) if kflag and
+                 all(params[p] is None for p in range(min_route)) else None)
+            if f is not None:
+                if flat:
+                    return fn(x, r_N, params, residual, gate, flag=f, min_route=min_route)
+                return fn(x.reshape(-1, d), r_N, params,
+                          None if residual is None else residual.reshape(-1, d),
+                          None if gate is None else gate.reshape(-1), flag=f,
+                          min_route=min_route).reshape(x.shape)
             skip = next((p for p, w in enumerate(params) if w is None), None)
             if skip is None:  # no skip path: bad tokens go to an extra one
                 params, skip = params + (None,), P
-            r_N = sanitize_values(r_N, min_route, P, skip, ROUTE_ERROR)
+            r_N = sanitize_values(r_N, min_route, P, skip, ROUTE_ERROR, errors)
     fn = resolve("duo_ffn", device, backend)
     if flat:
         return fn(x, r_N, params, residual, gate)
@@ -467,6 +512,7 @@ def run_duo_ffn(x: torch.Tensor, routes, params: Tuple[Optional[FFNWeights], ...
 
 _one_path_impl: Dict[Callable, Callable] = {}
 _host_impl: Dict[Callable, Callable] = {}
+_kernel_flags: Dict[Callable, bool] = {}  # duo_ffn implementation -> sets the flag itself
 
 
 def _one_path(x: torch.Tensor, weights: Optional[FFNWeights], residual, gate,

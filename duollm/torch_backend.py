@@ -216,6 +216,11 @@ class _Plan:
     ``perm`` (N,) lists the token ids grouped, skip paths first, and ``inv`` (N,) is its
     inverse; ``rows = perm[n_skip:]`` (R,) are the routed tokens and ``skip_rows`` the others;
     ``segments`` holds, per computed path, its index and the slice ``[a, b)`` of ``rows``.
+
+    A route outside ``[0, P)`` (only possible when nothing checked the values:
+    ``DUOLLM_CHECK_ROUTES=0``) counts as a skip: its token is grouped before every path and
+    gets the residual. So the cost never depends on the route values (a route of 2**40 is not
+    a 2**40-bin count) and no output row is left unwritten.
     """
 
     __slots__ = ("perm", "inv", "n_skip", "rows", "skip_rows", "segments")
@@ -226,15 +231,17 @@ class _Plan:
         computed = [p for p in range(P) if params[p] is not None]
         routes_N = routes.reshape(-1).to(torch.int64)
         order = skip_paths + computed  # skip paths first, so routed rows are one suffix
+        valid = (routes_N >= 0) & (routes_N < P)
         if order == list(range(P)):
-            key = routes_N
+            key = torch.where(valid, routes_N + 1, 0)  # key 0: out of range, before all
         else:
             rank = torch.empty(P, dtype=torch.int64)
-            rank[torch.tensor(order)] = torch.arange(P)
-            key = rank.to(routes_N.device)[routes_N]
+            rank[torch.tensor(order)] = torch.arange(1, P + 1)
+            key = torch.where(valid, rank.to(routes_N.device)[routes_N.clamp(0, P - 1)], 0)
         perm = torch.sort(key, stable=True).indices  # (N,)
-        counts = torch.bincount(key, minlength=P).tolist()  # host sync on a GPU (docstring)
-        n_skip = sum(counts[:len(skip_paths)])
+        # P + 1 bins whatever the values; a host sync on a GPU (docstring)
+        counts = torch.bincount(key, minlength=P + 1).tolist()[1:]
+        n_skip = perm.numel() - sum(counts[len(skip_paths):])
         inv = torch.empty_like(perm).scatter_(0, perm, torch.arange(perm.numel(),
                                                                      device=perm.device))
         self.perm, self.inv, self.n_skip = perm, inv, n_skip
@@ -426,7 +433,8 @@ def duo_ffn_host(x: torch.Tensor, vals: List[int], params: Sequence[Optional[FFN
 def _duo_host_small(x, vals: List[int], params, residual, gate) -> torch.Tensor:
     """The layer for a few tokens whose routes are known on the host (decode on the CPU)."""
     first = vals[0]
-    if len(vals) == 1 or all(v == first for v in vals):  # one path for all: no indexing
+    if (len(vals) == 1 or all(v == first for v in vals)) and 0 <= first < len(params):
+        # one path for all: no indexing (a route matching no path is a skip, below)
         w = params[first]
         if w is None:
             return x.new_zeros(x.shape) if residual is None else residual.clone()

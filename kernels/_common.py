@@ -220,6 +220,17 @@ def token_rows(perm_ptr, start, i, mask, ROUTED: tl.constexpr):
     return tok.to(tl.int64)
 
 
+@triton.jit
+def flag_routes(flag_ptr, r, mask, LO, P):
+    """OR ``ROUTE_ERROR`` (1) into the int32 error flag at ``flag_ptr`` if any route of
+    ``r`` (where ``mask``) lies outside ``[LO, P)``: one masked atomic per program, nothing
+    written when every route is good (``duollm.checks.RouteErrors``; the kernels already send
+    such tokens to a skip path, this only records them)."""
+    bad = mask & ((r < LO) | (r >= P))
+    n_bad = tl.sum(bad.to(tl.int32), axis=0)
+    tl.atomic_or(flag_ptr, 1, mask=n_bad > 0)
+
+
 # --------------------------------------------------------------------------- slot tables
 
 

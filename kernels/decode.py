@@ -39,8 +39,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (MAX_SLOTS, Slot, acc_dtypes, int32_guard, interpreting, next_pow2,
-                      num_sms, pad4, pick, precision, routes_widths, slot_of)
+from ._common import (MAX_SLOTS, Slot, acc_dtypes, flag_routes, int32_guard, interpreting,
+                      next_pow2, num_sms, pad4, pick, precision, routes_widths, slot_of)
 from .configs import gemm_config
 
 DECODE_MAX_N = 64
@@ -109,7 +109,10 @@ def _decode_gateup_kernel(
     KS0, KS1, KS2, KS3,  # K splits of each slot (1: no split, h written at once)
     KC0, KC1, KC2, KC3,  # K (= d) columns per split, a multiple of BK
     G0, G1, G2, G3,  # first split-tile counter of each slot
+    flag_ptr,    # () int32 error flag (HAS_FLAG): program 0 sets bit 1 for a route
+    LO, P,       # outside [LO, P) (P: the layer's paths)
     NSLOT: tl.constexpr,
+    HAS_FLAG: tl.constexpr,
     BM: tl.constexpr,  # weight rows per tile (wide side of the MMA)
     BN: tl.constexpr,  # token tile: next_pow2(N), at least 16 (narrow side)
     BK: tl.constexpr,
@@ -118,6 +121,8 @@ def _decode_gateup_kernel(
     pid = tl.program_id(0)
     A1, A2, A3, total, r, tmask = _active_prefix(routes_ptr, N, R0, R1, R2, R3,
                                                  C0, C1, C2, C3, NSLOT, BN)
+    if HAS_FLAG:  # the routes are in registers already: one masked atomic, program 0 only
+        flag_routes(flag_ptr, r, tmask & (pid == 0), LO, P)
     tt = tl.arange(0, BN)
     ks = tl.arange(0, BK)
     tile_off = tl.arange(0, BM)[:, None] * BN + tt[None, :]  # (BM, BN) offsets in a partial
@@ -358,13 +363,16 @@ def _plan(N: int, d: int, widths: Tuple[int, ...], dtype: torch.dtype, dev: torc
 
 
 def duo_ffn_decode(x: torch.Tensor, routes: torch.Tensor, slots: Sequence[Slot],
-                   residual: Optional[torch.Tensor], gate: Optional[torch.Tensor]
-                   ) -> torch.Tensor:
+                   residual: Optional[torch.Tensor], gate: Optional[torch.Tensor],
+                   flag: Optional[torch.Tensor] = None, lo: int = 0,
+                   num_paths: Optional[int] = None) -> torch.Tensor:
     """The routed layer for N <= DECODE_MAX_N tokens: two launches, no grouping.
 
     x (N, d) contiguous; routes (N,) any integer dtype (values matching no routed slot, skip
     paths and out-of-range ones alike, get the residual); slots: the routed paths
-    (``decode_ok``); residual (N, d) or None; gate (N,) or None. Returns (N, d)."""
+    (``decode_ok``); residual (N, d) or None; gate (N,) or None; flag: an int32 0-d error
+    flag whose bit 1 is set if a route lies outside ``[lo, num_paths)`` (``num_paths``
+    default: one past the last slot's route), or None. Returns (N, d)."""
     N, d = x.shape
     dev, dtype = x.device, x.dtype
     routed = [s for s in slots if s.width > 0]
@@ -386,7 +394,9 @@ def duo_ffn_decode(x: torch.Tensor, routes: torch.Tensor, slots: Sequence[Slot],
     _decode_gateup_kernel[(grid_g,)](
         x, routes, h, gpart, gcnt, *ptrs, N, d, h.stride(0), ks_max, *routes_t, *widths,
         *pad4(items, 0), *pad4([k for k, _ in gk], 1), *pad4([c for _, c in gk], 0),
-        *pad4(g_first, 0), BM=cg.BM, BN=BN, BK=cg.BK, num_warps=cg.num_warps,
+        *pad4(g_first, 0), flag if flag is not None else cnt, lo,
+        num_paths if num_paths is not None else max(s.route for s in slots) + 1,
+        HAS_FLAG=flag is not None, BM=cg.BM, BN=BN, BK=cg.BK, num_warps=cg.num_warps,
         num_stages=cg.num_stages, **common)
 
     wd = [s.w_down for s in routed]

@@ -67,6 +67,11 @@ def _env_mode() -> int:
 
 
 ENV_MODE = _env_mode()  # the switches, read once
+# ``duollm.ops.run_duo_ffn`` hands this backend the error flag and the raw routes: the kernels
+# that read the routes anyway (the grouping, or decode's gate/up) set the flag's route bit
+# with one masked atomic OR where a route lies outside [min_route, P), instead of the ~9 torch
+# launches of a sanitising step before the layer.
+FLAGS_ROUTES = True
 
 
 def parse_mode(mode: Union[None, str, int]) -> int:
@@ -111,10 +116,13 @@ def _slots(weights: Sequence[torch.Tensor], widths: Sequence[int]) -> List[Slot]
 
 def duo_ffn_fwd(x: torch.Tensor, routes: torch.Tensor, weights: Sequence[torch.Tensor],
                 widths: Sequence[int], residual: Optional[torch.Tensor],
-                gate: Optional[torch.Tensor], mode: int = DEFAULT) -> torch.Tensor:
+                gate: Optional[torch.Tensor], mode: int = DEFAULT,
+                flag: Optional[torch.Tensor] = None, min_route: int = 0) -> torch.Tensor:
     """Forward launcher. x (N, d); routes (N,); weights: the routed paths' (w_gate, w_up,
     w_down) flattened in route order; widths (P,) with -1 for skip paths; residual (N, d) or
-    None; gate (N,) or None; mode: path bits (``parse_mode``). Returns (N, d) in x's dtype."""
+    None; gate (N,) or None; mode: path bits (``parse_mode``); flag: an int32 0-d tensor
+    whose ``ROUTE_ERROR`` bit is set where a route lies outside ``[min_route, P)`` (or None).
+    Returns (N, d) in x's dtype."""
     x = x.contiguous()
     N, d = x.shape
     if N == 0 or d == 0:
@@ -125,11 +133,13 @@ def duo_ffn_fwd(x: torch.Tensor, routes: torch.Tensor, weights: Sequence[torch.T
     residual = residual.contiguous() if residual is not None else None
     gate = gate.contiguous() if gate is not None else None
     if mode & DECODE and decode_ok(N, slots):
-        return duo_ffn_decode(x, routes, slots, residual, gate)
+        return duo_ffn_decode(x, routes, slots, residual, gate, flag=flag, lo=min_route,
+                              num_paths=P)
     persistent = bool(mode & PERSISTENT)
     bad, _ = _layout(tuple(max(w, 0) for w in widths))
     perm, _, _, offsets, _ = group_tokens_fwd(routes, P, bad_bucket=bad, write_inv=False,
-                                              write_routes=False, one_launch=persistent)
+                                              write_routes=False, one_launch=persistent,
+                                              flag=flag, lo=min_route)
     routed = [s for s in slots if s.width > 0]
     if routed:
         h = torch.empty((N, max(s.width for s in routed)), dtype=x.dtype, device=x.device)
@@ -184,6 +194,22 @@ def _(x, routes, weights, widths, residual, gate, mode):
     return x.new_empty(x.shape)
 
 
+# The same forward with the error flag: an op that mutates an input cannot carry an autograd
+# formula, so with gradients it runs inside ``_FlaggedFn`` (backward: ``duo_ffn_bwd``).
+@custom_op("duo_ffn_fwd_flagged", mutates_args=("flag",))
+def _duo_ffn_flagged_op(x: torch.Tensor, routes: torch.Tensor, weights: List[torch.Tensor],
+                        widths: List[int], residual: Optional[torch.Tensor],
+                        gate: Optional[torch.Tensor], path_mode: int, flag: torch.Tensor,
+                        min_route: int) -> torch.Tensor:
+    # not "mode": torch's functionalisation of a mutating op passes a keyword of that name
+    return duo_ffn_fwd(x, routes, weights, widths, residual, gate, path_mode, flag, min_route)
+
+
+@_duo_ffn_flagged_op.register_fake
+def _(x, routes, weights, widths, residual, gate, path_mode, flag, min_route):
+    return x.new_empty(x.shape)
+
+
 @custom_op("duo_ffn_bwd")
 def _duo_ffn_bwd_op(dy: torch.Tensor, x: torch.Tensor, routes: torch.Tensor,
                     weights: List[torch.Tensor], widths: List[int],
@@ -222,8 +248,25 @@ def _backward(ctx, dy):
 _duo_ffn_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _FlaggedFn(torch.autograd.Function):
+    """``_duo_ffn_flagged_op`` with gradients: the backward of ``_duo_ffn_op``."""
+
+    @staticmethod
+    def forward(ctx, x, routes, residual, gate, flag, widths, mode, min_route, *weights):
+        out = _duo_ffn_flagged_op(x, routes, list(weights), widths, residual, gate, mode,
+                                  flag, min_route)
+        _setup_context(ctx, (x, routes, list(weights), widths, residual, gate, mode), out)
+        return out
+
+    @staticmethod
+    def backward(ctx, dy):
+        dx, _, dws, _, dres, dgate, _ = _backward(ctx, dy)
+        return (dx, None, dres, dgate, None, None, None, None, *dws)
+
+
 def duo_ffn(x: torch.Tensor, routes: torch.Tensor, params, residual=None, gate=None,
-            mode: Union[None, str, int] = None):
+            mode: Union[None, str, int] = None, flag: Optional[torch.Tensor] = None,
+            min_route: int = 0):
     """The routed layer (Triton); same contract as ``duollm.reference.duo_ffn``.
 
     Args:
@@ -231,9 +274,20 @@ def duo_ffn(x: torch.Tensor, routes: torch.Tensor, params, residual=None, gate=N
       params: P entries, ``(w_gate (W_p, d), w_up (W_p, d), w_down (d, W_p))`` or None (skip).
       residual: (N, d) or None.  gate: (N,) or None.
       mode: which forward path (``parse_mode``; None: the environment's switches).
+      flag: None, or an int32 0-d tensor on x's device (a ``duollm.checks.RouteErrors``
+        flag): the kernel that reads the routes ORs ``ROUTE_ERROR`` (1) into it where a route
+        lies outside ``[min_route, P)``; routes below ``min_route`` must name skip paths.
     Returns: (N, d), differentiable in x, every weight, residual and gate. Registered as
     ``torch.ops.duollm.duo_ffn_fwd`` (backward ``duollm::duo_ffn_bwd``).
     """
+    if flag is not None and (not isinstance(flag, torch.Tensor) or flag.dtype != torch.int32
+                             or flag.dim() != 0 or flag.device != x.device):
+        raise ValueError(f"flag: expected an int32 0-d tensor on {x.device}, got "
+                         f"{flag.dtype if isinstance(flag, torch.Tensor) else type(flag)}")
+    if not isinstance(min_route, int) or not 0 <= min_route <= len(params) or \
+            any(params[p] is not None for p in range(min_route)):
+        raise ValueError(f"min_route: expected an int in [0, {len(params)}] below which "
+                         f"every path is a skip path, got {min_route!r}")
     weights: List[torch.Tensor] = []
     widths: List[int] = []
     for p in params:
@@ -242,4 +296,11 @@ def duo_ffn(x: torch.Tensor, routes: torch.Tensor, params, residual=None, gate=N
         else:
             widths.append(int(p[0].shape[0]))
             weights.extend(p)
-    return _duo_ffn_op(x, routes, weights, widths, residual, gate, parse_mode(mode))
+    if flag is None:
+        return _duo_ffn_op(x, routes, weights, widths, residual, gate, parse_mode(mode))
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                       for t in (x, residual, gate, *weights)):
+        return _FlaggedFn.apply(x, routes, residual, gate, flag, widths, parse_mode(mode),
+                                min_route, *weights)
+    return _duo_ffn_flagged_op(x, routes, weights, widths, residual, gate, parse_mode(mode),
+                               flag, min_route)

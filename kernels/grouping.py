@@ -34,7 +34,7 @@ import triton.language as tl
 
 from duollm.reference import RouteGroups
 
-from ._common import custom_op, interpreting, next_pow2
+from ._common import custom_op, flag_routes, interpreting, next_pow2
 
 MAX_PATHS = 63  # paths are also encoded as bits of an int64 skip mask (see permute.py)
 ONE_LAUNCH_BLOCKS = 16  # one_launch: at most this many programs, each reading all N routes
@@ -115,20 +115,25 @@ def _group_scatter_kernel(
     perm_ptr,  # (N,) int64 out: token id at each slot
     inv_ptr,  # (N,) int64 out (WRITE_INV): slot of each token
     routes64_ptr,  # (N,) int64 out (WRITE_ROUTES): the routes, widened
+    flag_ptr,  # () int32 error flag (HAS_FLAG): bit 1 set if a route is outside [LO, P)
     N,
     P,
     BAD,  # bucket of out-of-range routes
+    LO,  # lowest valid route (HAS_FLAG)
     num_blocks,
     BLOCK_N: tl.constexpr,
     P_PAD: tl.constexpr,
     MODE: tl.constexpr,  # 0: one block; 1: after hist + scan; 2: each program scans itself
     WRITE_INV: tl.constexpr,
     WRITE_ROUTES: tl.constexpr,
+    HAS_FLAG: tl.constexpr,
 ):
     pid = tl.program_id(0)
     offs = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = offs < N
     r = tl.load(routes_ptr + offs, mask=mask, other=0)
+    if HAS_FLAG:
+        flag_routes(flag_ptr, r, mask, LO, P)
     if WRITE_ROUTES:
         tl.store(routes64_ptr + offs, r.to(tl.int64), mask=mask)
     cols = tl.arange(0, P_PAD)
@@ -185,7 +190,8 @@ def _group_config(n: int, num_paths: int, block_n: Optional[int] = None):
 
 def group_tokens_fwd(routes: torch.Tensor, num_paths: int, block_n: Optional[int] = None,
                      bad_bucket: Optional[int] = None, write_inv: bool = True,
-                     write_routes: bool = True, one_launch: bool = False
+                     write_routes: bool = True, one_launch: bool = False,
+                     flag: Optional[torch.Tensor] = None, lo: int = 0
                      ) -> Tuple[torch.Tensor, ...]:
     """Launch the grouping kernels.
 
@@ -202,6 +208,8 @@ def group_tokens_fwd(routes: torch.Tensor, num_paths: int, block_n: Optional[int
         the routed layer reads neither).
       one_launch: group any N (up to ``ONE_LAUNCH_BLOCKS`` blocks) in one launch, each
         program scanning all routes itself, instead of three launches.
+      flag: an int32 0-d tensor (a ``duollm.checks.RouteErrors`` flag) whose bit 1 the
+        scatter pass sets where a route lies outside ``[lo, num_paths)``, or None.
     Returns: (perm, inv, counts, offsets, routes_N), all int64, as in ``RouteGroups``.
     """
     if not 1 <= num_paths <= MAX_PATHS:
@@ -229,20 +237,24 @@ def group_tokens_fwd(routes: torch.Tensor, num_paths: int, block_n: Optional[int
         return perm, inv, counts, offsets, routes_N
     cfg = _group_config(n, num_paths, block_n)
     nb, p_pad, warps = cfg["num_blocks"], cfg["P_PAD"], cfg["num_warps"]
-    flags = dict(P_PAD=p_pad, WRITE_INV=write_inv, WRITE_ROUTES=write_routes)
+    flags = dict(P_PAD=p_pad, WRITE_INV=write_inv, WRITE_ROUTES=write_routes,
+                 HAS_FLAG=flag is not None)
+    fl = flag if flag is not None else offsets  # any live tensor when there is no flag
     if one_launch:
         # the single-block tile size (or the caller's): few programs, each scanning all N
         bn = block_n or max(16, (1 << 14) // p_pad)
         nb1 = triton.cdiv(n, bn)
         if 1 < nb1 <= ONE_LAUNCH_BLOCKS:
             _group_scatter_kernel[(nb1,)](routes, offsets, offsets, counts, perm, inv,
-                                          routes_N, n, num_paths, bad, nb1, BLOCK_N=bn, MODE=2,
+                                          routes_N, fl, n, num_paths, bad, lo, nb1, BLOCK_N=bn,
+                                          MODE=2,
                                           num_warps=max(4, min(16, bn * p_pad // 1024)),
                                           **flags)
             return perm, inv, counts, offsets, routes_N
     if nb == 1:
         _group_scatter_kernel[(1,)](routes, offsets, offsets, counts, perm, inv, routes_N,
-                                    n, num_paths, bad, 1, BLOCK_N=cfg["BLOCK_N"], MODE=0,
+                                    fl, n, num_paths, bad, lo, 1, BLOCK_N=cfg["BLOCK_N"],
+                                    MODE=0,
                                     num_warps=warps, **flags)
         return perm, inv, counts, offsets, routes_N
     hist = torch.empty((nb, p_pad), dtype=torch.int32, device=dev)
@@ -251,8 +263,8 @@ def group_tokens_fwd(routes: torch.Tensor, num_paths: int, block_n: Optional[int
                               P_PAD=p_pad, num_warps=warps)
     _group_scan_kernel[(1,)](hist, base, counts, offsets, nb, num_paths,
                              BLOCK_B=cfg["BLOCK_B"], P_PAD=p_pad, num_warps=4)
-    _group_scatter_kernel[(nb,)](routes, base, offsets, counts, perm, inv, routes_N, n,
-                                 num_paths, bad, nb, BLOCK_N=cfg["BLOCK_N"], MODE=1,
+    _group_scatter_kernel[(nb,)](routes, base, offsets, counts, perm, inv, routes_N, fl, n,
+                                 num_paths, bad, lo, nb, BLOCK_N=cfg["BLOCK_N"], MODE=1,
                                  num_warps=warps, **flags)
     return perm, inv, counts, offsets, routes_N
 

@@ -58,17 +58,18 @@ def variants():
     dec, fwd, grp, bwd = _mod("decode"), _mod("ffn_gemm"), _mod("grouping"), _mod("ffn_gemm_bwd")
     i64 = {"routes_ptr": "*i64", "perm_ptr": "*i64", "offsets_ptr": "*i64"}
     group_ptrs = dict(routes_ptr="*i64", base_ptr="*i64", offsets_ptr="*i64",
-                      counts_ptr="*i64", perm_ptr="*i64", inv_ptr="*i64", routes64_ptr="*i64")
+                      counts_ptr="*i64", perm_ptr="*i64", inv_ptr="*i64", routes64_ptr="*i64",
+                      flag_ptr="*i32")  # the route-error flag: GPU default ("device" mode)
     return [
         # decode at N = 1 (N, the small path's route 1 and its single split all constants)
         ("decode_gateup_n1", lambda: compile_kernel(
-            dec._decode_gateup_kernel, dict(N=1, R0=1, KS1=1, NSLOT=2, BM=32, BN=16, BK=128,
-                                            **MMA),
-            dict(i64, part_ptr="*fp32", cnt_ptr="*i32"), num_stages=4)),
+            dec._decode_gateup_kernel, dict(N=1, R0=1, KS1=1, NSLOT=2, HAS_FLAG=True, BM=32,
+                                            BN=16, BK=128, **MMA),
+            dict(i64, part_ptr="*fp32", cnt_ptr="*i32", flag_ptr="*i32"), num_stages=4)),
         ("decode_gateup_no_split", lambda: compile_kernel(
-            dec._decode_gateup_kernel, dict(KS0=1, KS_max=1, NSLOT=1, BM=32, BN=64, BK=128,
-                                            **MMA),
-            dict(i64, part_ptr="*fp32", cnt_ptr="*i32"), num_stages=4)),
+            dec._decode_gateup_kernel, dict(KS0=1, KS_max=1, NSLOT=1, HAS_FLAG=False, BM=32,
+                                            BN=64, BK=128, **MMA),
+            dict(i64, part_ptr="*fp32", cnt_ptr="*i32", flag_ptr="*i32"), num_stages=4)),
         ("decode_down_n1", lambda: compile_kernel(
             dec._decode_down_kernel, dict(N=1, R0=1, S0=1, NSLOT=2, HAS_RES=True,
                                           HAS_GATE=True, BM=64, BN=16, BK=128, **MMA),
@@ -103,10 +104,12 @@ def variants():
             dict(i64, p1_ptr="*fp32", p2_ptr="*fp32"), 8, 3)),
         ("group_one_launch", lambda: compile_kernel(
             grp._group_scatter_kernel, dict(BLOCK_N=4096, P_PAD=4, MODE=2, WRITE_INV=False,
-                                            WRITE_ROUTES=False), group_ptrs, 16, 1)),
+                                            WRITE_ROUTES=False, HAS_FLAG=True), group_ptrs, 16,
+            1)),
         ("group_scatter_single_block_n1", lambda: compile_kernel(
             grp._group_scatter_kernel, dict(N=1, BLOCK_N=16, P_PAD=4, MODE=0, WRITE_INV=True,
-                                            WRITE_ROUTES=True), group_ptrs, 2, 1)),
+                                            WRITE_ROUTES=True, HAS_FLAG=True), group_ptrs, 2,
+            1)),
     ]
 
 

@@ -47,6 +47,11 @@ class HFDuoSpec:
     d_model: int
     d_big: int
 
+    def __post_init__(self):
+        # The converted model's error flags (docs/hf.md): its routed layers record bad routes
+        # here; the ``routing`` block raises from them when it exits.
+        self.route_errors = ops.RouteErrors("a converted Hugging Face model")
+
     def to_dict(self) -> Dict:
         return {"d_small": self.d_small, "skip": self.skip, "probs": list(self.probs),
                 "init": self.init, "n_layers": self.n_layers, "d_model": self.d_model,
@@ -92,6 +97,11 @@ class HFDuoFFN(DuoFFN):
         self.big, self.small = big, small
         self.layer_idx = layer_idx
         self.spec = spec
+
+    @property
+    def route_errors(self):
+        """The converted model's error flags (``HFDuoSpec.route_errors``)."""
+        return self.spec.route_errors
 
     def forward(self, x: torch.Tensor, routes: Optional[torch.Tensor] = None,
                 residual: Optional[torch.Tensor] = None, gate: Optional[torch.Tensor] = None,
@@ -246,11 +256,17 @@ def routing(model, routes: Routes, *, backend: Optional[str] = None,
         raise TypeError(f"generator: expected a torch.Generator, got "
                         f"{type(generator).__name__}")
     plan = _build_plan(spec, use_saved_router(model, routes), backend, generator)
+    errors = spec.route_errors
+    errors.source = f"{type(model).__name__} at {id(model):#x} (converted)"
     token = _ACTIVE.set({**(_ACTIVE.get() or {}), spec: plan})
     try:
         yield model
     finally:
         _ACTIVE.reset(token)
+    # Only after a block that ended normally (an exception in flight is never masked): bad
+    # routes the device recorded without a sync (GPU; DUOLLM_CHECK_ROUTES=device) raise here.
+    # One read per device flag of this model; none at all where none was ever made.
+    errors.check()
 
 
 def active_routes(model) -> Optional[Routes]:
