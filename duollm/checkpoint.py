@@ -266,10 +266,14 @@ def load_into(path: str, model: torch.nn.Module,
 def load_checkpoint(path: str, device="cpu") -> Tuple[torch.nn.Module, Dict]:
     """Build the ``DuoLLM`` stored at ``path`` on ``device`` and load its weights.
 
+    ``path``: a checkpoint (``step_N``) folder, or the run folder of ``duollm train --out``:
+    its newest complete step (``duollm.runs``).
     Returns: ``(model, state)`` with ``state`` as from ``load_into`` (``config`` a DuoConfig).
     """
     from .model import DuoLLM
+    from .runs import resolve_model_folder
 
+    path = resolve_model_folder(path, META)
     meta = read_meta(path)
     if meta["config"] is None:
         raise ValueError(f"path: the checkpoint at {path!r} holds no DuoConfig; use "

@@ -15,6 +15,7 @@ import dataclasses
 import importlib.util
 import json
 import os
+import sys
 from typing import Optional
 
 from duollm.usage import (UsageError, add_threads_arg, apply_thread_rule, check_data_file,
@@ -105,6 +106,74 @@ def check_d_small(option: str, d_small, ckpt: Checkpoint) -> int:
         raise UsageError(option, f"expected a width below the MLP width {ckpt.d_big} of "
                                  f"{ckpt.path}, got {d_small}")
     return d_small
+
+
+def check_convertible(option: str, path: str, d_small: int) -> None:
+    """UsageError naming ``option`` when ``duollm.hf.convert`` would refuse the plain checkpoint
+    at ``path`` (GPT-2, a biased or fused MLP, a non-SiLU activation, MoE, ...).
+
+    The model is built from its ``config.json`` on the meta device (no weights are read, no
+    memory is used) and converted there, so the refusal comes before any work or file.
+    """
+    import torch
+    import transformers
+
+    from duollm import hf
+
+    try:
+        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+        with torch.device("meta"):
+            skeleton = transformers.AutoModelForCausalLM.from_config(config)
+        hf.convert(skeleton, d_small, init="empty")
+    except (TypeError, ValueError, KeyError, OSError) as e:
+        text = " ".join(str(e).split())
+        raise UsageError(option, f"{path} cannot be converted: {text}") from None
+
+
+def check_out_not_in(option: str, out: str, source: str, what: str) -> None:
+    """UsageError when the output folder ``out`` is ``source`` or inside it: a writer would
+    put its files into the folder it reads (``what`` says which)."""
+    out_path, src = os.path.realpath(out), os.path.realpath(source)
+    if out_path == src or out_path.startswith(src.rstrip(os.sep) + os.sep):
+        raise UsageError(option, f"{out} is {'' if out_path == src else 'inside '}{what} "
+                                 f"({source}); pick a folder outside it")
+
+
+def _json_file(path: str) -> dict:
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+# config.json fields a train --hf checkpoint must share with the model it resumes with
+RESUME_FIELDS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
+                 "vocab_size")
+
+
+def check_hf_resumable(checkpoint: str, ckpt: Checkpoint, d_small: Optional[int]) -> None:
+    """UsageError naming ``--resume`` when the ``train --hf`` checkpoint (``step_N``) holds
+    another model than ``--hf`` (with ``--d-small``) builds: loading it would fail on a raw
+    size mismatch after the model is loaded."""
+    model_dir = os.path.join(checkpoint, "model")  # duollm.hf.train.MODEL_DIR
+    saved_spec = _json_file(os.path.join(model_dir, SPEC_FILE))
+    saved_config = _json_file(os.path.join(model_dir, "config.json"))
+    if not saved_spec or not saved_config:
+        raise UsageError("--resume", f"{checkpoint} is not a train --hf checkpoint (no "
+                                     f"model/{SPEC_FILE} and config.json); pick another --out")
+    wanted = d_small if d_small is not None else _json_file(
+        os.path.join(ckpt.path, SPEC_FILE)).get("d_small")
+    differ = []
+    if saved_spec.get("d_small") != wanted:
+        differ.append(f"d_small {saved_spec.get('d_small')} there, {wanted} here")
+    differ += [f"{k} {saved_config.get(k)} there, {ckpt.config.get(k)} here"
+               for k in RESUME_FIELDS if saved_config.get(k) != ckpt.config.get(k)]
+    if differ:
+        raise UsageError("--resume", f"{checkpoint} holds a different model "
+                                     f"({', '.join(differ[:3])});\n  use that run's --hf and "
+                                     f"--d-small, or another --out")
 
 
 def load_tokenizer(option: str, ckpt: Checkpoint):
@@ -264,6 +333,7 @@ def _check_convert(args: argparse.Namespace):
     if os.path.abspath(args.out_dir) == os.path.abspath(ckpt.path):
         raise UsageError("--out", "must differ from PATH")
     require_transformers("PATH")
+    check_convertible("PATH", ckpt.path, d_small)
     return ckpt, d_small, n_calib, device
 
 
@@ -357,7 +427,10 @@ def plan_train_hf(args: argparse.Namespace) -> HFTrainPlan:
     from duollm.train_cli import settle_resume, train_config
     from duollm.usage import check_float
 
-    ckpt = check_checkpoint("--hf", args.hf)
+    from duollm.runs import resolve_model_folder
+
+    # A train --hf run (or step) folder stands for its newest complete step's model.
+    ckpt = check_checkpoint("--hf", resolve_model_folder(args.hf, "config.json", "model"))
     if ckpt.converted:
         if args.d_small is not None:
             raise UsageError("--d-small", f"{ckpt.path} is already converted (its small FFNs "
@@ -381,7 +454,12 @@ def plan_train_hf(args: argparse.Namespace) -> HFTrainPlan:
     check_float("--val-fraction", args.val_fraction, low=0.0, high=1.0, low_open=True,
                 high_open=True)
     cfg = train_config(args, check_device("--device", args.device))  # --fsdp refused above
+    if not cfg.out_dir:
+        raise UsageError("--out", "train --hf keeps the trained small FFNs only in --out DIR "
+                                  "(step_N/model); without it the run would be lost: give "
+                                  "--out DIR")
     check_out_dir("--out", cfg.out_dir)
+    check_out_not_in("--out", cfg.out_dir, ckpt.path, "the checkpoint --hf reads")
     if args.data not in ("default",):
         if args.data == "synthetic":
             raise UsageError("--data", "the synthetic corpus is byte-level; with --hf use the "
@@ -394,7 +472,11 @@ def plan_train_hf(args: argparse.Namespace) -> HFTrainPlan:
         raise UsageError("--seq-len", f"expected at most {ckpt.max_positions} (the "
                                       f"checkpoint's max_position_embeddings), got "
                                       f"{cfg.seq_len}")
+    if cfg.resume:
+        check_hf_resumable(checkpoint, ckpt, d_small)
     require_transformers("--hf")
+    if d_small is not None:
+        check_convertible("--hf", ckpt.path, d_small)
     return HFTrainPlan(cfg=cfg, ckpt=ckpt, d_small=d_small, init=args.init or "prune",
                        distill=distill, checkpoint=checkpoint if cfg.resume else None)
 

@@ -152,7 +152,7 @@ def test_train_hf_on_a_converted_folder_with_its_tokenizer(tmp_path, capsys):
     assert main(_train(str(conv), out, "--data", str(text))) == 0
     # The text went through the checkpoint's tokenizer: one id per word, 600 split 540/60
     # (bytes would be about six times as many).
-    assert "train=540 tokens, val=60 tokens" in capsys.readouterr().out
+    assert "540 training and 60 validation tokens" in capsys.readouterr().out
 
 
 def test_train_hf_refuses_mistakes(tmp_path, capsys, checkpoint):

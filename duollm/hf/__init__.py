@@ -2,7 +2,8 @@
 
 ``convert(model, d_small)`` gives every SwiGLU MLP of a Llama/Mistral/Qwen2/Qwen3 model a small
 sibling in place; ``routing(model, routes)`` routes it (``model(...)`` and ``model.generate``);
-``export`` writes a ``DuoLLM``'s all-big or all-small sub-model as a Llama checkpoint;
+``export`` writes the all-big or all-small sub-model of a ``DuoLLM`` or a converted model as a
+plain checkpoint;
 ``save_converted`` / ``load_converted`` / ``load_pretrained`` move converted models through
 folders. Importing this module registers the converted models' ``RoutedStack`` with
 ``duollm.stack.as_stack``, so the oracle, token difficulty and the routers accept them.

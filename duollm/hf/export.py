@@ -1,19 +1,24 @@
-"""Moving models through folders: export a ``DuoLLM`` as a Llama checkpoint; save and load
-converted HF models.
+"""Moving models through folders: export a ``DuoLLM`` or a converted HF model as a plain
+checkpoint; save and load converted HF models.
 
-* ``export(duo_model, path, which)``: the all-big or all-small sub-model of a ``DuoLLM`` as a
-  standard ``LlamaForCausalLM`` checkpoint (``config.json`` + ``model.safetensors``) that
-  ``transformers`` loads with ``from_pretrained`` and that computes the ``DuoLLM``'s logits
-  under that policy (same rotate-half RoPE and theta, RMSNorm eps, head_dim, tied embeddings).
+* ``export(model, path, which)``: the all-big or all-small sub-model as a standard
+  ``transformers`` checkpoint (``config.json`` + ``model.safetensors``) that ``from_pretrained``
+  loads and that computes the model's logits under that policy: a ``DuoLLM`` as a
+  ``LlamaForCausalLM`` (same rotate-half RoPE and theta, RMSNorm eps, head_dim, tied
+  embeddings), a converted model as its own class (all-big: the original model; all-small:
+  ``intermediate_size = d_small``).
 * ``save_converted(model, path)`` / ``load_converted(path)``: a converted HF model, both paths,
   bit-exact: the HF ``config.json``, ``duollm.json`` (the ``HFDuoSpec`` and the model class) and
-  the full state dict as ``model.safetensors``; plus ``router/`` when a router is attached to
+  the full state dict as ``model.safetensors``, the big paths under the original weight names
+  (plain ``from_pretrained`` loads the original model) and the small ones under
+  ``...mlp.small.*``; plus ``router/`` when a router is attached to
   the model (``duollm.router_io``), attached again on load for ``routing(model, "router")``.
 * ``load_pretrained(path, d_small)``: a converted save as is, or a plain local HF checkpoint
   loaded and converted; plus its tokenizer when the folder has one.
 
 Every writer builds the folder under a temporary name beside ``path`` and renames it into
-place, so a crash never leaves a half-written checkpoint at ``path``. Nothing is downloaded.
+place, so a crash never leaves a half-written checkpoint at ``path``; what a killed writer
+left beside it goes with the next write to ``path``. Nothing is downloaded.
 See ``docs/hf.md``.
 """
 from __future__ import annotations

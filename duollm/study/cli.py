@@ -10,7 +10,7 @@ import sys
 from typing import List, Optional
 
 from ..usage import (UsageError, add_threads_arg, apply_thread_rule, check_data_file,
-                     check_device, check_int, check_out_dir, show_progress)
+                     check_device, check_int, check_out_dir, options_of, show_progress)
 
 ABLATIONS = "duollm.study.ablations"
 
@@ -89,7 +89,13 @@ def add_study_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto",
                         help="torch device: cpu, cuda, cuda:N, or auto (cuda when a GPU is "
                              "visible)")
-    parser.add_argument("--out", default=None, help="output folder (default runs/<name>)")
+    parser.add_argument("--out", default=None,
+                        help="output folder, new or empty unless --overwrite (default "
+                             "runs/<name>, named after the model and data, replaced by each "
+                             "run)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="let --out be a folder that already holds files (an earlier "
+                             "study's report is replaced)")
     parser.add_argument("--budgets", default=None,
                         help="comma-separated big-layer counts k for the routers and the "
                              "capacity figure (default L/3, L/2, 2L/3)")
@@ -148,19 +154,29 @@ def parse_budgets(text: Optional[str], n_layers: int) -> Optional[List[int]]:
 
 def _hf_layers(args: argparse.Namespace) -> int:
     """Check ``--hf`` (and ``--d-small``, ``--preset`` beside it); the checkpoint's layer
-    count, read from its ``config.json`` without loading the model."""
+    count, read from its ``config.json`` without loading the model. A ``train --hf`` run or
+    step folder stands for its newest complete step's model: ``args.hf`` is set to it."""
     import json
+
+    from ..runs import resolve_model_folder
 
     if args.preset is not None:
         raise UsageError("--preset", "not used with --hf (the checkpoint fixes the shape)")
     if not os.path.isdir(args.hf):
         raise UsageError("--hf", f"{args.hf} is not a folder (expected a converted or "
                                  f"plain Hugging Face checkpoint folder)")
+    args.hf = resolve_model_folder(args.hf, "config.json", "model")
+    config = None
     try:
         with open(os.path.join(args.hf, "config.json")) as f:
             config = json.load(f)
         n_layers = int(config["num_hidden_layers"])
     except (OSError, ValueError, KeyError, TypeError):
+        if (isinstance(config, dict) and "model_type" in config
+                and args.d_small is not None):  # a real checkpoint of a decoder duollm.hf
+            from ..hf_cli import check_convertible  # cannot convert (GPT-2...): say why
+
+            check_convertible("--hf", args.hf, check_int("--d-small", args.d_small, low=1))
         raise UsageError("--hf", f"{args.hf} holds no readable config.json with "
                                  f"num_hidden_layers: not a Hugging Face checkpoint") from None
     converted = os.path.isfile(os.path.join(args.hf, "duollm.json"))
@@ -174,6 +190,10 @@ def _hf_layers(args: argparse.Namespace) -> int:
         width = config.get("intermediate_size")
         check_int("--d-small", args.d_small, low=1,
                   high=int(width) - 1 if isinstance(width, int) else None)
+        from ..hf_cli import check_convertible, require_transformers
+
+        require_transformers("--hf")
+        check_convertible("--hf", args.hf, args.d_small)  # GPT-2, a biased MLP, ...
     return n_layers
 
 
@@ -200,6 +220,56 @@ def _checkpoint_layers(args: argparse.Namespace) -> int:
         raise UsageError("--checkpoint", f"{path} has a vocabulary of {vocab}; the study's "
                                          f"holdouts are byte ids (256)")
     return n_layers
+
+
+# What a folder holds when it is a model or a run, never a study's output: --overwrite
+# replaces a study's files, not these.
+CHECKPOINT_FILES = ("config.json", "meta.json", "duollm.json", "model.safetensors")
+
+
+def check_study_out(args: argparse.Namespace) -> None:
+    """``--out`` must be new or empty unless ``--overwrite``; never a checkpoint or run
+    folder, nor inside the ``--hf`` checkpoint."""
+    overwrite = getattr(args, "overwrite", False)
+    if args.out is None:
+        if overwrite:
+            raise UsageError("--overwrite", "only applies with --out DIR (the default "
+                                            "runs/<name> is replaced by each run)")
+        return
+    if args.hf is not None:
+        from ..hf_cli import check_out_not_in
+
+        check_out_not_in("--out", args.out, args.hf, "the checkpoint --hf reads")
+    if not os.path.isdir(args.out):
+        return
+    names = os.listdir(args.out)
+    held = [n for n in names if n in CHECKPOINT_FILES or n.startswith("step_")]
+    if held:
+        raise UsageError("--out", f"{args.out} holds a checkpoint or a run ({held[0]}); the "
+                                  f"study writes its report elsewhere: pick a new folder")
+    if names and not overwrite:
+        raise UsageError("--out", f"{args.out} is not empty (an earlier report?); pick a new "
+                                  f"folder, or add --overwrite to replace its study files")
+
+
+def check_study_data(path: str, quick: bool) -> None:
+    """UsageError naming ``--data`` when the text file is too short for the study's windows
+    (its holdout's validation part, the last 10% of its bytes, must hold one window)."""
+    from .holdouts import load_holdout
+    from .stages import DEMO, QUICK
+
+    sizes = QUICK if quick else DEMO
+    need = max(sizes.seq_len, sizes.oracle_len) + 1
+    try:
+        held = load_holdout(os.path.basename(path), path=path).val.numel()
+    except ValueError as e:  # too short to split at all
+        raise UsageError("--data", f"{path} is too short for the study ({e}); give a text "
+                                   f"of at least {need * 10} bytes") from None
+    if held < need:
+        raise UsageError("--data", f"{path} is too short for the study: its validation part "
+                                   f"(the last 10%) holds {held} bytes, and a "
+                                   f"{'--quick ' if quick else ''}window needs {need}; give "
+                                   f"a text of at least {need * 10} bytes")
 
 
 def validate(args: argparse.Namespace):
@@ -236,11 +306,23 @@ def validate(args: argparse.Namespace):
                                           "--preset)")
         n_layers = DuoConfig.from_name(preset).n_layers
     budgets = parse_budgets(args.budgets, n_layers)
+    check_study_out(args)
+    if args.data not in ("default", "synthetic"):
+        check_study_data(args.data, args.quick)
     if n_layers > CPU_LAYERS and device.type == "cpu":
         print(f"warning: {n_layers} layers: the oracle walks {2 * 2 ** n_layers:,} patterns "
               f"per holdout sequence, a GPU job (--device cuda); on the CPU expect about an "
               f"hour at the default sizes (docs/study.md)", file=sys.stderr)
     return device, budgets, preset
+
+
+def refusals_as_usage(run):
+    """``run`` with the ValueErrors that refuse the loaded checkpoint or text (``hf: ...``,
+    ``data: ...``, raised before any training or file) reported as the options' mistakes."""
+    def call(**kwargs):
+        with options_of({"hf": "--hf", "data": "--data"}):
+            return run(**kwargs)
+    return call
 
 
 def run_cli(args: argparse.Namespace) -> int:
@@ -254,10 +336,12 @@ def run_cli(args: argparse.Namespace) -> int:
     device, budgets, preset = validate(args)
     d_model = DuoConfig.from_name(preset).d_model if args.hf is None else None
     apply_thread_rule(args.threads, device, d_model)
-    res = run_study(preset=preset, data=args.data, steps=args.steps, device=str(device),
+    res = refusals_as_usage(run_study)(
+                    preset=preset, data=args.data, steps=args.steps, device=str(device),
                     out=args.out, budgets=budgets, router_steps=args.router_steps,
                     n_random=args.n_random, oracle_batch=args.oracle_batch, seed=args.seed,
                     quick=args.quick, progress=show_progress(not args.no_progress),
+                    stage_lines=not args.no_progress,  # into a pipe too; bars only on a tty
                     synthetic_check=not args.no_synthetic_check, hf=args.hf,
                     hf_d_small=args.d_small, null_control=args.null_control,
                     seeds=args.seeds, checkpoint=args.checkpoint)

@@ -180,6 +180,7 @@ def run_study(preset: Optional[str] = None, data="default", steps: Optional[int]
               n_random: int = 100, oracle_batch: Optional[int] = None, seed: int = 0,
               quick: bool = False, progress: bool = True, model=None,
               synthetic_check: bool = True, hf: Optional[str] = None,
+              stage_lines: Optional[bool] = None,
               hf_d_small: Optional[int] = None, null_control: bool = False,
               seeds: int = 1, checkpoint: Optional[str] = None) -> StudyResult:
     """Run every stage on both holdouts and write ``report.md``, PNG plots, ``results.json``
@@ -196,6 +197,8 @@ def run_study(preset: Optional[str] = None, data="default", steps: Optional[int]
       hf: a converted Hugging Face checkpoint folder (``duollm.hf.load_pretrained``);
         with ``steps`` > 0 its small FFNs are trained first (``duollm.hf.train_small``).
       hf_d_small: with ``hf`` a plain (unconverted) checkpoint: the small FFNs' width.
+      stage_lines: print one line per stage (default: as ``progress``). ``duollm study``
+        prints them unless ``--no-progress``, into a pipe too, where no bar is drawn.
       null_control: also measure every verdict on the null model (``duollm.study.null``:
         big == small exactly; its routers trained the same way) over the same sequences.
       seeds: models trained with seeds ``seed, seed + 1, ...``; the verdicts' intervals are
@@ -245,17 +248,19 @@ def run_study(preset: Optional[str] = None, data="default", steps: Optional[int]
     torch.manual_seed(seed)
     timings: Dict[str, float] = {}
 
+    stage_lines = progress if stage_lines is None else bool(stage_lines) and dist_info.is_main
+
     def log(msg: str) -> None:
-        if progress:
+        if stage_lines:
             print(f"[study {time.perf_counter() - t_start:6.1f}s] {msg}", flush=True)
 
     holdouts = _holdouts(data, sizes, seed)
     tdata = training_data(holdouts)
-    kind = data if data in ("default", "synthetic") else "data"
     name = (os.path.basename(str(out).rstrip("/")) if out
-            else f"{preset}-{kind}" + ("-quick" if quick else ""))
+            else default_name(preset, data, quick, hf))
     out_dir = str(out) if out else os.path.join("runs", name)
-    os.makedirs(out_dir, exist_ok=True)
+    # The folder is made when there is something to write (write_report makes it): a model
+    # refused on loading leaves nothing behind.
 
     t0 = time.perf_counter()
     source, train_val = "duollm", {}
@@ -265,9 +270,22 @@ def run_study(preset: Optional[str] = None, data="default", steps: Optional[int]
             check_shard_holdout(h, tok, model_shape(model)["vocab_size"])
         if tok is not None:
             holdouts = [retokenize(h, tok) for h in holdouts]
+            need = max(sizes.seq_len, sizes.oracle_len) + 1
+            for h in holdouts:
+                if h.val.numel() < need:
+                    raise ValueError(f"data: the {h.name} holdout's validation part holds "
+                                     f"{h.val.numel()} tokens of the checkpoint's tokenizer, "
+                                     f"fewer than a window of {need}; give a longer text")
             tdata = training_data(holdouts)
         model, train_val = _train_hf(model, tdata, sizes, steps, seed, device, progress, log)
         source = hf
+        if steps > 0 and dist_info.is_main:  # the trained small FFNs are the run's product
+            from ..hf import save_converted
+
+            save_converted(model, os.path.join(out_dir, HF_MODEL_DIR), tokenizer=tok,
+                           overwrite=True)
+            log(f"trained model saved in {os.path.join(out_dir, HF_MODEL_DIR)} (loads with "
+                f"duollm.hf.load_converted)")
     elif checkpoint is not None:
         log(f"studying the checkpoint {checkpoint} (step {ckpt_step})")
         source, steps = f"checkpoint:{checkpoint}", int(ckpt_step)
@@ -336,7 +354,8 @@ def run_study(preset: Optional[str] = None, data="default", steps: Optional[int]
     res = StudyResult(
         name=name, preset=preset if source == "duollm" else (
             "checkpoint" if source.startswith("checkpoint:") else "hf"),
-        config=(model.config.to_dict() if source == "duollm" else shape),
+        config=(model.config.to_dict() if source == "duollm"
+                else {**shape, "model_class": type(model).__name__}),
         data=tdata.name, source=source, steps=steps, train_probs=list(St.TRAIN_PROBS),
         train_val_loss=dict(train_val), seed=seed, device=str(device), n_random=n_random,
         holdouts=results, synthetic=synth, timings=timings,
@@ -367,6 +386,24 @@ def _add_null(model, tdata, holdouts, seq_len: int, router_steps: int, seed: int
                           run["budgets"], run["progress"], run["log"])
     for h in holdouts:
         null_in[h.name].append(verdict_inputs(nm, h, rs, seed=seed, **run))
+
+
+HF_MODEL_DIR = "model"  # out/model: a study --hf --steps N run's trained model
+
+
+def default_name(preset: str, data, quick: bool, hf: Optional[str] = None) -> str:
+    """The folder name under ``runs/`` when no ``out`` is given: the model (the preset, or
+    ``hf-`` and the checkpoint's folder name), the data and ``-quick``."""
+    kind = data if data in (None, "default", "synthetic") else "data"
+    model = preset
+    if hf is not None:
+        parts = [p for p in os.path.abspath(os.fspath(hf)).split(os.sep) if p]
+        if len(parts) >= 3 and parts[-1] == HF_MODEL_DIR and parts[-2].startswith("step_"):
+            parts = parts[:-1]  # a train --hf step's model: name the run and the step
+            model = f"hf-{parts[-2]}-{parts[-1]}"
+        else:
+            model = f"hf-{parts[-1] if parts else 'model'}"
+    return f"{model}-{kind or 'default'}" + ("-quick" if quick else "")
 
 
 HF_MODEL_DIR = "model"  # out/model: a study --hf --steps N run's trained model
@@ -438,8 +475,12 @@ def _train_hf(model, tdata, sizes: St.StudySizes, steps: int, seed: int, device,
     """Stage 1 for a converted HF model: train its small FFNs when ``steps`` > 0."""
     from .. import hf as H
 
-    if steps <= 0:
-        return model, {}
+    if steps <= 0:  # nothing trained: the report still gives the loaded model's losses
+        from ..hf.train import evaluate
+
+        model.to(device)
+        log("validation loss of the loaded model (no training: --steps 0)")
+        return model, evaluate(model, tdata, sizes.seq_len, sizes.batch_size, 2, seed=seed)
     from ..train import TrainConfig
 
     cfg = TrainConfig(steps=steps, batch_size=sizes.batch_size, seq_len=sizes.seq_len,

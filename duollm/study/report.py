@@ -365,15 +365,20 @@ def markdown(res: StudyResult) -> str:
     cfg = res.config
     L = cfg["n_layers"]
     out = [f"# Duo-LLM study: {res.name}", ""]
+    saved = ("; the trained model is saved in `model/`, loaded by duollm.hf.load_converted"
+             if res.steps and res.preset == "hf" else "")
     trained = (f"trained {res.steps} steps with random routing (skip/small/big probabilities "
                f"{res.train_probs}) on `{res.data}`" if res.source == "duollm"
                else f"the DuoLLM checkpoint `{res.source[len('checkpoint:'):]}` (step "
                     f"{res.steps})" if res.source.startswith("checkpoint:")
                else f"converted Hugging Face checkpoint `{res.source}` ({res.steps} small-FFN "
-                    f"training steps)")
-    out.append(f"Model `{res.preset}`: {L} layers, d_model {cfg['d_model']}, big FFN "
+                    f"training steps{saved})")
+    # An HF run names the checkpoint's model class (its config holds it), not "hf".
+    model_name = cfg.get("model_class", res.preset) if res.preset == "hf" else res.preset
+    losses_of = "after training" if res.steps else "of the loaded model (no training)"
+    out.append(f"Model `{model_name}`: {L} layers, d_model {cfg['d_model']}, big FFN "
                f"{cfg['d_big']}, small FFN {cfg['d_small']}; {trained}; device {res.device}, "
-               f"seed {res.seed}. Validation loss after training: "
+               f"seed {res.seed}. Validation loss {losses_of}: "
                + (", ".join(f"{k} {v:.4f}" for k, v in res.train_val_loss.items()) or "-")
                + ".")
     out.append("")
