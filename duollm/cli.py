@@ -14,13 +14,13 @@ import platform
 import sys
 from typing import TYPE_CHECKING, List, Optional
 
-from duollm.usage import (EXIT_INTERRUPTED, EXIT_USAGE, UsageError, add_threads_arg,
-                          apply_thread_rule, check_data_file, check_device, check_float,
-                          check_int, check_out_dir, format_error, options_of)
+from duollm.usage import (EXIT_INTERRUPTED, EXIT_USAGE, HelpFormatter, UsageError,
+                          add_threads_arg, apply_thread_rule, check_device, check_float,
+                          check_int, check_out_dir, format_error)
 
 from duollm.train_cli import (  # noqa: F401  (re-exported: duollm.cli's names)
-    TRAIN_FLAGS, TRAIN_OPTION, check_resumable, print_train_result, report_interrupt,
-    resume_command, settle_resume, train_config)
+    TRAIN_FLAGS, TRAIN_OPTION, check_resumable, describe_data, print_train_result,
+    report_interrupt, resume_command, settle_resume, train_config)
 
 if TYPE_CHECKING:  # torch-heavy modules: imported by the commands that need them
     from duollm.config import DuoConfig
@@ -83,6 +83,22 @@ def cuda_extension_status() -> str:
     return f"NOT built (duollm._C, the CUDA backend): {why}"
 
 
+def hf_status() -> str:
+    """One line: the transformers version, and whether ``duollm.hf`` imports (why not, in
+    one line, if not)."""
+    version = _version("transformers")
+    if version == "not installed":
+        return ("transformers not installed: duollm.hf (convert, train --hf, study --hf, "
+                "bench hf) needs it: pip install transformers (or pip install duollm[hf])")
+    try:
+        importlib.import_module("duollm.hf")
+    except Exception as e:  # any failure is what to report here, not to crash on
+        text = " ".join(str(e).split()) or "no message"
+        return (f"transformers {version}; duollm.hf does NOT import: "
+                f"{type(e).__name__}: {text[:300]}")
+    return f"transformers {version}; duollm.hf imports"
+
+
 def run_info(args: argparse.Namespace) -> int:
     import torch
 
@@ -101,6 +117,7 @@ def run_info(args: argparse.Namespace) -> int:
         print("devices  cpu only")
     print(f"cpu      {os.cpu_count()} cores, torch uses {torch.get_num_threads()} threads")
     print(f"cuda ext {cuda_extension_status()}")
+    print(f"hf       {hf_status()}")
     print("backends (current: " + ops.current_backend() + ")")
     for name, why in ops.backend_status().items():
         print(f"  {name:<7} {'available' if why is None else 'unavailable: ' + why}")
@@ -225,7 +242,7 @@ def run_train(args: argparse.Namespace) -> int:
     main_rank = os.environ.get("RANK", "0") == "0"
     if main_rank:
         print(f"training {args.preset} ({model_config.param_count() / 1e6:.2f}M params) on "
-              f"{data!r}, world size {distributed.env_world_size()}", flush=True)
+              f"{describe_data(data)}, world size {distributed.env_world_size()}", flush=True)
     try:
         result = train(model_config, data, cfg)
     except KeyboardInterrupt:
@@ -276,8 +293,7 @@ def _add_external(sub, name: str, module: str, text: str) -> None:
         _unavailable(sub, name, text, f"module {module} does not define add_cli(parser) and "
                                       f"run_cli(args)")
         return
-    p = sub.add_parser(name, help=text, description=text,
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = sub.add_parser(name, help=text, description=text, formatter_class=HelpFormatter)
     mod.add_cli(p)
     p.set_defaults(func=mod.run_cli)
 
@@ -295,9 +311,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="show a traceback for every error, user mistakes included")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     p = sub.add_parser("info", help="versions, devices and which op backends can run here",
-                       description="Print the duollm, python, torch and triton versions, the "
-                                   "devices, and each op backend's availability (with the "
-                                   "reason when one cannot run).")
+                       description="Print the duollm, python, torch, triton and "
+                                   "transformers versions, whether duollm.hf imports (and "
+                                   "why not), the devices, and each op backend's "
+                                   "availability (with the reason when one cannot run).")
     p.set_defaults(func=run_info)
     p = sub.add_parser("train", help="random-routing training (study stage 1)",
                        description="Train a DuoLLM with random routing: each token at each "

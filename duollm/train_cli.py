@@ -94,7 +94,33 @@ def settle_resume(args: argparse.Namespace, cfg) -> Tuple["TrainConfig", Optiona
         raise UsageError("--out", f"{cfg.out_dir} already holds checkpoints of a run (latest: "
                                   f"{os.path.basename(checkpoint)}); add --resume to continue "
                                   f"it, or pick another folder")
+    if checkpoint is not None and cfg.resume:
+        step = checkpoint_step(checkpoint)
+        if step is not None and step > cfg.steps:
+            # Resuming would train nothing and report the loaded model as if --steps ran.
+            raise UsageError("--steps", f"{checkpoint} is at step {step}, past --steps "
+                                        f"{cfg.steps}: resuming would train nothing; give "
+                                        f"--steps above {step} to continue that run")
     return cfg, checkpoint
+
+
+def checkpoint_step(checkpoint: str) -> Optional[int]:
+    """The step recorded in a ``step_N`` folder's ``meta.json`` (``duollm train`` and
+    ``train --hf`` alike), or None when it cannot be read."""
+    import json
+
+    try:
+        with open(os.path.join(checkpoint, "meta.json")) as f:
+            step = json.load(f).get("step")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return step if isinstance(step, int) and not isinstance(step, bool) else None
+
+
+def describe_data(data) -> str:
+    """A ``TokenData`` in words for a command's output (not its repr)."""
+    return (f"{data.name} ({data.train.numel():,} training and {data.val.numel():,} "
+            f"validation tokens, vocabulary {data.vocab_size:,})")
 
 
 def print_train_result(result, out_dir: Optional[str], note: str = "") -> None:
@@ -135,14 +161,15 @@ def resume_command(argv: List[str]) -> str:
     return "duollm " + shlex.join(argv)
 
 
-def report_interrupt(args: argparse.Namespace, cfg) -> None:
-    from duollm.checkpoint import read_meta
+def report_interrupt(args: argparse.Namespace, cfg, command: str = "train") -> None:
+    """The Ctrl-C report of ``duollm <command>`` (``train``, ``train --hf``) on stderr: the
+    newest checkpoint in ``cfg.out_dir`` and the exact command that resumes from it."""
     from duollm.train import latest_checkpoint
 
     checkpoint = latest_checkpoint(cfg.out_dir) if cfg.out_dir else None
-    lines = ["", "duollm train: interrupted (Ctrl-C); the step in progress was abandoned"]
+    lines = ["", f"duollm {command}: interrupted (Ctrl-C); the step in progress was abandoned"]
     if checkpoint is not None:
-        step = read_meta(checkpoint)["step"]
+        step = checkpoint_step(checkpoint)
         lines.append(f"last checkpoint: {checkpoint} (step {step} of {cfg.steps})")
         lines.append(f"resume with: {resume_command(args.argv)}")
     elif cfg.out_dir:

@@ -12,6 +12,7 @@ creates nothing. See docs/ops.md for the Python API's own argument checks.
 """
 from __future__ import annotations
 
+import argparse
 import codecs
 import contextlib
 import math
@@ -151,6 +152,11 @@ def check_out_dir(option: str, path: Optional[str]) -> Optional[str]:
                                      f"another path or remove the file")
         if not os.access(full, os.W_OK | os.X_OK):
             raise UsageError(option, f"{path}: the folder is not writable")
+        if not os.stat(full).st_mode & 0o222:
+            # Read-only by its mode: root may still write (or replace) it, but the owner
+            # marked it not to be touched.
+            raise UsageError(option, f"{path}: the folder is read-only (no write permission "
+                                     f"bits); pick another folder or make it writable")
         return path
     parent = os.path.dirname(full)
     while not os.path.exists(parent):
@@ -232,6 +238,18 @@ def apply_thread_rule(threads: Optional[int], device, d_model: Optional[int],
     if threads:
         torch.set_num_threads(threads)
     return torch.get_num_threads()
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's defaults in the help, but not "(default: None)" (such defaults are described
+    in words, or there is none) nor "(default: False)" on flags, nor a second default where
+    the help already says ``%(default)s``."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False, argparse.SUPPRESS) or "%(default)" in (
+                action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def show_progress(flag: bool = True) -> bool:

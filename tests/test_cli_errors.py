@@ -380,6 +380,286 @@ def test_every_command_applies_the_thread_rule(argv, threads, workdir, monkeypat
         assert progress == [False]
 
 
+# --------------------------------------------------------------------------- issue 15: the HF
+# commands' refusals, footguns and guesswork (engineer C)
+
+
+def _every_parser(parser):
+    """``parser`` and every sub-parser under it (depth first)."""
+    import argparse
+
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                yield from _every_parser(sub)
+
+
+def test_no_help_says_default_none():
+    parsers = list(_every_parser(cli.build_parser()))
+    assert len(parsers) >= 10  # info, train, study (+ablations), bench (+5), convert
+    for p in parsers:
+        text = p.format_help()
+        assert "(default: None)" not in text, p.prog
+        assert "(default: False)" not in text, p.prog
+
+
+def test_info_names_transformers_and_whether_duollm_hf_imports(monkeypatch, capsys):
+    pytest.importorskip("transformers")
+    import transformers
+
+    assert cli.run_info(None) == 0
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("hf "))
+    assert f"transformers {transformers.__version__}; duollm.hf imports" in line
+    # A duollm.hf that cannot import: one line saying why, and info still exits 0.
+    monkeypatch.setitem(sys.modules, "duollm.hf", None)
+    assert cli.run_info(None) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("hf ")]
+    assert len(lines) == 1 and "duollm.hf does NOT import: ModuleNotFoundError" in lines[0]
+    monkeypatch.setattr(cli, "_version", lambda dist: "not installed")
+    assert "transformers not installed" in cli.hf_status()
+    assert "pip install transformers" in cli.hf_status()
+
+
+@pytest.fixture(scope="module")
+def hf_dirs(tmp_path_factory):
+    """Checkpoint folders: a plain Llama (byte vocabulary), one with biased MLPs and a GPT-2,
+    which duollm.hf cannot convert."""
+    transformers = pytest.importorskip("transformers")
+    import hf_models
+
+    root = tmp_path_factory.mktemp("hf_dirs")
+    hf_models.llama(vocab_size=256).save_pretrained(root / "plain")
+    hf_models.llama(vocab_size=256, mlp_bias=True).save_pretrained(root / "bias")
+    config = transformers.GPT2Config(vocab_size=256, n_embd=32, n_layer=2, n_head=4,
+                                     n_positions=64, bos_token_id=None, eos_token_id=None)
+    torch.manual_seed(0)
+    transformers.GPT2LMHeadModel(config).save_pretrained(root / "gpt2")
+    return root
+
+
+HF_SMALL = ["--steps", "2", "--batch-size", "2", "--seq-len", "16", "--eval-batches", "1",
+            "--eval-every", "0", "--no-progress"]
+STUDY_SMALL = ["--quick", "--steps", "0", "--no-synthetic-check", "--n-random", "5",
+               "--budgets", "1"]
+
+# argv ({hf} is the hf_dirs folder), the option the message names, fragments of it
+HF_BAD = [
+    (["train", "--hf", "{hf}/gpt2", "--d-small", "8", "--out", "run"] + HF_SMALL, "--hf",
+     ["gpt2 cannot be converted", "no decoder layers"]),
+    (["train", "--hf", "{hf}/bias", "--d-small", "8", "--out", "run"] + HF_SMALL, "--hf",
+     ["cannot be converted", "has a bias"]),
+    (["study", "--hf", "{hf}/gpt2", "--d-small", "8", "--out", "run"] + STUDY_SMALL, "--hf",
+     ["cannot be converted", "no decoder layers"]),
+    (["study", "--hf", "{hf}/bias", "--d-small", "8", "--out", "run"] + STUDY_SMALL, "--hf",
+     ["cannot be converted", "has a bias"]),
+    (["convert", "{hf}/bias", "--d-small", "8", "--out", "run"], "PATH",
+     ["cannot be converted", "has a bias"]),
+    (["train", "--hf", "{hf}/plain", "--d-small", "8"] + HF_SMALL, "--out",
+     ["without it the run would be lost"]),
+    (["train", "--hf", "{hf}/plain", "--d-small", "8", "--out", "{hf}/plain"] + HF_SMALL,
+     "--out", ["is the checkpoint --hf reads"]),
+    (["train", "--hf", "{hf}/plain", "--d-small", "8", "--out", "{hf}/plain/run"] + HF_SMALL,
+     "--out", ["is inside the checkpoint --hf reads"]),
+    (["study", "--hf", "{hf}/plain", "--d-small", "8", "--out", "{hf}/plain/study"]
+     + STUDY_SMALL, "--out", ["inside the checkpoint --hf reads"]),
+    (["study", "--data", "tiny.txt", "--quick", "--out", "run"], "--data", ["too short"]),
+    (["study", "--data", "tiny.txt", "--out", "run"], "--data", ["too short", "1290 bytes"]),
+    (["study", "--quick", "--out", "a_dir_full"], "--out", ["not empty", "--overwrite"]),
+    (["study", "--quick", "--out", "a_run", "--overwrite"], "--out", ["holds a checkpoint"]),
+    (["study", "--quick", "--overwrite"], "--overwrite", ["only applies with --out"]),
+]
+
+
+@pytest.mark.parametrize("argv,option,fragments", HF_BAD,
+                         ids=[" ".join(b[0][:4]) + f" {b[1]}" for b in HF_BAD])
+def test_hf_commands_refuse_before_any_work(argv, option, fragments, hf_dirs, workdir,
+                                            no_work, monkeypatch, capsys):
+    """Models convert refuses (GPT-2, a biased MLP), train --hf without --out or into its own
+    checkpoint, a study text too short for its windows, a non-empty study --out: exit 2, one
+    message naming the option, nothing loaded, trained or written (no empty folder either)."""
+    import duollm.study.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "run_study", lambda *a, **k: pytest.fail("study started"))
+    (workdir / "a_dir_full").mkdir()
+    (workdir / "a_dir_full" / "notes.txt").write_text("mine")
+    (workdir / "a_run" / "step_0000002").mkdir(parents=True)
+    argv = [a.replace("{hf}", str(hf_dirs)) for a in argv]
+    before, hf_before = _tree(workdir), _tree(hf_dirs)
+    code = cli.main(argv)
+    out, err = capsys.readouterr()
+    assert code == usage.EXIT_USAGE, (out, err)
+    assert err.startswith(f"duollm {argv[0]}: error: {option}: "), err
+    for fragment in fragments:
+        assert fragment in err, err
+    assert len(err.strip().splitlines()) <= 2 and "Traceback" not in err + out
+    assert _tree(workdir) == before and _tree(hf_dirs) == hf_before
+
+
+def test_convert_refuses_a_read_only_out_folder(hf_dirs, workdir, capsys):
+    """An existing empty folder marked read-only is not replaced (root could replace it)."""
+    ro = workdir / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        code = cli.main(["convert", str(hf_dirs / "plain"), "--d-small", "8", "--out",
+                         str(ro)])
+        err = capsys.readouterr().err
+        assert code == 2 and "--out" in err and "read-only" in err, err
+        assert ro.is_dir() and os.stat(ro).st_mode & 0o777 == 0o555 and not os.listdir(ro)
+    finally:
+        ro.chmod(0o755)
+
+
+def _resume_argv(hf, out, steps, *extra):
+    argv = ["train", "--hf", hf, "--out", out, *HF_SMALL, *extra]
+    argv[argv.index("--steps") + 1] = str(steps)
+    return argv
+
+
+def test_train_hf_resume_of_another_model_or_past_its_steps_is_refused(hf_dirs, workdir,
+                                                                       capsys):
+    plain = str(hf_dirs / "plain")
+    assert cli.main(_resume_argv(plain, "run", 2, "--d-small", "8")) == 0
+    out = capsys.readouterr().out
+    assert "TokenData(" not in out and "training and" in out  # the data in words, no repr
+    before = _tree(workdir)
+    # Another d_small: named before any loading (it was a raw size mismatch after it).
+    assert cli.main(_resume_argv(plain, "run", 3, "--d-small", "4", "--resume")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("duollm train: error: --resume: ") and "d_small 8 there, 4 here" in err
+    # --steps below the checkpoint's step would train nothing: said, not done silently.
+    assert cli.main(_resume_argv(plain, "run", 1, "--d-small", "8", "--resume")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("duollm train: error: --steps: ") and "at step 2" in err
+    assert _tree(workdir) == before
+    # The run folder itself is accepted as --hf: its newest complete step's model.
+    (workdir / "run" / "step_0000009").mkdir()  # incomplete (no meta.json): not the newest
+    assert cli.main(_resume_argv(str(workdir / "run"), "run2", 1)) == 0
+    assert f"stage 1 on {os.path.join(str(workdir / 'run'), 'step_0000002', 'model')}" in \
+        capsys.readouterr().out
+
+
+def test_train_resume_past_its_steps_is_refused(workdir, capsys):
+    assert cli.main(["train", "--steps", "2", "--out", "run"] + SMALL) == 0
+    out = capsys.readouterr().out
+    assert "TokenData(" not in out and "validation tokens" in out
+    before = _tree(workdir)
+    assert cli.main(["train", "--steps", "1", "--out", "run", "--resume"] + SMALL) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("duollm train: error: --steps: ") and "step_0000002 is at step 2" in err
+    assert _tree(workdir) == before
+    # The same step count resumes (nothing to train, the loaded model validated): allowed.
+    assert cli.main(["train", "--steps", "2", "--out", "run", "--resume"] + SMALL) == 0
+
+
+def test_ctrl_c_during_train_hf_names_the_checkpoint_and_the_resume_command(
+        hf_dirs, workdir, monkeypatch, capsys):
+    """Ctrl-C after a checkpoint: exit 130, the last checkpoint and the exact command that
+    resumes (as duollm train does); that command then continues the run."""
+    from duollm import hf
+
+    real = hf.train_small
+
+    def interrupted(model, data, cfg, **kw):
+        real(model, data, cfg, **kw)  # real checkpoints, then the user presses Ctrl-C
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(hf, "train_small", interrupted)
+    argv = _resume_argv(str(hf_dirs / "plain"), "run", 2, "--d-small", "8",
+                        "--checkpoint-every", "1")
+    assert cli.main(argv) == usage.EXIT_INTERRUPTED
+    err = capsys.readouterr().err
+    assert "duollm train --hf: interrupted (Ctrl-C)" in err and "Traceback" not in err
+    assert f"last checkpoint: {os.path.join('run', 'step_0000002')} (step 2 of 2)" in err
+    line = next(ln for ln in err.splitlines() if ln.startswith("resume with: "))
+    resume = shlex.split(line[len("resume with: "):])
+    assert resume == ["duollm"] + argv + ["--resume"]
+    monkeypatch.setattr(hf, "train_small", real)
+    resume[resume.index("--steps") + 1] = "3"
+    assert cli.main(resume[1:]) == 0
+    assert "resumed from" in capsys.readouterr().out
+    assert os.path.isdir(workdir / "run" / "step_0000003")
+
+
+def test_loaders_accept_a_run_folder(hf_dirs, workdir, capsys):
+    """load_checkpoint, hf.load_converted and hf.load_pretrained given a run folder (or a
+    train --hf step folder) load its newest complete step, skipping an incomplete newer one."""
+    from duollm import hf
+    from duollm.checkpoint import load_checkpoint
+
+    assert cli.main(["train", "--steps", "2", "--checkpoint-every", "1", "--out", "duo"]
+                    + SMALL) == 0
+    (workdir / "duo" / "step_0000007").mkdir()  # a save cut before its meta.json
+    model, state = load_checkpoint(str(workdir / "duo"))
+    assert state["step"] == 2
+    want, _ = load_checkpoint(str(workdir / "duo" / "step_0000002"))
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
+                                                 want.state_dict().values()))
+    assert cli.main(_resume_argv(str(hf_dirs / "plain"), "hfrun", 2, "--d-small", "8",
+                                 "--checkpoint-every", "1")) == 0
+    capsys.readouterr()
+    (workdir / "hfrun" / "step_0000005" / "model").mkdir(parents=True)  # incomplete
+    step2 = workdir / "hfrun" / "step_0000002"
+    want = hf.load_converted(step2 / "model")
+    for path in (workdir / "hfrun", step2):
+        for got in (hf.load_converted(path), hf.load_pretrained(path)[0]):
+            assert all(torch.equal(a, b) for a, b in zip(got.state_dict().values(),
+                                                         want.state_dict().values()))
+    with pytest.raises(ValueError, match="path"):  # nothing to resolve: the loader's error
+        hf.load_converted(workdir / "a_dir")
+
+
+def test_study_hf_run_folder_saves_its_model_names_it_and_prints_stages(hf_dirs, workdir,
+                                                                        monkeypatch, capsys):
+    """study --hf given a train --hf run folder, --steps 2, no --out and stdout a pipe: one
+    line per stage, a default folder named after the model, the trained model saved there,
+    and a report naming the model class and its validation losses."""
+    import json
+
+    from duollm import hf
+
+    assert cli.main(_resume_argv(str(hf_dirs / "plain"), "hfrun", 2, "--d-small", "8")) == 0
+    capsys.readouterr()
+    argv = ["study", "--hf", "hfrun"] + STUDY_SMALL
+    argv[argv.index("--steps") + 1] = "2"
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    name = "hf-hfrun-step_0000002-default-quick"
+    stages = [ln for ln in out.splitlines() if ln.startswith("[study ")]
+    assert len(stages) >= 8 and any("training the small FFNs" in ln for ln in stages)
+    assert f"report: {os.path.join('runs', name, 'report.md')}" in out
+    run = workdir / "runs" / name
+    saved = hf.load_converted(run / "model")
+    assert hf.spec_of(saved).d_small == 8
+    trained_small = saved.model.layers[0].mlp.small.up_proj.weight
+    start = hf.load_converted(workdir / "hfrun").model.layers[0].mlp.small.up_proj.weight
+    assert not torch.equal(trained_small, start)  # the study's 2 steps, not the input's
+    report = (run / "report.md").read_text()
+    res = json.loads((run / "results.json").read_text())
+    assert "Model `LlamaForCausalLM`" in report and "saved in `model/`" in report
+    assert set(res["train_val_loss"]) == {"big", "small", "random"}
+    assert f"big {res['train_val_loss']['big']:.4f}" in report
+    # --steps 0: nothing trained or saved, the loaded model's losses are still reported.
+    argv = ["study", "--hf", "hfrun", "--out", "zero", "--no-progress"] + STUDY_SMALL
+    assert cli.main(argv) == 0
+    assert "[study " not in capsys.readouterr().out  # --no-progress: no stage lines
+    report = (workdir / "zero" / "report.md").read_text()
+    assert "Validation loss of the loaded model (no training): big " in report
+    assert not (workdir / "zero" / "model").exists()
+    # Again into the same --out: refused; with --overwrite the study starts.
+    assert cli.main(argv) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    import duollm.study.pipeline as pipeline
+
+    def started(*a, **k):
+        raise _Started
+
+    monkeypatch.setattr(pipeline, "run_study", started)
+    with pytest.raises(_Started):
+        cli.main(argv + ["--overwrite"])
+
+
 # --------------------------------------------------------------------------- issue 15: duollm
 # export (engineer B)
 

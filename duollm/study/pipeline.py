@@ -406,24 +406,6 @@ def default_name(preset: str, data, quick: bool, hf: Optional[str] = None) -> st
     return f"{model}-{kind or 'default'}" + ("-quick" if quick else "")
 
 
-HF_MODEL_DIR = "model"  # out/model: a study --hf --steps N run's trained model
-
-
-def default_name(preset: str, data, quick: bool, hf: Optional[str] = None) -> str:
-    """The folder name under ``runs/`` when no ``out`` is given: the model (the preset, or
-    ``hf-`` and the checkpoint's folder name), the data and ``-quick``."""
-    kind = data if data in (None, "default", "synthetic") else "data"
-    model = preset
-    if hf is not None:
-        parts = [p for p in os.path.abspath(os.fspath(hf)).split(os.sep) if p]
-        if len(parts) >= 3 and parts[-1] == HF_MODEL_DIR and parts[-2].startswith("step_"):
-            parts = parts[:-1]  # a train --hf step's model: name the run and the step
-            model = f"hf-{parts[-2]}-{parts[-1]}"
-        else:
-            model = f"hf-{parts[-1] if parts else 'model'}"
-    return f"{model}-{kind or 'default'}" + ("-quick" if quick else "")
-
-
 def _json_default(x):
     if isinstance(x, float) and math.isnan(x):
         return None
