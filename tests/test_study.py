@@ -215,6 +215,8 @@ def test_rank_overlap_on_tensors_known_answers():
     (["--n-random", "0"], "--n-random"),
     (["--preset", "huge"], "--preset"),
     (["--hf", "/nonexistent"], "--hf"),
+    (["--full"], "--full"),
+    (["--seeds", "0"], "--seeds"),
 ])
 def test_bad_options_fail_before_any_work(argv, option, tmp_path, capsys):
     from duollm.cli import main

@@ -126,6 +126,9 @@ def add_study_args(parser: argparse.ArgumentParser) -> None:
                              "FFN zero-padded, so big == small) over the same sequences; a "
                              "claim needing big != small holds only against it (roughly "
                              "doubles the run time)")
+    parser.add_argument("--full", action="store_true",
+                        help="the full study's sizes (make study): 200 holdout sequences per "
+                             "holdout, 3000 training steps, a 2000-step synthetic check")
     parser.add_argument("--seeds", type=int, default=1,
                         help="train this many models (seeds --seed, --seed+1, ...); the "
                              "verdicts' intervals cover seeds and sequences")
@@ -305,6 +308,8 @@ def validate(args: argparse.Namespace):
             raise UsageError("--d-small", "only used with --hf (a DuoLLM's widths come from "
                                           "--preset)")
         n_layers = DuoConfig.from_name(preset).n_layers
+    if args.full and args.quick:
+        raise UsageError("--full", "the full study's sizes and --quick exclude each other")
     budgets = parse_budgets(args.budgets, n_layers)
     check_study_out(args)
     if args.data not in ("default", "synthetic"):
@@ -344,7 +349,7 @@ def run_cli(args: argparse.Namespace) -> int:
                     stage_lines=not args.no_progress,  # into a pipe too; bars only on a tty
                     synthetic_check=not args.no_synthetic_check, hf=args.hf,
                     hf_d_small=args.d_small, null_control=args.null_control,
-                    seeds=args.seeds, checkpoint=args.checkpoint)
+                    seeds=args.seeds, checkpoint=args.checkpoint, full=args.full)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun rank 0 alone reports
         return 0
     from .report import summary_text

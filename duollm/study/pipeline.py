@@ -182,7 +182,8 @@ def run_study(preset: Optional[str] = None, data="default", steps: Optional[int]
               synthetic_check: bool = True, hf: Optional[str] = None,
               stage_lines: Optional[bool] = None,
               hf_d_small: Optional[int] = None, null_control: bool = False,
-              seeds: int = 1, checkpoint: Optional[str] = None) -> StudyResult:
+              seeds: int = 1, checkpoint: Optional[str] = None,
+              full: bool = False) -> StudyResult:
     """Run every stage on both holdouts and write ``report.md``, PNG plots, ``results.json``
     and ``verdicts.json`` under ``out``; returns the ``StudyResult``.
 
@@ -205,6 +206,7 @@ def run_study(preset: Optional[str] = None, data="default", steps: Optional[int]
         hierarchical bootstraps over seeds and sequences (the figures show the first seed).
       checkpoint: a ``DuoLLM`` checkpoint to study instead of training one: a step folder, or
         a run folder (its newest complete ``step_N``).
+      full: the full study's sizes (``stages.FULL``, ``make study``) instead of the demo's.
     """
     from .. import distributed
     from .report import write_report
@@ -221,7 +223,9 @@ def run_study(preset: Optional[str] = None, data="default", steps: Optional[int]
     progress = progress and dist_info.is_main
     t_start = time.perf_counter()
     cpu_start = time.process_time()
-    sizes = St.QUICK if quick else St.DEMO
+    if quick and full:
+        raise ValueError("full: the full study's sizes and quick's exclude each other")
+    sizes = St.QUICK if quick else (St.FULL if full else St.DEMO)
     preset = preset or ("tiny" if quick else "small")
     steps = sizes.steps if steps is None else steps
     router_steps = sizes.router_steps if router_steps is None else router_steps

@@ -55,6 +55,12 @@ DEMO = StudySizes(steps=300, batch_size=16, seq_len=128, lr=3e-3, n_sequences=40
 QUICK = StudySizes(steps=20, batch_size=8, seq_len=32, lr=3e-3, n_sequences=8, oracle_len=24,
                    router_steps=8, router_batch=2, n_tokens_synth=20_000, synth_steps=10,
                    n_boot=200)
+# FULL is `make study` (--full): 200 holdout sequences (100 to evaluate) per holdout and ten
+# times the demo's training, sized (from the demo's measured costs) to about 90 minutes on 2
+# CPU cores with --seeds 3 --null-control; not yet run end to end in the session that set it.
+FULL = StudySizes(steps=3000, batch_size=16, seq_len=128, lr=3e-3, n_sequences=200,
+                  oracle_len=96, router_steps=100, router_batch=4, n_tokens_synth=400_000,
+                  synth_steps=2000, n_boot=1000, synth_keys=128)
 
 # (p_skip, p_small, p_big) of random-routing training. The paper trains big/small at 0.5
 # each; a skip share is added so the skip oracles (Figures 2d, 3d) route a model that has
