@@ -35,10 +35,11 @@ PY := $(VENV)/bin/python
 READY := $(VENV)/.duollm-installed
 endif
 
-.PHONY: demo test lint bench clean help test-latest test-oldest lock
+.PHONY: demo study test lint bench clean help test-latest test-oldest lock
 
 help:
 	@echo "make demo   - run the Duo-LLM study on the embedded corpus (bootstraps $(or $(VENV),the system python))"
+	@echo "make study  - the full study: 3 seeds, null control (about 90 min on 2 cores)"
 	@echo "make test   - run the test suite (CPU; Triton kernels in the interpreter)"
 	@echo "make lint   - ruff check duollm kernels tests benchmarks (rules in pyproject.toml)"
 	@echo "make bench  - run the CPU microbenchmarks (pytest-benchmark)"
@@ -67,6 +68,13 @@ $(VENV)/.duollm-installed: setup.py Makefile $(LOCK)
 
 demo: $(READY)
 	$(PY) -m duollm study --out runs/demo $(DEMO_ARGS)
+
+# The full study (issue 16): 3 training seeds, 100 evaluation sequences per holdout, the null
+# control, the memory-task check; sized to about 90 minutes on 2 CPU cores (docs/study.md).
+# Writes report.md, verdicts.json, results.json and the plots to be committed with this command.
+study: $(READY)
+	$(PY) -m duollm study --full --seeds 3 --null-control --overwrite \
+		--out benchmarks/results/cpu-study-full $(STUDY_ARGS)
 
 test: $(READY)
 	$(PY) -m pytest $(PYTEST_ARGS)
