@@ -119,7 +119,13 @@ def check_convertible(option: str, path: str, d_small: int) -> None:
     import transformers
 
     from duollm import hf
+    from duollm.hf.export import converted_weight_names
 
+    converted = converted_weight_names(path)  # weight names only: nothing is loaded
+    if converted:  # converting it again would replace its small paths
+        raise UsageError(option, f"{path} holds a converted model's weights ({converted[0]}) "
+                                 f"but no {SPEC_FILE}, the record needed to load it; put it "
+                                 f"back")
     try:
         config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
         with torch.device("meta"):

@@ -680,7 +680,8 @@ def export_dirs(tmp_path_factory):
     save_checkpoint(root / "module", torch.nn.Linear(2, 2))
     hf_models.llama().save_pretrained(root / "plain")
     hf.save_converted(hf.convert(hf_models.llama(), 8), root / "conv")
-    hf.save_converted(hf.convert(hf_models.llama(), 8), root / "norecord")
+    # a byte vocabulary: without the refusal, convert and train --hf would run on it
+    hf.save_converted(hf.convert(hf_models.llama(vocab_size=256), 8), root / "norecord")
     os.remove(root / "norecord" / "duollm.json")
     return root
 
@@ -726,6 +727,20 @@ def test_export_refuses_before_any_work(argv, option, fragments, export_dirs, wo
         assert fragment in err, err
     assert len(err.strip().splitlines()) <= 2 and "Traceback" not in err + out
     assert _tree(workdir) == before and _tree(export_dirs) == dirs_before
+
+
+@pytest.mark.parametrize("argv,option", [
+    (["convert", "{x}/norecord", "--d-small", "4", "--out", "o"], "PATH"),
+    (["train", "--hf", "{x}/norecord", "--d-small", "4", "--out", "o", "--steps", "1"], "--hf"),
+])
+def test_a_converted_folder_without_its_record_is_not_converted_again(
+        argv, option, export_dirs, workdir, no_work, capsys):
+    argv = [a.replace("{x}", str(export_dirs)) for a in argv]
+    code = cli.main(argv)
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith(f"duollm {argv[0]}: error: {option}: "), err
+    assert "no duollm.json" in err and "mlp.small" in err
+    assert not (workdir / "o").exists()
 
 
 def test_export_of_a_tampered_converted_folder_exits_2(export_dirs, workdir, capsys):
