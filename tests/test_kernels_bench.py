@@ -19,7 +19,7 @@ def _dry_run(tmp_path, sections):
                            "--dry-run", "--out", str(tmp_path), "--sections", sections],
                           env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    rows = json.loads((tmp_path / "kernels.json").read_text())["rows"]
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
     errors = [(r["name"], r.get("impl"), r["error"]) for r in rows if r.get("error")]
     assert not errors, errors
     bad = [(r["name"], r.get("impl"), r.get("mix"), r["max_rel_err"]) for r in rows
