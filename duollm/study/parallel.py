@@ -26,7 +26,7 @@ from .. import distributed
 from ..oracle import OracleResult, PatternTable, pattern_losses, search
 
 
-def _device_of(model) -> str:
+def device_of(model) -> str:
     """"cuda" or "cpu": where the model (a module or a ``RoutedStack``) runs."""
     from ..stack import RoutedStack
 
@@ -82,7 +82,7 @@ def sharded_search(model, tokens: torch.Tensor, budget, granularity: str = "sequ
                          "ranks prefixes over the whole batch, so sharding its sequences "
                          "would change the result; use method='exhaustive', or "
                          "duollm.oracle.search in one process")
-    info = distributed.join(_device_of(model))
+    info = distributed.join(device_of(model))
     if not info.enabled:
         return search(model, tokens, budget, granularity, method, skip, base, **kwargs)
     t0 = time.perf_counter()
@@ -109,7 +109,7 @@ def sharded_pattern_losses(model, tokens: torch.Tensor, granularity: str = "sequ
     Returns on every rank the whole batch's ``PatternTable`` (``losses`` (n, B, T-1), CPU),
     whose ``.select(budget)`` gives any budget's oracle as one process's table does.
     """
-    info = distributed.join(_device_of(model))
+    info = distributed.join(device_of(model))
     if not info.enabled:
         return pattern_losses(model, tokens, granularity, skip, base, **kwargs)
     t0 = time.perf_counter()

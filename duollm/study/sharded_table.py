@@ -1,0 +1,210 @@
+"""The study's oracle table with memory per rank that shrinks with the ranks, and resumable.
+
+``duollm.study.parallel.sharded_pattern_losses`` walks a share of the sequences on each
+``torchrun`` rank and then gathers the whole float64 table (patterns x sequences x positions)
+onto every rank: at the paper's size (4,096 patterns x 1,024 x 1,024 positions, twice) that is
+about 137 GB per holdout on each. Here each rank keeps only its own sequences' losses
+(``LocalTable``) and the ranks exchange *sufficient statistics*, each far smaller than the
+table and independent of the number of ranks:
+
+* ``seq_means``: the mean loss of every pattern on every sequence, (n, B): the best fixed and
+  random patterns (chosen on the selection split), all big, all small, and every bootstrap
+  over sequences (a bootstrap resamples sequences, so per-sequence values suffice);
+* ``oracle(mask)``: the per-token minimum over the allowed patterns and its argmin, (B, T-1)
+  each, for a per-pattern or per-position (budget) mask: the oracle's losses, its usage per
+  layer and position (``patterns[argmin]``), and the per-position budgets;
+* ``token_losses(i)``: one pattern's per-token losses (B, T-1): the small-model loss of the
+  difficulty analysis.
+
+Every gathered statistic is computed on the rank that holds the sequence, with the same
+operations one process applies, and concatenated in sequence order, so two ranks give
+exactly (bit for bit) what one process gives.
+
+Resume: with ``checkpoint_dir`` the walk runs in chunks of ``chunk`` sequences (at global
+offsets, so any number of ranks reads the same files) and saves each finished chunk's losses
+atomically (``rows_<start>_<stop>.pt``, with its tokens to refuse another job's files). A run
+killed midway (even by SIGKILL) redoes only the chunks it had not saved.
+
+Memory per rank: its share of the table, ``n * ceil(B / R) * (T-1) * 4`` bytes (float32, as
+the walk returns it), plus the gathered statistics, ``8 * n * B + 16 * B * (T-1)`` bytes per
+mask asked, plus one chunk's walk. See docs/study.md for the measured figures.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import uuid
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
+
+import torch
+
+from .. import distributed
+from ..reference import BIG, SKIP, SMALL
+
+__all__ = ["LocalTable", "build_local_table", "chunk_ranges"]
+
+
+def chunk_ranges(n_sequences: int, chunk: int) -> List[Tuple[int, int]]:
+    """[(start, stop)] of consecutive chunks of ``chunk`` sequences covering ``n_sequences``."""
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"chunk: expected a positive int, got {chunk!r}")
+    return [(s, min(s + chunk, n_sequences)) for s in range(0, n_sequences, chunk)]
+
+
+def _digest(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+
+
+@dataclass
+class LocalTable:
+    """This rank's part of the pattern table and the collective reductions over all parts.
+
+    Fields: ``patterns`` (n, L) int64; ``losses`` (n, b, T-1) float32 of this rank's
+    sequences ``rows`` (a range of global sequence indices); ``n_sequences`` (B, all ranks);
+    ``info`` (the process group; one process when not enabled). Every method that returns a
+    statistic over all sequences is collective: every rank must call it, in the same order.
+    """
+
+    patterns: torch.Tensor
+    losses: torch.Tensor
+    rows: range
+    n_sequences: int
+    info: distributed.DistInfo
+
+    @property
+    def L(self) -> int:
+        return int(self.patterns.shape[1])
+
+    @property
+    def table_bytes(self) -> int:
+        """Bytes of this rank's losses (what grows with the job and shrinks with the ranks)."""
+        return self.losses.numel() * self.losses.element_size()
+
+    def index(self, pattern) -> int:
+        hit = (self.patterns == torch.as_tensor(list(pattern))).all(1).nonzero()
+        if hit.numel() == 0:
+            raise ValueError(f"pattern {list(pattern)} is not in the table")
+        return int(hit[0])
+
+    def mask(self, big: Optional[int] = None, at_most: bool = False, small: bool = True,
+             skip: bool = False) -> torch.Tensor:
+        """(n,) patterns with exactly (or at most) ``big`` big layers (as
+        ``duollm.study.stages.PatternLosses.mask``)."""
+        n_big = (self.patterns == BIG).sum(1)
+        m = torch.ones(self.patterns.shape[0], dtype=torch.bool)
+        if big is not None:
+            m &= (n_big <= big) if at_most else (n_big == big)
+        if not small:
+            m &= (self.patterns == SMALL).sum(1) == 0
+        if not skip:
+            m &= (self.patterns == SKIP).sum(1) == 0
+        return m
+
+    def _gather_rows(self, local: torch.Tensor, dim: int) -> torch.Tensor:
+        """Per-rank pieces along the sequence dimension ``dim``, in sequence order."""
+        parts = distributed.gather_objects(self.info, local.cpu())
+        return torch.cat(parts, dim=dim)
+
+    def seq_means(self) -> torch.Tensor:
+        """(n, B) float64: every pattern's mean loss on every sequence."""
+        local = self.losses.double().mean(2) if self.losses.shape[1] else \
+            torch.zeros(self.patterns.shape[0], 0, dtype=torch.float64)
+        return self._gather_rows(local, 1)
+
+    def oracle(self, mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The paper's token oracle over the allowed patterns, for all sequences.
+
+        Args: mask (n,) or (n, T-1) (a per-position budget).
+        Returns: (loss (B, T-1) float64, chosen pattern index (B, T-1) int64).
+        """
+        if not bool(mask.any(0).all()):
+            raise ValueError("mask: some position has no allowed pattern")
+        m = mask[:, None, :] if mask.dim() == 2 else mask[:, None, None]
+        b, t = self.losses.shape[1], self.losses.shape[2]
+        loss = torch.empty(b, t, dtype=torch.float64)
+        idx = torch.empty(b, t, dtype=torch.int64)
+        for j in range(b):  # one sequence at a time: a float64 copy of (n, T-1), not (n, b, T-1)
+            tab = torch.where(m[:, 0], self.losses[:, j].double(),
+                              torch.full((), float("inf"), dtype=torch.float64))
+            loss[j], idx[j] = tab.min(0)
+        return self._gather_rows(loss, 0), self._gather_rows(idx, 0)
+
+    def token_losses(self, i: int) -> torch.Tensor:
+        """(B, T-1) float64: pattern ``i``'s per-token losses."""
+        return self._gather_rows(self.losses[i].double(), 0)
+
+
+def _walk(model, tokens: torch.Tensor, full: Optional[bool]):
+    """(patterns, losses float32) of ``tokens`` in this process: ``stages.pattern_table``'s
+    walks (one 3^L walk, or big/small and big/skip 2^L walks), without sharding."""
+    from ..oracle import pattern_losses
+    from ..stack import as_stack
+    from .stages import FULL_SKIP_LIMIT
+
+    L = as_stack(model).n_layers
+    full = 3 ** L <= FULL_SKIP_LIMIT if full is None else full
+    if full:
+        tab = pattern_losses(model, tokens, "token", base="pattern", skip=True)
+        return tab.patterns.cpu(), tab.losses.float().cpu()
+    a = pattern_losses(model, tokens, "token", base="pattern", paths=(SMALL, BIG))
+    b = pattern_losses(model, tokens, "token", base="pattern", paths=(SKIP, BIG))
+    keep = (b.patterns == SKIP).any(1)  # all big is in both walks
+    return (torch.cat([a.patterns, b.patterns[keep]]).cpu(),
+            torch.cat([a.losses, b.losses[keep]]).float().cpu())
+
+
+def build_local_table(model, tokens: torch.Tensor, full: Optional[bool] = None,
+                      checkpoint_dir: Optional[str] = None, chunk: int = 8,
+                      log=None) -> LocalTable:
+    """Walk this rank's sequences of ``tokens`` (B, T) and keep only their losses.
+
+    Under ``torchrun`` the ``ceil(B / chunk)`` chunks are shared among the ranks as
+    ``duollm.distributed.shard_range`` shares items (contiguous, sizes differing by one);
+    in one process it walks them all. ``checkpoint_dir``: save each finished chunk there and
+    reuse the chunks found (their tokens must match: ValueError otherwise).
+    """
+    from .parallel import device_of
+
+    if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2:
+        raise ValueError("tokens: expected a (B, T) integer tensor")
+    info = distributed.join(device_of(model))
+    B = tokens.shape[0]
+    chunks = chunk_ranges(B, chunk)
+    mine = [chunks[i] for i in distributed.shard_range(info, len(chunks))]
+    rows = range(mine[0][0], mine[-1][1]) if mine else range(0)
+    if checkpoint_dir is not None:
+        os.makedirs(checkpoint_dir, exist_ok=True)
+    device = next(iter(model.parameters()), torch.empty(0)).device \
+        if isinstance(model, torch.nn.Module) else torch.device("cpu")
+    pats, parts = None, []
+    for start, stop in mine:
+        piece = tokens[start:stop]
+        path = (os.path.join(checkpoint_dir, f"rows_{start:07d}_{stop:07d}.pt")
+                if checkpoint_dir is not None else None)
+        if path is not None and os.path.isfile(path):
+            saved = torch.load(path, weights_only=True)
+            if saved["tokens_sha256"] != _digest(piece):
+                raise ValueError(f"checkpoint_dir: {path} holds another job's sequences "
+                                 f"{start}..{stop - 1}; use a fresh folder")
+            p, losses = saved["patterns"], saved["losses"]
+            if log is not None:
+                log(f"oracle rows {start}..{stop - 1}: resumed from {path}")
+        else:
+            p, losses = _walk(model, piece.to(device), full)
+            if path is not None:
+                tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+                torch.save({"patterns": p, "losses": losses,
+                            "tokens_sha256": _digest(piece)}, tmp)
+                os.replace(tmp, path)  # a chunk file is whole or absent
+        if pats is not None and not torch.equal(p, pats):
+            raise RuntimeError("chunks walked different patterns")
+        pats = p
+        parts.append(losses)
+    # A rank without sequences still knows the patterns (the same walk on any input).
+    if pats is None:
+        pats, _ = _walk(model, tokens[:1].to(device), full)
+        local = torch.zeros(pats.shape[0], 0, tokens.shape[1] - 1, dtype=torch.float32)
+    else:
+        local = torch.cat(parts, dim=1)
+    return LocalTable(pats, local, rows, B, info)
