@@ -27,6 +27,8 @@ import triton.language as tl
 
 from ._common import (Slot, acc_dtypes, custom_op, int32_guard, interpreting as _interpreting,
                       precision)
+from .decode import DECODE_MAX_N
+from .duo_ffn import DECODE, duo_ffn, parse_mode
 from .ffn_gemm import down_fwd, gateup_fwd
 from .ffn_gemm_bwd import ffn_bwd
 
@@ -184,3 +186,43 @@ def swiglu_ffn(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
     Differentiable in all four inputs; registered as ``torch.ops.duollm.swiglu_ffn_fwd``.
     """
     return _swiglu_ffn_op(x, w_gate, w_up, w_down)
+
+
+_ZERO_ROUTES = {}  # device -> (DECODE_MAX_N,) int32 zeros: the routes of a one-path call
+
+
+def _zero_routes(n: int, device: torch.device) -> torch.Tensor:
+    """(n,) zeros, cached per device (made outside any CUDA-graph capture: a tensor made
+    inside one holds memory whose contents are undefined until the first replay)."""
+    z = _ZERO_ROUTES.get(device)
+    if z is None:
+        z = torch.zeros(DECODE_MAX_N, dtype=torch.int32, device=device)
+        if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            _ZERO_ROUTES[device] = z
+    return z[:n]
+
+
+def one_path(x: torch.Tensor, weights, residual: Optional[torch.Tensor] = None,
+             gate: Optional[torch.Tensor] = None, mode=None) -> torch.Tensor:
+    """Every token on one path (``duollm.ops`` for an int route: policies such as
+    ``generate(routes="big")`` and fixed patterns): ``residual + gate * swiglu(x)``,
+    x (N, d) -> (N, d) in x's dtype, differentiable.
+
+    With the decode path on (``DUOLLM_TRITON_DECODE=1``, or ``mode`` as in ``duo_ffn``) and
+    1 <= N <= ``DECODE_MAX_N``, the decode kernels serve it as they serve a routes tensor (all
+    zeros, one routed slot): two launches over every SM. Otherwise the SwiGLU op, then the
+    gate and residual in torch (in place where autograd allows)."""
+    if parse_mode(mode) & DECODE and 1 <= x.shape[0] <= DECODE_MAX_N:
+        return duo_ffn(x, _zero_routes(x.shape[0], x.device), (tuple(weights),), residual,
+                       gate, mode=mode)
+    y = swiglu_ffn(x, *weights).to(x.dtype)
+    in_place = not (torch.is_grad_enabled() and (y.requires_grad or (
+        residual is not None and residual.requires_grad)))
+    if gate is not None:
+        g = gate.to(y.dtype).unsqueeze(-1)
+        if residual is not None:
+            return torch.addcmul(residual, y, g)
+        return y.mul_(g) if in_place else y * g
+    if residual is None:
+        return y
+    return y.add_(residual) if in_place else residual + y
