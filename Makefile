@@ -35,7 +35,7 @@ PY := $(VENV)/bin/python
 READY := $(VENV)/.duollm-installed
 endif
 
-.PHONY: demo study test lint bench clean help test-latest test-oldest lock
+.PHONY: demo study test lint bench clean help test-latest test-oldest lock compile-check-triton36
 
 help:
 	@echo "make demo   - run the Duo-LLM study on the embedded corpus (bootstraps $(or $(VENV),the system python))"
@@ -84,6 +84,16 @@ lint: $(READY)
 
 bench: $(READY)
 	$(PY) -m pytest benchmarks/ --benchmark-only $(PYTEST_ARGS)
+
+# The sm_90 compile check (registers, spills, shared memory per kernel variant) against
+# Triton 3.6.0, the GPU machine's, as well as the locked Triton: 3.6.0 goes into
+# build/triton36 (pip --target, no dependencies; the package index is needed once) and
+# shadows the locked one through PYTHONPATH; tests/test_kernels_compile.py then runs it too.
+compile-check-triton36: $(READY)
+	test -f build/triton36/triton/__init__.py || \
+		$(PY) -m pip install -q --no-deps --target build/triton36 "triton==3.6.0"
+	env -u TRITON_INTERPRET TRITON_DEFAULT_FP_FUSION=1 PYTHONPATH=build/triton36 \
+		$(PY) tests/triton_compile.py
 
 # Not in CI: each builds its own environment beside .venv (minutes on first use).
 test-latest:

@@ -5,6 +5,17 @@ machine. Run as a script WITHOUT ``TRITON_INTERPRET`` (the interpreter replaces 
 functions); ``tests/test_kernels_compile.py`` does that in a subprocess.
 
     python tests/triton_compile.py [NAME ...]     # all variants by default; exit 1 on failure
+
+Each variant is compiled the way the JIT specialises a launch at the paper's layer: every
+pointer and every shape int that is a multiple of 16 there (``DIV16_INTS``: d, widths, strides,
+split widths) carries the divisibility hint (``tt.divisibility = 16``), ints equal to 1 are
+constants. Without the hints the compiler cannot prove aligned 16-byte loads and emits
+unpipelined variants (no ``cp.async``, little shared memory) that the GPU never runs.
+
+One line per variant: registers per thread, spilled (local) bytes, shared memory (Triton's
+dynamic allocation plus the static one) and whether the PTX has asynchronous copies
+(``cp.async`` or TMA). A variant FAILS on any spill or on shared memory over the sm_90
+per-block limit (227 KB), as well as on a compile error.
 """
 from __future__ import annotations
 
@@ -24,6 +35,21 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)  # an H100/H200
+SM90_SHARED_MAX = 227 * 1024  # bytes of shared memory one block may use on sm_90
+# ints that are multiples of 16 at the paper's layer (d 2560, widths 640 / 10240): the JIT
+# marks them divisible by 16 (token counts, routes, item counts stay unhinted)
+DIV16_INTS = {"d", "stride_h", "stride_p", *(f"{p}{i}" for p in ("W", "K", "KC", "O")
+                                             for i in range(4))}
+BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+
+
+def _div16_attr():
+    """The attribute the JIT attaches to an argument divisible by 16, as this Triton spells it."""
+    try:
+        from triton.compiler.compiler import make_backend
+        return make_backend(TARGET).parse_attr("D")
+    except (ImportError, AttributeError):  # older spellings: the attribute itself
+        return [["tt.divisibility", 16]]
 
 
 def _mod(name):
@@ -45,9 +71,34 @@ def compile_kernel(fn, const: dict, ptr_types: dict, num_warps=4, num_stages=3):
             sig[n] = "*bf16"
         else:
             sig[n] = "i32"
-    src = ASTSource(fn, sig, constexprs={(names.index(k),): v for k, v in const.items()})
+    div16 = _div16_attr()
+    attrs = {(i,): div16 for i, n in enumerate(names)
+             if sig[n].startswith("*") or (sig[n] == "i32" and n in DIV16_INTS)}
+    src = ASTSource(fn, sig, constexprs={(names.index(k),): v for k, v in const.items()},
+                    attrs=attrs)
     return triton.compile(src, target=TARGET,
                           options=dict(num_warps=num_warps, num_stages=num_stages))
+
+
+def resources(k) -> dict:
+    """Registers, local (spill) and static shared bytes of a compiled kernel (``cuobjdump
+    -res-usage`` on its cubin), its dynamic shared memory and whether it copies asynchronously."""
+    import re
+    import subprocess
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(k.asm["cubin"])
+        f.flush()
+        out = subprocess.run([os.path.join(BIN, "cuobjdump"), "-res-usage", f.name],
+                             capture_output=True, text=True, timeout=60).stdout
+    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", out)
+    if m is None:
+        raise RuntimeError(f"cuobjdump -res-usage: no resource line in {out!r}")
+    reg, stack, static, local = map(int, m.groups())
+    ptx = k.asm["ptx"]
+    return dict(regs=reg, spill=local + stack, shared=k.metadata.shared + static,
+                async_copy="cp.async" in ptx or "cp.async.bulk" in ptx)
 
 
 MMA = dict(UPCAST=False, PREC="tf32", ACC=tl.float32)
@@ -104,6 +155,11 @@ def variants():
             dict(i64, p1_ptr="*fp32", p2_ptr="*fp32"), 8, 3)),
         ("group_one_launch", lambda: compile_kernel(
             grp._group_scatter_kernel, dict(BLOCK_N=4096, P_PAD=4, MODE=2, WRITE_INV=False,
+                                            WRITE_ROUTES=False, HAS_FLAG=True), group_ptrs, 8,
+            1)),
+        # the default path's grouping of up to 4096 tokens in one block
+        ("group_scatter_single_block_4096", lambda: compile_kernel(
+            grp._group_scatter_kernel, dict(BLOCK_N=4096, P_PAD=4, MODE=0, WRITE_INV=False,
                                             WRITE_ROUTES=False, HAS_FLAG=True), group_ptrs, 16,
             1)),
         ("group_scatter_single_block_n1", lambda: compile_kernel(
@@ -114,6 +170,8 @@ def variants():
 
 
 def main(argv) -> int:
+    print(f"triton {triton.__version__}, target sm_{TARGET.arch} ({TARGET.warp_size}-thread "
+          f"warps), divisibility hints as the JIT gives them")
     failed = 0
     for name, thunk in variants():
         if argv and name not in argv:
@@ -121,8 +179,16 @@ def main(argv) -> int:
         t = time.time()
         try:
             k = thunk()
-            print(f"OK   {name} ({time.time() - t:.1f} s, {len(k.asm['cubin'])} B cubin, "
-                  f"{k.metadata.shared} B shared memory)")
+            r = resources(k)
+            why = [w for w, bad in ((f"spills {r['spill']} B", r["spill"] > 0),
+                                    (f"shared memory over the sm_90 limit "
+                                     f"({SM90_SHARED_MAX} B)", r["shared"] > SM90_SHARED_MAX))
+                   if bad]
+            failed += bool(why)
+            print(f"{'FAIL' if why else 'OK  '} {name} regs={r['regs']} spill={r['spill']} "
+                  f"shared={r['shared']} async_copy={'yes' if r['async_copy'] else 'no'} "
+                  f"({time.time() - t:.1f} s, {len(k.asm['cubin'])} B cubin)"
+                  + (f": {'; '.join(why)}" if why else ""))
         except Exception:  # noqa: BLE001 - report every variant, then fail
             failed += 1
             print(f"FAIL {name}")
