@@ -21,9 +21,15 @@ BACKENDS = ["torch", "triton"]
 def device_mode(monkeypatch):
     """The GPU's check mode, on whatever device is here: values stay on the device."""
     monkeypatch.setenv("DUOLLM_CHECK_ROUTES", "device")
-    checks._flags.clear()
+    _clear_flags()
     yield
-    checks._flags.clear()
+    _clear_flags()
+
+
+def _clear_flags():
+    """Every owner's flags (each model has its own, besides the shared ones)."""
+    for owner in list(checks._OWNERS):
+        owner.flags.clear()
 
 
 def _ffn(d=16, d_big=24, d_small=6, seed=0, skip=True):
