@@ -468,6 +468,13 @@ HF_BAD = [
     (["study", "--quick", "--out", "a_dir_full"], "--out", ["not empty", "--overwrite"]),
     (["study", "--quick", "--out", "a_run", "--overwrite"], "--out", ["holds a checkpoint"]),
     (["study", "--quick", "--overwrite"], "--overwrite", ["only applies with --out"]),
+    (["bench", "hf", "{hf}/plain", "--d-model", "64", "--out", "run"], "--d-model",
+     ["with PATH the checkpoint fixes it"]),
+    (["bench", "hf", "{hf}/plain", "--d-small", "88", "--out", "run"], "--d-small",
+     ["below the MLP width 88"]),
+    (["bench", "hf", "{hf}/gpt2", "--out", "run"], "PATH", ["cannot be converted"]),
+    (["bench", "hf", "{hf}/plain", "--seq-len", "4096", "--out", "run"], "--seq-len",
+     ["max_position_embeddings"]),
 ]
 
 
@@ -478,9 +485,11 @@ def test_hf_commands_refuse_before_any_work(argv, option, fragments, hf_dirs, wo
     """Models convert refuses (GPT-2, a biased MLP), train --hf without --out or into its own
     checkpoint, a study text too short for its windows, a non-empty study --out: exit 2, one
     message naming the option, nothing loaded, trained or written (no empty folder either)."""
+    import duollm.bench.hf_bench as hf_bench
     import duollm.study.pipeline as pipeline
 
     monkeypatch.setattr(pipeline, "run_study", lambda *a, **k: pytest.fail("study started"))
+    monkeypatch.setattr(hf_bench, "load_source", lambda *a, **k: pytest.fail("bench loaded"))
     (workdir / "a_dir_full").mkdir()
     (workdir / "a_dir_full" / "notes.txt").write_text("mine")
     (workdir / "a_run" / "step_0000002").mkdir(parents=True)
@@ -489,7 +498,8 @@ def test_hf_commands_refuse_before_any_work(argv, option, fragments, hf_dirs, wo
     code = cli.main(argv)
     out, err = capsys.readouterr()
     assert code == usage.EXIT_USAGE, (out, err)
-    assert err.startswith(f"duollm {argv[0]}: error: {option}: "), err
+    command = " ".join(argv[:2]) if argv[0] == "bench" else argv[0]
+    assert err.startswith(f"duollm {command}: error: {option}: "), err
     for fragment in fragments:
         assert fragment in err, err
     assert len(err.strip().splitlines()) <= 2 and "Traceback" not in err + out

@@ -57,3 +57,38 @@ def test_bad_options_exit_2(tmp_path, capsys, argv, option):
     err = capsys.readouterr().err
     assert option in err and "Traceback" not in err
     assert not (tmp_path / "o").exists()
+
+
+def test_bench_hf_path_measures_the_users_checkpoint_and_plots_it(tmp_path, capsys):
+    """``bench hf PATH``: a train --hf run folder (its newest step's converted model) and a
+    plain checkpoint (converted in the run): the rows describe that model, not a random one,
+    and a PNG of tokens/s per candidate and phase is written beside the CSV/JSON."""
+    import hf_models
+    from duollm import hf
+
+    plain = tmp_path / "plain"
+    hf_models.llama(vocab_size=256).save_pretrained(plain)
+    conv = hf.convert(hf_models.llama(vocab_size=256), 8)
+    hf.save_converted(conv, tmp_path / "run" / "step_0000004" / "model")
+    (tmp_path / "run" / "step_0000004" / "meta.json").write_text("{}")  # a complete step
+    capsys.readouterr()
+    for path, d_small in ((tmp_path / "run", 8), (plain, hf_models.D_FF // 16)):
+        out = tmp_path / f"bench-{path.name}"
+        assert main(["bench", "hf", str(path), "--quick", "--repeats", "1", "--budget", "0.01",
+                     "--out", str(out)]) == 0
+        (json_path,) = glob.glob(str(out / "hf-*.json"))
+        with open(json_path) as f:
+            data = json.load(f)
+        env = data["env"]
+        assert env["d_model"] == hf_models.D_MODEL and env["d_big"] == hf_models.D_FF
+        assert env["n_layers"] == hf_models.N_LAYERS and env["vocab"] == 256
+        assert env["d_small"] == d_small and env["family"] == "llama"
+        assert env["checkpoint"].startswith(str(path))
+        rows = rows_of(data["rows"])
+        assert {r.impl for r in rows} == {"original", "ideal", "converted", "big", "small",
+                                          "1/12"}
+        assert not any(r.error for r in rows) and all(r.d_small == d_small for r in rows)
+        (png,) = glob.glob(str(out / "hf-*.png"))
+        with open(png, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+        assert png in capsys.readouterr().out

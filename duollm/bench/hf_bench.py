@@ -19,6 +19,15 @@ routed candidates use the default dispatch, or run once per ``--backends`` name 
 ``vs_original`` is the original's time over this candidate's; for ``small``, ``vs_ideal`` is
 the ideal's time over this one's (the share of the ideal all-small speedup realised).
 
+With ``PATH`` (a local checkpoint: plain, a ``duollm convert`` folder, or a ``train --hf``
+run or step folder) the models are the user's own: ``original`` is the checkpoint as
+``transformers`` loads it (a converted folder stores its big paths under the original names),
+``converted`` its converted save (or the original converted here with ``--d-small``, pruned by
+weights) and ``ideal`` a random model of its class with ``intermediate_size = d_small``.
+
+Besides the CSV/JSON a PNG plot shows every candidate's tokens/s per phase (``--no-plots``:
+none).
+
 Target (docs/speed.md): ``converted`` and ``big`` at least 0.95x the original.
 """
 from __future__ import annotations
@@ -76,9 +85,19 @@ class HFBenchRow:
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
+    p.description = ("A converted Hugging Face model against the original: prefill tokens/s "
+                     "and greedy decode tokens/s at all-big, all-small and 1/12 big, beside "
+                     "the original and the ideal (an unconverted model with d_small-wide "
+                     "MLPs). Without PATH the models are random (--family, sizes); with "
+                     "PATH they are your checkpoint. Writes CSV/JSON and a PNG plot.")
+    p.add_argument("path", nargs="?", default=None, metavar="PATH",
+                   help="benchmark this local checkpoint instead of a random model: a plain "
+                        "HF checkpoint (converted here with --d-small, pruned), a duollm "
+                        "convert folder, or a train --hf run or step folder (its newest "
+                        "complete step)")
     add_device_args(p)
-    p.add_argument("--family", default="llama", choices=sorted(FAMILIES),
-                   help="transformers model family (default: %(default)s)")
+    p.add_argument("--family", default=None, choices=sorted(FAMILIES),
+                   help="transformers model family of the random model (default: llama)")
     p.add_argument("--n-layers", type=int, default=None, help="decoder layers (default: 4)")
     p.add_argument("--d-model", type=int, default=None,
                    help="hidden size (default: 512 on the CPU, 2048 on a GPU)")
@@ -86,7 +105,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="MLP width of the original (default: 4 x d-model)")
     p.add_argument("--d-small", type=int, default=None,
                    help="small path width (default: d-big / 16, the paper's ratio)")
-    p.add_argument("--vocab", type=int, default=4096, help="vocabulary (default: %(default)s)")
+    p.add_argument("--vocab", type=int, default=None,
+                   help="vocabulary of the random model (default: 4096)")
     p.add_argument("--batch", type=int, default=None,
                    help="prefill sequences (default: 2); decode uses 1")
     p.add_argument("--seq-len", type=int, default=None,
@@ -169,6 +189,82 @@ class ThresholdRouter:
         return int(self.n_big) / self.n if self.n else float("nan")
 
 
+# Options that shape the random model: a checkpoint (PATH) fixes them.
+RANDOM_MODEL_OPTIONS = (("family", "--family"), ("n_layers", "--n-layers"),
+                        ("d_model", "--d-model"), ("d_big", "--d-big"), ("vocab", "--vocab"))
+
+
+@dataclass
+class Source:
+    """What ``duollm bench hf PATH`` measures, settled before anything is loaded."""
+
+    path: str                # the folder read (a run folder resolved to its newest step)
+    config: dict             # its config.json
+    converted: bool          # a duollm convert / train --hf folder
+    d_small: int
+
+
+def check_source(args: argparse.Namespace) -> Optional[Source]:
+    """Check ``PATH`` and the options beside it (UsageError); None without PATH."""
+    if args.path is None:
+        return None
+    from ..hf_cli import (SPEC_FILE, check_checkpoint, check_convertible, check_d_small,
+                          require_transformers)
+    from ..runs import resolve_model_folder
+
+    for dest, flag in RANDOM_MODEL_OPTIONS:
+        if getattr(args, dest) is not None:
+            raise UsageError(flag, "shapes the random model; with PATH the checkpoint fixes "
+                                   "it: drop it")
+    ckpt = check_checkpoint("PATH", resolve_model_folder(args.path, "config.json", "model"))
+    require_transformers("PATH")
+    if ckpt.converted:
+        import json
+        import os
+
+        with open(os.path.join(ckpt.path, SPEC_FILE)) as f:
+            d_small = json.load(f).get("d_small")
+        if args.d_small is not None and args.d_small != d_small:
+            raise UsageError("--d-small", f"{ckpt.path} is converted with d_small {d_small}; "
+                                          f"drop --d-small or give {d_small}")
+    else:
+        if ckpt.d_big is None:
+            check_convertible("PATH", ckpt.path, args.d_small or 1)  # GPT-2...: say why
+            raise UsageError("PATH", f"{ckpt.path}'s config.json gives no intermediate_size")
+        d_small = check_d_small("--d-small", args.d_small or max(1, ckpt.d_big // 16), ckpt)
+        check_convertible("PATH", ckpt.path, d_small)
+    return Source(path=ckpt.path, config=ckpt.config, converted=ckpt.converted,
+                  d_small=d_small)
+
+
+def load_source(src: Source, dtype: torch.dtype, device: torch.device):
+    """``(original, ideal, converted)`` for a checkpoint: the original as ``transformers``
+    loads it (a converted folder's big paths are stored under the original names), the ideal
+    a random model of its class with ``intermediate_size = d_small``, and the converted model
+    (loaded, or the original converted here, pruned by weights)."""
+    import transformers
+
+    from .. import hf
+
+    quiet = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # a converted folder's small weights: unused
+    try:
+        original = transformers.AutoModelForCausalLM.from_pretrained(
+            src.path, dtype=dtype, local_files_only=True).to(device).eval()
+    finally:
+        transformers.logging.set_verbosity(quiet)
+    config = copy.deepcopy(original.config)
+    config.intermediate_size = src.d_small
+    with torch.device(device):
+        ideal = transformers.AutoModelForCausalLM.from_config(config)
+    ideal = ideal.to(dtype).eval()
+    if src.converted:
+        converted = hf.load_converted(src.path, dtype=dtype, device=device)
+    else:
+        converted = hf.convert(copy.deepcopy(original), src.d_small, init="prune")
+    return original, ideal, converted
+
+
 def _check(args: argparse.Namespace) -> None:
     check_number_args(args, ints=("--n-layers", "--d-model", "--d-big", "--d-small", "--vocab",
                                   "--batch", "--seq-len", "--prompt", "--new-tokens",
@@ -186,18 +282,35 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     _check(args)
+    src = check_source(args)  # PATH: the user's checkpoint instead of a random model
     gpu = device.type == "cuda"
-    n_layers = args.n_layers or (2 if args.quick else 4)
-    d_model = args.d_model or (64 if args.quick else 2048 if gpu else 512)
-    if d_model % max(1, d_model // 64):
-        raise UsageError("--d-model", "expected a multiple of 64 (heads of 64)")
-    d_big = args.d_big or 4 * d_model
-    d_small = args.d_small or max(1, d_big // 16)
-    if d_small >= d_big:
-        raise UsageError("--d-small", f"expected a width below --d-big {d_big}, got {d_small}")
+    if src is None:
+        family, vocab = args.family or "llama", args.vocab or 4096
+        n_layers = args.n_layers or (2 if args.quick else 4)
+        d_model = args.d_model or (64 if args.quick else 2048 if gpu else 512)
+        if d_model % max(1, d_model // 64):
+            raise UsageError("--d-model", "expected a multiple of 64 (heads of 64)")
+        d_big = args.d_big or 4 * d_model
+        d_small = args.d_small or max(1, d_big // 16)
+        if d_small >= d_big:
+            raise UsageError("--d-small", f"expected a width below --d-big {d_big}, got "
+                                          f"{d_small}")
+    else:
+        c = src.config
+        family, vocab = str(c.get("model_type", "?")), int(c["vocab_size"])
+        n_layers, d_model = int(c["num_hidden_layers"]), int(c["hidden_size"])
+        d_big, d_small = int(c["intermediate_size"]), src.d_small
     B = args.batch or 2
     T = args.seq_len or (32 if args.quick else 2048 if gpu else 256)
     new_tokens = 4 if args.quick else args.new_tokens
+    max_pos = src.config.get("max_position_embeddings") if src is not None else None
+    if isinstance(max_pos, int):
+        if T > max_pos:
+            raise UsageError("--seq-len", f"expected at most {max_pos} (the checkpoint's "
+                                          f"max_position_embeddings), got {T}")
+        if args.prompt + new_tokens > max_pos:
+            raise UsageError("--prompt", f"--prompt {args.prompt} + {new_tokens} new tokens "
+                                         f"exceed the checkpoint's {max_pos} positions")
     # Without --backends the routed candidates use the default dispatch (backend=None), as a
     # user's routing(model, ...) does: all-big then runs the original MLP expression.
     if args.backends is None:
@@ -215,15 +328,19 @@ def run(args: argparse.Namespace) -> int:
 
     from .. import hf
 
-    original = build_model(args.family, n_layers, d_model, d_big, args.vocab, args.seed,
-                           dtype, device)
-    ideal = build_model(args.family, n_layers, d_model, d_small, args.vocab, args.seed + 1,
-                        dtype, device)
-    converted = hf.convert(copy.deepcopy(original), d_small, init="prune")
+    if src is None:
+        original = build_model(family, n_layers, d_model, d_big, vocab, args.seed, dtype,
+                               device)
+        ideal = build_model(family, n_layers, d_model, d_small, vocab, args.seed + 1, dtype,
+                            device)
+        converted = hf.convert(copy.deepcopy(original), d_small, init="prune")
+    else:
+        torch.manual_seed(args.seed + 1)  # the ideal's random weights
+        original, ideal, converted = load_source(src, dtype, device)
     gen = torch.Generator().manual_seed(args.seed)
-    prefill_sets = [torch.randint(0, args.vocab, (B, T), generator=gen).to(device)
+    prefill_sets = [torch.randint(0, vocab, (B, T), generator=gen).to(device)
                     for _ in range(2)]
-    prompts = [torch.randint(0, args.vocab, (1, args.prompt), generator=gen).to(device)
+    prompts = [torch.randint(0, vocab, (1, args.prompt), generator=gen).to(device)
                for _ in range(2)]
 
     def prefill(model, routes=None, backend=None) -> Callable[[int], object]:
@@ -247,8 +364,9 @@ def run(args: argparse.Namespace) -> int:
                     return model.generate(prompts[i % 2], **kw)
         return call
 
-    env = environment(device, dtype, kind="hf", family=args.family, n_layers=n_layers,
-                      d_model=d_model, d_big=d_big, d_small=d_small, vocab=args.vocab,
+    env = environment(device, dtype, kind="hf", family=family, n_layers=n_layers,
+                      d_model=d_model, d_big=d_big, d_small=d_small, vocab=vocab,
+                      checkpoint=None if src is None else src.path,
                       batch=B, seq_len=T, prompt=args.prompt, new_tokens=new_tokens,
                       backends=backends, **settings)
     rows: List[HFBenchRow] = []
@@ -284,7 +402,7 @@ def run(args: argparse.Namespace) -> int:
         for k in list(stats) + list(errors):
             impl, _, b = k.partition("[")
             b = b.rstrip("]") or ("default" if impl in ("big", "small", "1/12") else "-")
-            row = HFBenchRow(phase=phase, impl=impl, backend=b, family=args.family,
+            row = HFBenchRow(phase=phase, impl=impl, backend=b, family=family,
                              n_layers=n_layers, d_model=d_model, d_big=d_big, d_small=d_small,
                              batch=B if phase == "prefill" else 1,
                              tokens=T if phase == "prefill" else new_tokens,
@@ -309,9 +427,14 @@ def run(args: argparse.Namespace) -> int:
                 flush=True)
         gc.collect()
     prefix = f"hf-{str(dtype).replace('torch.', '')}-{stamp()}"
-    json_path, csv_path = write_results(out_dir, prefix, env,
-                                        [dataclasses.asdict(r) for r in rows])
-    print(f"wrote {csv_path} and {json_path}")
+    raw = [dataclasses.asdict(r) for r in rows]
+    json_path, csv_path = write_results(out_dir, prefix, env, raw)
+    written = [csv_path, json_path]
+    if args.plots:
+        from .plots import hf_plot
+
+        written += hf_plot(raw, env, out_dir, prefix)
+    print(f"wrote {', '.join(written[:-1])} and {written[-1]}")
     return 0
 
 

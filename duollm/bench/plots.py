@@ -197,3 +197,44 @@ def frontier_plot(rows: List[Dict], env: Dict, out_dir: str, prefix: str) -> str
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+_HF_COLORS = {"original": "black", "ideal": "tab:gray", "converted": "tab:purple",
+              "big": "tab:blue", "small": "tab:green", "1/12": "tab:orange"}
+
+
+def hf_plot(rows: List[Dict], env: Dict, out_dir: str, prefix: str) -> List[str]:
+    """``duollm bench hf``: tokens/s of every candidate (original, ideal, converted and each
+    routing, per backend), one panel per phase (prefill, decode); ``<prefix>.png``."""
+    rs = [r for r in rows if _ok(r) and r.get("tokens_per_s")
+          and math.isfinite(r["tokens_per_s"])]
+    if not rs:
+        return []
+    phases = list(dict.fromkeys(r["phase"] for r in rs))
+    fig, axes = plt.subplots(1, len(phases), figsize=(5.2 * len(phases), 3.8), squeeze=False)
+    for ax, phase in zip(axes.flat, phases):
+        pr = [r for r in rs if r["phase"] == phase]
+        labels = [r["impl"] + ("" if r["backend"] in ("-", "default") else f"\n[{r['backend']}]")
+                  for r in pr]
+        ax.bar(range(len(pr)), [r["tokens_per_s"] for r in pr],
+               color=[_HF_COLORS.get(r["impl"], "tab:cyan") for r in pr])
+        for i, r in enumerate(pr):
+            if r["impl"] not in ("original", "ideal") and math.isfinite(r["vs_original"]):
+                ax.text(i, r["tokens_per_s"], f"{r['vs_original']:.2f}x", ha="center",
+                        va="bottom", fontsize=7)
+        ax.set_xticks(range(len(pr)))
+        ax.set_xticklabels(labels, fontsize=8)
+        ax.set_ylabel("tokens / s")
+        what = (f"batch {pr[0]['batch']} x {pr[0]['tokens']} tokens" if phase == "prefill"
+                else f"{pr[0]['tokens']} new tokens, batch {pr[0]['batch']}")
+        ax.set_title(f"{phase} ({what})", fontsize=9)
+    model = env.get("checkpoint") or f"random {env.get('family')}"
+    fig.suptitle(f"bench hf: {model}, {env.get('n_layers')} layers, d_model "
+                 f"{env.get('d_model')}, d_big {env.get('d_big')}, d_small {env.get('d_small')}"
+                 f"; {env['device']}, {env['dtype']} (labels: speed vs the original)",
+                 fontsize=9)
+    fig.tight_layout()
+    path = os.path.join(out_dir, f"{prefix}.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]
