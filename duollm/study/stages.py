@@ -357,14 +357,13 @@ def skip_profiles(ev: PatternLosses, router_routes: Optional[torch.Tensor], n_bo
 
 
 def schedules(L: int, n_pos: int) -> Tuple[int, Dict[str, List[int]]]:
-    """Constant k = L/2 and the decreasing/increasing per-position budgets with the same mean
-    (the paper: 6 -> 2 big layers of 12 against a constant 4)."""
-    kc = max(1, L // 2)
-    d = max(1, round(L / 6))
-    hi, lo = min(L, kc + d), max(0, kc - d)
-    x = torch.linspace(hi, lo, n_pos, dtype=torch.float64)
-    dec = torch.floor(x + 0.5).long().tolist()
-    return kc, {"decreasing": dec, "increasing": dec[::-1]}
+    """The paper's Figure 4c setting: a constant round(L/3) big layers against per-position
+    budgets falling (rising) from round(L/3) + round(L/6) to round(L/3) - round(L/6) with the
+    same mean (the paper: 6 -> 2 big layers of 12 against a constant 4). The study used L/2,
+    the oracle's best k, before issue 16; ``duollm.study.verdicts.schedules_l3``."""
+    from .verdicts import schedules_l3
+
+    return schedules_l3(L, n_pos)
 
 
 def position_budget(ev: PatternLosses, n_boot: int, seed: int) -> PositionBudgetResult:
