@@ -763,3 +763,17 @@ def test_export_of_a_tampered_converted_folder_exits_2(export_dirs, workdir, cap
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("duollm export: error: PATH: ") and "dtype" in err, err
     assert not (workdir / "o").exists()
+
+
+def test_study_help_and_readme_give_the_same_demo_time():
+    """The demo's time in ``duollm study --help`` is the README quickstart's measured one."""
+    import re
+
+    from duollm.study.cli import EPILOG
+
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    quiet = re.search(r"\((\d+)m\d+s on 2 quiet CPU cores", readme)
+    shared = re.search(r"about (\d+) minutes when other jobs share the cores", readme)
+    assert quiet and shared, "the README quickstart no longer gives the demo's time"
+    said = re.search(r"about (\d+) min on 2 quiet cores, (\d+) when shared", EPILOG)
+    assert said and said.groups() == (quiet.group(1), shared.group(1))

@@ -22,7 +22,8 @@ CPU_LAYERS = 8
 EPILOG = """\
 examples:
   duollm study --quick                      the whole pipeline in seconds (tiny preset)
-  duollm study --out runs/demo              the demo: small preset (6 layers), ~9 min on 2 cores
+  duollm study --out runs/demo              the demo (make demo): small preset, 6 layers;
+                                            about 3 min on 2 quiet cores, 8 when shared
   duollm study --preset paper-12 --device cuda   the paper's depth (12 layers) on a GPU
   torchrun --nproc_per_node 2 -m duollm study ...   the oracle walks shared among processes
   duollm study ablations --quick            Figure 8's stage-1 ablations (see its --help)
