@@ -18,8 +18,8 @@ import os
 import sys
 from typing import Optional
 
-from duollm.usage import (UsageError, add_threads_arg, apply_thread_rule, check_data_file,
-                          check_device, check_int, check_out_dir, options_of)
+from duollm.usage import (UsageError, add_threads_arg, apply_thread_rule, check_device,
+                          check_int, check_out_dir)
 
 DTYPES = ("float32", "bfloat16", "float16")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
