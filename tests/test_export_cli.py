@@ -100,3 +100,20 @@ def test_export_of_a_train_hf_run_takes_the_newest_steps_model(tmp_path, capsys)
         got = plain(H.tokens()).logits
     assert torch.equal(got, _routed_logits(late, "small"))
     assert not torch.equal(got, _routed_logits(early, "small"))
+
+
+def test_duollm_export_runs_as_a_program_from_the_checkout(tmp_path):
+    """python -m duollm export from the checkout root (where kernels/ must not shadow the
+    installed distribution transformers imports): exit 0 and a loadable checkpoint."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    hf.save_converted(_converted(), tmp_path / "conv")
+    proc = subprocess.run([sys.executable, "-m", "duollm", "export", str(tmp_path / "conv"),
+                           "--which", "small", "--out", str(tmp_path / "x")],
+                          capture_output=True, text=True, cwd=root, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "all-small" in proc.stdout and "Traceback" not in proc.stderr
+    config = transformers.AutoConfig.from_pretrained(tmp_path / "x")
+    assert config.intermediate_size == 16 and config.architectures == ["Qwen3ForCausalLM"]

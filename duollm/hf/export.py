@@ -370,7 +370,7 @@ def load_converted(path: PathLike, *, dtype: Optional[torch.dtype] = None,
         convert(model, record["d_small"], init="empty", skip=record["skip"],
                 probs=tuple(record["probs"]))
     except (TypeError, ValueError) as e:
-        raise ValueError(f"path: {path / SPEC_FILE} does not fit its config.json: {e}") from None
+        raise ValueError(f"path: {path / SPEC_FILE} (with its config.json): {e}") from None
     spec = spec_of(model)
     spec.init = record["init"]
     for field in ("n_layers", "d_model", "d_big"):
