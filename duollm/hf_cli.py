@@ -497,7 +497,6 @@ def run_train_hf(args: argparse.Namespace) -> int:
     from duollm.usage import EXIT_INTERRUPTED
 
     tokenizer = load_tokenizer("--hf", plan.ckpt)
-    announce_tokenizer("train --hf", tokenizer, plan.ckpt.path)
     vocab = plan.ckpt.vocab_size or 0
     data = token_data(args.data, tokenizer, vocab, args.val_fraction, "--hf")
     for split, tokens in (("training", data.train), ("validation", data.val)):
@@ -505,6 +504,8 @@ def run_train_hf(args: argparse.Namespace) -> int:
             raise UsageError("--seq-len", f"{cfg.seq_len} needs windows of {cfg.seq_len + 1} "
                                           f"tokens, but the {split} split holds "
                                           f"{tokens.numel()}")
+    # Said once the data is known to fit: a refused command prints its error alone.
+    announce_tokenizer("train --hf", tokenizer, plan.ckpt.path)
     calibration = None
     if plan.d_small is not None and plan.init == "prune":
         calibration = calibration_tokens(DEFAULT_CALIBRATION_TOKENS, tokenizer, vocab,
