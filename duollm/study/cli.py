@@ -136,6 +136,10 @@ def add_study_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true",
                         help="no progress bars or stage lines (bars appear only on a "
                              "terminal anyway)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the oracle's projected time, memory per rank and disk "
+                             "for this job (duollm.study.cost; WORLD_SIZE ranks under "
+                             "torchrun) and exit without running it")
     add_threads_arg(parser)
 
 
@@ -331,6 +335,27 @@ def refusals_as_usage(run):
     return call
 
 
+def dry_run_text(args: argparse.Namespace, device, preset: str) -> str:
+    """``--dry-run``: the projection of the oracle this command would run (after validate)."""
+    from ..shards import is_shard_dir
+    from .cost import describe, project, study_job
+
+    ranks = int(os.environ.get("WORLD_SIZE", "1"))
+    holdouts = 1 if args.data not in ("default", "synthetic") and is_shard_dir(args.data) \
+        else 2
+    job, label = study_job(preset if args.hf is None else None, args.quick,
+                           args.oracle_batch, hf=args.hf, d_small=args.d_small,
+                           n_holdouts=holdouts, ranks=ranks)
+    dev = "cuda" if device.type == "cuda" else "cpu"
+    lines = [describe(job, project(job, dev), label)]
+    if dev == "cpu":
+        gpu = project(job, "cuda")
+        lines.append(f"  on H200s  {gpu.seconds / 60:.2f} min (projection: {gpu.assumption})")
+    lines.append("Not included: stage-1 training, router training and the bootstrap (see "
+                 "docs/study.md). Nothing was run.")
+    return "\n".join(lines)
+
+
 def run_cli(args: argparse.Namespace) -> int:
     """Run ``duollm study`` (or its subcommand) from parsed arguments; 0 on success."""
     run_sub = getattr(args, "study_run", None)
@@ -340,6 +365,10 @@ def run_cli(args: argparse.Namespace) -> int:
     from .pipeline import run_study
 
     device, budgets, preset = validate(args)
+    if getattr(args, "dry_run", False):
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(dry_run_text(args, device, preset))
+        return 0
     d_model = DuoConfig.from_name(preset).d_model if args.hf is None else None
     apply_thread_rule(args.threads, device, d_model)
     res = refusals_as_usage(run_study)(
