@@ -9,8 +9,8 @@ import os
 import sys
 from typing import List, Optional
 
-from ..usage import (UsageError, add_threads_arg, apply_thread_rule, check_data_file,
-                     check_device, check_int, check_out_dir, options_of, show_progress)
+from ..usage import (UsageError, add_threads_arg, apply_thread_rule, check_device, check_int,
+                     check_out_dir, options_of, show_progress)
 
 ABLATIONS = "duollm.study.ablations"
 
@@ -266,8 +266,17 @@ def check_study_data(path: str, quick: bool) -> None:
     from .holdouts import load_holdout
     from .stages import DEMO, QUICK
 
+    from ..shards import is_shard_dir, read_meta
+
     sizes = QUICK if quick else DEMO
     need = max(sizes.seq_len, sizes.oracle_len) + 1
+    if is_shard_dir(path):  # a token shard folder: its held-out shards, counted in meta.json
+        held = read_meta(path)["tokens"]["val"]
+        if held < need:
+            raise UsageError("--data", f"{path}'s held-out shards hold {held} tokens, and a "
+                                       f"{'--quick ' if quick else ''}window needs {need}; "
+                                       f"prepare it with larger or more --val-shards")
+        return
     try:
         held = load_holdout(os.path.basename(path), path=path).val.numel()
     except ValueError as e:  # too short to split at all
@@ -291,7 +300,9 @@ def validate(args: argparse.Namespace):
         raise UsageError("--preset", f"unknown preset {args.preset!r}; choose one of "
                                      f"{', '.join(DuoConfig.presets())}")
     if args.data not in ("default", "synthetic"):
-        check_data_file("--data", args.data)
+        from ..data_cli import check_data_source
+
+        check_data_source("--data", args.data)  # a text file or a token shard folder
     check_out_dir("--out", args.out)
     if args.steps is not None:
         check_int("--steps", args.steps, low=0 if args.hf else 1)
