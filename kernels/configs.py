@@ -65,11 +65,14 @@ TABLE: Dict[Key, GemmConfig] = {
     ("interp", None, None, None, None, None): C(64, 64, 64, 4, 4, 1, 1),
     # --- decode kernels (kernels/decode.py): BM is the weight-row tile (the wide side of
     # the MMA), BN the token tile (narrow side, >= 16 for tl.dot), BK the reduction step.
-    # Unmeasured: first guesses sized to keep every SM streaming weights. The gate/up work
-    # list has cdiv(W, BM) tiles per path with tokens: BM = 32 gives the paper's small path
-    # (W 640) 20 programs and the big one (W 10240) 320.
-    (None, "decode_gateup", "16", None, None, None): C(32, 16, 128, 1, 4, 4, 2),
-    (None, "decode_down", "16", None, None, None): C(64, 16, 128, 1, 4, 4, 2),
+    # Unmeasured: first guesses sized to keep every SM streaming weights. The work lists
+    # (decode.work_plan) split d (gate/up) and the widths (down) in equal pieces of BK
+    # steps: BK = 64 gives d 2560 forty steps, so the paper's small path alone (20 row tiles
+    # of 32) still makes 4 items per SM of an H100, and down pieces as narrow as 64 columns
+    # (BM = 32: 80 d tiles). programs_per_sm is the most; fewer where the shared memory of
+    # num_stages buffers does not fit (decode.programs_per_sm).
+    (None, "decode_gateup", "16", None, None, None): C(32, 16, 64, 1, 4, 4, 2),
+    (None, "decode_down", "16", None, None, None): C(32, 16, 64, 1, 4, 4, 2),
     (None, "decode_gateup", None, None, None, None): C(64, 16, 64, 1, 4, 3, 2),
     (None, "decode_down", None, None, None, None): C(64, 16, 64, 1, 4, 3, 2),
     # --- fp64 (rare): small tiles, 2 stages keep 5 fp64 tiles in shared memory

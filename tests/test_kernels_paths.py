@@ -57,11 +57,10 @@ def test_decode_split_k_several_d_tiles(device):
     (a ragged last split) and the gate/up reduction over d too, so the last-arriver
     reductions sum several partials per tile."""
     N, d, widths = 11, 70, (0, 72, 200)
-    n_dt = -(-d // 64)
-    splits = [decode._splits(w, n_dt, 64, 4) for w in widths[1:]]
-    assert all(s > 1 for s, _ in splits), splits  # the shape really splits K
-    gate_up = decode._plan(N, d, widths[1:], torch.float32, device)[3]
-    assert gate_up[1][0][0] > 1, gate_up  # and the small path's gate/up over d
+    plan = decode._plan(N, d, widths[1:], torch.float32, device)[2]
+    ks, _, k = plan["table"][3]  # both paths active
+    assert all(-(-w // k) > 1 for w in widths[1:]), plan  # the shape really splits K
+    assert ks > 1, plan  # and the gate/up over d
     check(device, torch.float32, N, d, widths, "random", seed=5, fn=_layer("decode"))
 
 

@@ -112,23 +112,26 @@ def variants():
                       counts_ptr="*i64", perm_ptr="*i64", inv_ptr="*i64", routes64_ptr="*i64",
                       flag_ptr="*i32")  # the route-error flag: GPU default ("device" mode)
     return [
-        # decode at N = 1 (N, the small path's route 1 and its single split all constants)
+        # decode at N = 1 (N, the small path's route 1 and the big path's most splits all
+        # constants); the work table's splits are runtime values (kernels/decode.py)
         ("decode_gateup_n1", lambda: compile_kernel(
-            dec._decode_gateup_kernel, dict(N=1, R0=1, KS1=1, NSLOT=2, HAS_FLAG=True, BM=32,
-                                            BN=16, BK=128, **MMA),
-            dict(i64, part_ptr="*fp32", cnt_ptr="*i32", flag_ptr="*i32"), num_stages=4)),
-        ("decode_gateup_no_split", lambda: compile_kernel(
-            dec._decode_gateup_kernel, dict(KS0=1, KS_max=1, NSLOT=1, HAS_FLAG=False, BM=32,
-                                            BN=64, BK=128, **MMA),
-            dict(i64, part_ptr="*fp32", cnt_ptr="*i32", flag_ptr="*i32"), num_stages=4)),
+            dec._decode_gateup_kernel, dict(N=1, R0=1, KSM1=1, NSLOT=2, HAS_FLAG=True, BM=32,
+                                            BN=16, BK=64, CH=8, **MMA),
+            dict(i64, part_ptr="*fp32", cnt_ptr="*i32", plan_ptr="*i32", flag_ptr="*i32"),
+            num_stages=4)),
+        ("decode_gateup_n64_one_slot", lambda: compile_kernel(
+            dec._decode_gateup_kernel, dict(KSM0=1, NSLOT=1, HAS_FLAG=False, BM=32, BN=64,
+                                            BK=64, CH=2, **MMA),
+            dict(i64, part_ptr="*fp32", cnt_ptr="*i32", plan_ptr="*i32", flag_ptr="*i32"),
+            num_stages=4)),
         ("decode_down_n1", lambda: compile_kernel(
-            dec._decode_down_kernel, dict(N=1, R0=1, S0=1, NSLOT=2, HAS_RES=True,
-                                          HAS_GATE=True, BM=64, BN=16, BK=128, **MMA),
-            dict(i64, part_ptr="*fp32", cnt_ptr="*i32"), num_stages=4)),
+            dec._decode_down_kernel, dict(N=1, R0=1, NSLOT=2, HAS_RES=True, HAS_GATE=True,
+                                          BM=32, BN=16, BK=64, CH=8, **MMA),
+            dict(i64, part_ptr="*fp32", cnt_ptr="*i32", plan_ptr="*i32"), num_stages=4)),
         ("decode_down_n64_one_slot", lambda: compile_kernel(
             dec._decode_down_kernel, dict(E_max=1, NSLOT=1, HAS_RES=False, HAS_GATE=False,
-                                          BM=64, BN=64, BK=128, **MMA),
-            dict(i64, part_ptr="*fp32", cnt_ptr="*i32"), num_stages=4)),
+                                          BM=32, BN=64, BK=64, CH=2, **MMA),
+            dict(i64, part_ptr="*fp32", cnt_ptr="*i32", plan_ptr="*i32"), num_stages=4)),
         # persistent grouped GEMMs: (skip, small, big) with route 1 a constant
         ("gateup_persistent", lambda: compile_kernel(
             fwd._gateup_fwd_kernel, dict(R0=1, NSLOT=2, ROUTED=True, PERSISTENT=True, BM=128,
