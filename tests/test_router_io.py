@@ -236,3 +236,21 @@ def test_router_round_trips_through_a_converted_folder_and_routes_generate(tmp_p
     with pytest.raises(ValueError, match="routes: 'router' needs a router"):
         with hf.routing(bare, "router"):
             pass
+
+
+def test_readme_router_example_runs_as_written(tmp_path, monkeypatch):
+    import re
+    import tempfile
+
+    readme = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          "README.md")
+    text = open(readme).read()
+    start = text.index("## Routers that ship with the model")
+    code = re.search(r"```python\n(.*?)```", text[start:text.index("\n## ", start + 1)],
+                     re.DOTALL).group(1)
+    monkeypatch.setattr(tempfile, "mkdtemp", lambda *a, **k: str(tmp_path))
+    ns = {"__name__": "readme_router"}
+    exec(compile(code, "README.md (routers)", "exec"), ns)
+    _assert_same_router(ns["router"], attached_router(ns["again"]))
+    assert ns["out"].shape == (1, 18)
+    assert (tmp_path / "ck" / "router" / "router.json").is_file()

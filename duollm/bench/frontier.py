@@ -515,6 +515,7 @@ def run(args: argparse.Namespace) -> int:
     plan = _plan(args)
     settings = setup_run(args, plan.device)
     t_start = time.perf_counter()
+    load_start = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     tokenizer = None
     if plan.source is None:
         data = _token_data(args, plan, None, 256)
@@ -580,6 +581,8 @@ def run(args: argparse.Namespace) -> int:
                           "FLOPs per token: the FFNs by the realised routes (router included) "
                           "plus the attention projections and the head; attention scores are "
                           "not counted"), **info, **settings)
+    if load_start is not None:  # environment() is called at the end: keep the real start
+        env["loadavg_start"] = load_start
     prefix = f"frontier-{env['dtype']}-{stamp()}"
     json_path, csv_path = write_results(plan.out_dir, prefix, env,
                                         [dataclasses.asdict(r) for r in rows])
