@@ -254,6 +254,11 @@ def test_train_reads_a_shard_folder_with_its_vocabulary(corpus, tokenizer_dir, t
 
     model, _ = load_checkpoint(latest_checkpoint(str(tmp_path / "run")))
     assert model.config.vocab_size == 300  # the tokenizer's, not 256
+    # its ids are the tokenizer's: the study refuses it on byte holdouts, before writing
+    never = tmp_path / "never"
+    err = _usage_error(capsys, ["study", "--checkpoint", str(tmp_path / "run"), "--quick",
+                                "--out", str(never), "--no-progress"], "--data")
+    assert "vocabulary of 300" in err and not never.exists()
     # a folder that is not a shard folder, and a damaged one, are refused up front
     _usage_error(capsys, ["train", "--data", str(tmp_path), "--steps", "1"], "--data")
     os.remove(out / "shard_00000.bin")

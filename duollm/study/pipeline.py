@@ -291,6 +291,11 @@ def run_study(preset: Optional[str] = None, data="default", steps: Optional[int]
             log(f"trained model saved in {os.path.join(out_dir, HF_MODEL_DIR)} (loads with "
                 f"duollm.hf.load_converted)")
     elif checkpoint is not None:
+        if model.config.vocab_size != tdata.vocab_size:  # ids of another tokenizer: garbage
+            raise ValueError(f"data: {checkpoint} was trained on a vocabulary of "
+                             f"{model.config.vocab_size} ids, {tdata.name} has "
+                             f"{tdata.vocab_size}; study it on the data it was trained on "
+                             f"(--data its shard folder)")
         log(f"studying the checkpoint {checkpoint} (step {ckpt_step})")
         source, steps = f"checkpoint:{checkpoint}", int(ckpt_step)
     elif model is None:
