@@ -385,6 +385,24 @@ def test_study_checkpoint_with_null_control(tiny_run_folder, which, tmp_path):
     # every judged verdict has the null's numbers, unless the null model's own
     # precondition failed (then the reason says so, e.g. its gain is zero everywhere)
     assert judged and all((p["null"] is not None and p["vs_null"] is not None)
-                          or v["reason"].startswith("null model:")
+                          or "null model:" in v["reason"]
                           for v in judged for p in v["parts"])
     assert any(v["vs_null"] is not None for v in judged)
+
+
+def test_study_two_seeds_gives_hierarchical_verdicts(tmp_path):
+    """--seeds 2: two models trained (seeds 0 and 1); each verdict's interval covers both
+    seeds' evaluation sequences."""
+    from duollm.study import run_study
+
+    res = run_study(quick=True, steps=3, router_steps=2, n_random=4, oracle_batch=4,
+                    out=str(tmp_path / "s2"), progress=False, synthetic_check=False, seeds=2)
+    assert res.seeds == [0, 1]
+    n_ev = res.holdouts[0].n_evaluation
+    assert res.verdicts and all(v["n_seeds"] == 2 and v["n_sequences"] == 2 * n_ev
+                                for v in res.verdicts)
+    judged = [v for v in res.verdicts if v["parts"]]
+    assert judged and all(p["interval"]["n"] == 2 * n_ev for v in judged for p in v["parts"])
+    assert "hierarchical bootstrap" in (tmp_path / "s2" / "report.md").read_text()
+    with pytest.raises(ValueError, match="seeds"):
+        run_study(quick=True, seeds=0, out=str(tmp_path / "never"), progress=False)

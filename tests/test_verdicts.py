@@ -64,8 +64,10 @@ def test_holm_on_known_p_values():
 def test_holm_downgrades_a_hold_that_does_not_survive_the_family():
     recs = [V.VerdictRecord(str(i), "x", "h", "c", "m", "", "", "", False, 1, 10, [], p,
                             None, S.HOLDS) for i, p in enumerate([0.001, 0.03, 0.04])]
+    recs[1].reason = "null model: its gain is zero"
     V.apply_holm(recs)
     assert [r.verdict for r in recs] == [S.HOLDS, S.UNRESOLVED, S.UNRESOLVED]
+    assert "null model: its gain is zero" in recs[1].reason  # kept beside Holm's note
     assert "Holm" in recs[1].reason and recs[1].p_holm == pytest.approx(0.06)
 
 

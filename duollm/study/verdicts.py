@@ -643,9 +643,10 @@ def apply_holm(records: List[VerdictRecord], alpha: float = ALPHA) -> List[Verdi
     for r, a in zip(records, adj):
         r.p_holm = None if math.isnan(a) else a
         if r.verdict in (S.HOLDS, S.FAILS) and (r.p_holm is None or r.p_holm >= alpha):
-            r.reason = (f"{r.verdict} at 95% on its own, but the Holm-corrected p "
-                        f"{r.p_holm:.3g} across the family of {len(records)} is not below "
-                        f"{alpha}")
+            holm_note = (f"{r.verdict} at 95% on its own, but the Holm-corrected p "
+                         f"{r.p_holm:.3g} across the family of {len(records)} is not below "
+                         f"{alpha}")
+            r.reason = f"{holm_note}; {r.reason}" if r.reason else holm_note
             r.verdict = S.UNRESOLVED
     return records
 
