@@ -250,6 +250,11 @@ def _fwd_plan(kind: str, N: int, d: int, layout: Tuple[Tuple[int, int], ...],
     ``layout`` is the (route, width) of every slot."""
     cfg = gemm_config(kind, dtype, N, device, d, max(w for _, w in layout))
     idx = [i for i, (_, w) in enumerate(layout) if w > 0 or kind == "down"]
+    if persistent and kind == "down":
+        # A down tile costs its slot's width (the K loop): the paper's big and small tiles
+        # differ 16:1. Programs take tiles p, p + grid, ... in slot order, so the widest
+        # slots come first and the cheap tiles fill in at the end (heavy tiles first).
+        idx.sort(key=lambda i: -layout[i][1])
     m_tiles = triton.cdiv(N, cfg.BM)
     launches = []
     for chunk in chunks(idx):

@@ -77,3 +77,24 @@ def test_one_path_decode_gradients_match_the_reference(decode_calls, residual, g
     want.backward(dy)
     for a, b in zip([xs, *w] + ([gs] if gate else []), [xr, *wr] + ([gr] if gate else [])):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.gpu  # CUDA-graph capture needs a CUDA device
+@pytest.mark.parametrize("routes", ["big", "router"])
+def test_generate_cuda_graph_on_the_decode_path(monkeypatch, decode_calls, routes):
+    """generate(cuda_graph=True) with the decode switch on: the captured step runs the decode
+    kernels (a policy through one_path, a router's routes tensor directly) and replays to the
+    tokens the same static-cache arithmetic gives eagerly."""
+    from duollm import BIG, SMALL, DuoConfig, DuoLLM
+
+    monkeypatch.setattr(duo, "ENV_MODE", duo.DECODE)
+    torch.manual_seed(0)
+    model = DuoLLM(DuoConfig.from_name("tiny", n_layers=2)).cuda().eval()
+    tokens = torch.randint(0, model.config.vocab_size, (2, 5), device="cuda")
+    if routes == "router":
+        def routes(i, h):
+            return torch.where(h.sum(-1) > 0, BIG, SMALL)
+    eager = model._generate_cached(tokens, 7, routes, 0.0, None, None, "triton", static=True)
+    assert decode_calls and all(n == 2 for n in decode_calls[-4:])  # batch 2: decode steps
+    graph = model.generate(tokens, 7, routes, backend="triton", cuda_graph=True)
+    assert torch.equal(eager, graph)
