@@ -76,6 +76,9 @@ def test_a_bound_never_rounds_to_zero():
     assert "0.00034" in text and "excludes 0" in text
     assert "excludes" not in V.fmt(S.Interval(0.1, -0.02, 0.3, 10))
     assert V.fmt(S.Interval(1.5, 1.25, 1.75, 10)).startswith("1.500 [1.250, 1.750]")
+    from duollm.study.report import _iv  # every interval of report.md prints this way
+
+    assert _iv(S.Interval(0.0012, 0.00034, 0.0021, 10)) == "0.00120 [0.00034, 0.00210]"
 
 
 def test_hierarchical_bootstrap_covers_seed_to_seed_spread():

@@ -292,11 +292,11 @@ def _router_k(h: HoldoutResult) -> int:
 
 
 def _iv(iv: Optional[Interval], nd: int = 3) -> str:
-    if iv is None:
-        return "-"
-    if math.isnan(iv.low):
-        return f"{iv.estimate:.{nd}f}"
-    return f"{iv.estimate:.{nd}f} [{iv.low:.{nd}f}, {iv.high:.{nd}f}]"
+    """``estimate [low, high]`` with at least ``nd`` decimals and as many more as keep every
+    nonzero number's first two significant digits (a bound of 0.00034 is not "0.000")."""
+    from .verdicts import fmt
+
+    return fmt(iv, nd, zero=False)
 
 
 def _verdict_row(where: str, v: Verdict) -> str:
