@@ -160,3 +160,24 @@ def test_bad_options_exit_2(tmp_path, capsys, argv, option):
                  *argv]) == 2
     assert f"error: {option}: " in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_checkpoint_folder_as_input_with_its_saved_router(tmp_path, capsys):
+    from duollm.checkpoint import save_checkpoint
+    from duollm.routers import LinearRouter
+    from duollm.routes import attach_router
+
+    torch.manual_seed(0)
+    model = DuoLLM(DuoConfig(n_layers=3, d_model=32, n_heads=2, vocab_size=256, d_big=64,
+                             d_small=8, max_seq_len=64))
+    router = LinearRouter(model, (SMALL, BIG))
+    with torch.no_grad():
+        for p in router.parameters():
+            p.normal_(0, 1.0)
+    attach_router(model, router)
+    save_checkpoint(str(tmp_path / "ck"), model)
+    assert main(["bench", "frontier", "--checkpoint", str(tmp_path / "ck"), "--out",
+                 str(tmp_path / "res"), "--device", "cpu", *QUICK[2:]]) == 0
+    data = _check_table(tmp_path / "res", 3)
+    saved = next(r for r in data["rows"] if r["routing"] == "saved router")
+    assert saved["kind"] == "router" and saved["decode_b8_tps"] > 0

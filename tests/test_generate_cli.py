@@ -203,3 +203,16 @@ def test_generate_on_a_converted_hf_folder(capsys, tmp_path):
     code, _, err = _run(capsys, "--hf", str(tmp_path / "conv"), "--prompt", "Hi",
                         "--cuda-graph")
     assert code == 2 and "error: --cuda-graph: " in err
+
+
+def test_a_run_folder_means_its_newest_step(capsys, tmp_path, ckpt):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(ckpt, run / "step_0000001")
+    code, out, _ = _run(capsys, "--checkpoint", str(run), "--prompt", "ab", "--routes",
+                        "router", "--max-new-tokens", "3")
+    assert code == 0
+    model, _ = load_checkpoint(ckpt)
+    ref = model.generate(torch.tensor([list(b"ab")]), 3, routes="router")[0, 2:].tolist()
+    assert out == _text("ab", ref)
