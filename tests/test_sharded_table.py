@@ -157,3 +157,37 @@ def test_sigkill_then_resume_gives_the_same_table(tmp_path):
 
     with pytest.raises(ValueError, match="another job"):
         build(model, tokens.flip(0), chunk=3, checkpoint_dir=str(tmp_path / "ck"))
+
+
+_ONCE_SCRIPT = """
+    import os, sys, torch
+    from duollm import distributed
+    from duollm.study import stages
+    from duollm.study.parallel import once_across_ranks
+    info = distributed.join("cpu")
+    calls = []
+    @once_across_ranks
+    def work(scale):
+        calls.append(1)
+        lin = torch.nn.Linear(3, 2)
+        torch.nn.init.constant_(lin.weight, scale * (1 + info.rank))  # rank-dependent
+        return {"module": lin, "rank": info.rank}
+    out = work(2.0)
+    torch.save({"calls": len(calls), "weight": out["module"].weight.detach(),
+                "from_rank": out["rank"],
+                "wrapped": all(hasattr(f, "__wrapped__")
+                               for f in (stages.train_routers, stages.approx_gaps))},
+               os.path.join(sys.argv[1], f"once{info.rank}.pt"))
+"""
+
+
+def test_work_done_once_across_ranks(tmp_path):
+    """Router training and the beam/greedy comparison run on rank 0 alone under torchrun;
+    the other ranks receive rank 0's result (here a module whose weights name the rank)."""
+    torchrun(_ONCE_SCRIPT, tmp_path, str(tmp_path))
+    r0, r1 = (torch.load(tmp_path / f"once{r}.pt", weights_only=True) for r in (0, 1))
+    assert (r0["calls"], r1["calls"]) == (1, 0)
+    assert r0["from_rank"] == r1["from_rank"] == 0
+    assert torch.equal(r1["weight"], torch.full((2, 3), 2.0)) and torch.equal(r0["weight"],
+                                                                             r1["weight"])
+    assert r0["wrapped"] and r1["wrapped"]

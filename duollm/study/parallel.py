@@ -136,3 +136,34 @@ def sharded_pattern_losses(model, tokens: torch.Tensor, granularity: str = "sequ
         elapsed_s=max(t for _, t in parts), model=stack,
         base=base if first.base is not None and not isinstance(first.base, str)
         else first.base)
+
+
+def once_across_ranks(fn):
+    """Decorator: under ``torchrun`` (a process group joined, world size > 1) rank 0 alone
+    runs ``fn`` and every other rank receives its result (``torch.save``'d, loaded onto the
+    rank's own device), so work that every rank would repeat identically (router training,
+    the beam/greedy comparison) runs once. Without a process group it simply calls ``fn``.
+    Every rank must call it, in the same order."""
+    import functools
+    import io
+
+    import torch.distributed as dist
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return fn(*args, **kwargs)
+        payload = [None]
+        if dist.get_rank() == 0:
+            out = fn(*args, **kwargs)
+            buf = io.BytesIO()
+            torch.save(out, buf)
+            payload = [buf.getvalue()]
+        dist.broadcast_object_list(payload, src=0)
+        if dist.get_rank() == 0:
+            return out
+        device = (f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl"
+                  else "cpu")
+        return torch.load(io.BytesIO(payload[0]), map_location=device, weights_only=False)
+
+    return wrapper

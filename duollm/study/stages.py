@@ -26,6 +26,7 @@ import torch
 
 from ..reference import BIG, SKIP, SMALL
 from . import stats as S
+from .parallel import once_across_ranks
 from .results import (ApproxGap, CapacityResult, Curve, DifficultyResult, PositionBudgetResult,
                       RouterResult, SkipResult, SyntheticCheck)
 
@@ -387,6 +388,7 @@ def position_budget(ev: PatternLosses, n_boot: int, seed: int) -> PositionBudget
     return PositionBudgetResult(kc, sched, loss, v)
 
 
+@once_across_ranks  # under torchrun: rank 0 runs it, the others get its result
 def approx_gaps(model, tokens: torch.Tensor, k: int, exhaustive: torch.Tensor, n_boot: int,
                 seed: int, beam_width: int = 4) -> List[ApproxGap]:
     """Beam (``beam_width``) and greedy search of the paper's token oracle (exactly ``k`` big
@@ -517,6 +519,7 @@ def router_specs(L: int, budgets: List[int], widths: Optional[Tuple[int, int]] =
     return specs
 
 
+@once_across_ranks  # under torchrun: rank 0 runs it, the others get its result
 def train_routers(model, data, sizes: StudySizes, seq_len: int, steps: int, seed: int,
                   budgets: List[int], progress: bool, log=print) -> List[TrainedRouter]:
     """Stage 3: routers trained with the LM loss and the budget loss (the paper's router) on
