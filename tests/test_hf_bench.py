@@ -92,3 +92,26 @@ def test_bench_hf_path_measures_the_users_checkpoint_and_plots_it(tmp_path, caps
         with open(png, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
         assert png in capsys.readouterr().out
+
+
+def test_bench_hf_path_models_are_the_checkpoints_own(tmp_path):
+    """What ``bench hf PATH`` times: for a converted folder, the original is its all-big model
+    (the plain Llama it came from, exactly), the ideal its all-small model, the converted one
+    the folder itself."""
+    import hf_models
+    from duollm import hf
+    from duollm.bench.hf_bench import Source, load_source
+
+    hf.save_converted(hf.convert(hf_models.llama(vocab_size=256), 8), tmp_path / "conv")
+    src = Source(path=str(tmp_path / "conv"), config={}, converted=True, d_small=8)
+    original, ideal, converted = load_source(src, torch.float32, torch.device("cpu"))
+    assert not hf.is_converted(original) and not hf.is_converted(ideal)
+    assert ideal.config.intermediate_size == 8 and original.config.intermediate_size == 88
+    tokens = hf_models.tokens()
+    with torch.no_grad():
+        want = hf_models.llama(vocab_size=256)(input_ids=tokens).logits
+        assert torch.equal(original(input_ids=tokens).logits, want)
+        assert torch.equal(converted(input_ids=tokens).logits, want)
+        with hf.routing(converted, "small"):
+            small = converted(input_ids=tokens).logits
+        torch.testing.assert_close(ideal(input_ids=tokens).logits, small, rtol=0, atol=1e-5)

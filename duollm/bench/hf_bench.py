@@ -20,10 +20,10 @@ routed candidates use the default dispatch, or run once per ``--backends`` name 
 the ideal's time over this one's (the share of the ideal all-small speedup realised).
 
 With ``PATH`` (a local checkpoint: plain, a ``duollm convert`` folder, or a ``train --hf``
-run or step folder) the models are the user's own: ``original`` is the checkpoint as
-``transformers`` loads it (a converted folder stores its big paths under the original names),
-``converted`` its converted save (or the original converted here with ``--d-small``, pruned by
-weights) and ``ideal`` a random model of its class with ``intermediate_size = d_small``.
+run or step folder) the models are the user's own: ``original`` is the plain checkpoint (for a
+converted folder: its all-big export, ``duollm.hf.export``), ``converted`` its converted save
+(or the original converted here with ``--d-small``, pruned by weights) and ``ideal`` the
+converted model's all-small export (its class with ``intermediate_size = d_small``).
 
 Besides the CSV/JSON a PNG plot shows every candidate's tokens/s per phase (``--no-plots``:
 none).
@@ -36,6 +36,7 @@ import argparse
 import copy
 import dataclasses
 import gc
+import os
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
@@ -220,7 +221,6 @@ def check_source(args: argparse.Namespace) -> Optional[Source]:
     require_transformers("PATH")
     if ckpt.converted:
         import json
-        import os
 
         with open(os.path.join(ckpt.path, SPEC_FILE)) as f:
             d_small = json.load(f).get("d_small")
@@ -238,31 +238,32 @@ def check_source(args: argparse.Namespace) -> Optional[Source]:
 
 
 def load_source(src: Source, dtype: torch.dtype, device: torch.device):
-    """``(original, ideal, converted)`` for a checkpoint: the original as ``transformers``
-    loads it (a converted folder's big paths are stored under the original names), the ideal
-    a random model of its class with ``intermediate_size = d_small``, and the converted model
-    (loaded, or the original converted here, pruned by weights)."""
+    """``(original, ideal, converted)`` for a checkpoint, each a model ``transformers``
+    loads: a plain checkpoint is the original and is converted here (pruned by weights); a
+    converted folder loads with ``load_converted`` and its original is its all-big export
+    (``duollm.hf.export``: exact for every record version). The ideal is the converted
+    model's all-small export: the same class with ``intermediate_size = d_small``."""
+    import tempfile
+
     import transformers
 
     from .. import hf
 
-    quiet = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()  # a converted folder's small weights: unused
-    try:
-        original = transformers.AutoModelForCausalLM.from_pretrained(
-            src.path, dtype=dtype, local_files_only=True).to(device).eval()
-    finally:
-        transformers.logging.set_verbosity(quiet)
-    config = copy.deepcopy(original.config)
-    config.intermediate_size = src.d_small
-    with torch.device(device):
-        ideal = transformers.AutoModelForCausalLM.from_config(config)
-    ideal = ideal.to(dtype).eval()
-    if src.converted:
-        converted = hf.load_converted(src.path, dtype=dtype, device=device)
-    else:
-        converted = hf.convert(copy.deepcopy(original), src.d_small, init="prune")
-    return original, ideal, converted
+    def plain(path):
+        return transformers.AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, local_files_only=True).to(device).eval()
+
+    with tempfile.TemporaryDirectory(prefix="duollm-bench-hf-") as tmp:
+        if src.converted:
+            converted = hf.load_converted(src.path, dtype=dtype, device=device)
+            hf.export(converted, os.path.join(tmp, "big"), "big")
+            original = plain(os.path.join(tmp, "big"))
+        else:
+            original = plain(src.path)
+            converted = hf.convert(copy.deepcopy(original), src.d_small, init="prune")
+        hf.export(converted, os.path.join(tmp, "small"), "small")
+        ideal = plain(os.path.join(tmp, "small"))
+    return original, ideal, converted.eval()
 
 
 def _check(args: argparse.Namespace) -> None:
@@ -335,7 +336,6 @@ def run(args: argparse.Namespace) -> int:
                             device)
         converted = hf.convert(copy.deepcopy(original), d_small, init="prune")
     else:
-        torch.manual_seed(args.seed + 1)  # the ideal's random weights
         original, ideal, converted = load_source(src, dtype, device)
     gen = torch.Generator().manual_seed(args.seed)
     prefill_sets = [torch.randint(0, vocab, (B, T), generator=gen).to(device)
