@@ -254,3 +254,14 @@ def test_readme_router_example_runs_as_written(tmp_path, monkeypatch):
     _assert_same_router(ns["router"], attached_router(ns["again"]))
     assert ns["out"].shape == (1, 18)
     assert (tmp_path / "ck" / "router" / "router.json").is_file()
+
+
+def test_a_bf16_router_round_trips_in_bf16(tmp_path, model, routers):
+    import copy
+
+    router = copy.deepcopy(routers["big"]).to(torch.bfloat16)
+    router.threshold = 0.1 + 0.2  # a float whose decimal repr is long: still exact
+    router_io.write_router(str(tmp_path), router)
+    again = router_io.load_router(str(tmp_path), model)
+    assert again.proj[0].weight.dtype == torch.bfloat16
+    _assert_same_router(router, again)
