@@ -57,6 +57,9 @@ def _check_run(out, proc):
     summary = (out / "summary.txt").read_text()
     assert "max_rel_err" in summary and "smoke" in summary and "not done" not in summary
     assert summary in proc.stdout  # printed last
+    from duollm.bench.report import render  # `duollm bench report` reads it, errors shown
+    report = render([str(out)])
+    assert "max rel err" in report and "| duo_ffn[decode] |" in report
     return doc
 
 

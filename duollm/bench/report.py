@@ -70,13 +70,15 @@ DECODE = [("device", "device", "text"), ("dtype", "dtype", "text"), ("level", "l
           ("median us", "median_us", "num"), ("IQR us", "iqr_us", "text"),
           ("vs dense", "vs_dense", "num"), ("error", "error", "text")]
 KERNELS = [("device", "device", "text"), ("dtype", "dtype", "text"), ("kernel", "name", "text"),
-           ("impl", "impl", "text"), ("N", "N", "num"), ("d / width", "dims", "text"),
+           ("variant", "kernel", "text"), ("impl", "impl", "text"), ("N", "N", "num"),
+           ("d / width", "dims", "text"),
            ("mix", "mix", "text"), ("graph", "graph", "text"), ("ms", "ms", "num"),
            ("weights' read us", "read_us", "num"), ("x dense big", "vs_dense_big", "num"),
            ("GB/s", "gbps", "num"),
            ("of copy", "frac_of_copy", "pct"), ("TFLOP/s", "tflops", "num"),
            ("ideal", "ideal_speedup", "num"), ("realised", "realized_speedup", "num"),
-           ("efficiency", "efficiency", "pct"), ("error", "error", "text")]
+           ("efficiency", "efficiency", "pct"), ("max rel err", "max_rel_err", "num"),
+           ("ok", "ok", "text"), ("error", "error", "text")]
 MODEL = [("device", "device", "text"), ("dtype", "dtype", "text"), ("config", "config", "text"),
          ("phase", "phase", "text"), ("mix", "mix", "text"), ("impl", "impl", "text"),
          ("B x T", "batch_shape", "text"), ("median ms", "median_ms", "num"),
