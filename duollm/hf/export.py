@@ -41,6 +41,7 @@ from transformers.initialization import no_init_weights
 
 from ..checkpoint import remove_stale, unique_tensors
 from ..router_io import load_attached, save_attached
+from ..runs import resolve_model_folder
 from .convert import INITS, convert
 from .routing import HFDuoFFN, is_converted, spec_of
 
@@ -343,10 +344,11 @@ def load_converted(path: PathLike, *, dtype: Optional[torch.dtype] = None,
                    device: Union[str, torch.device, None] = None) -> nn.Module:
     """Load a model saved by ``save_converted``: same class, config, paths and parameters.
 
-    ``dtype``/``device``: cast/move after loading (default: as saved, on the CPU). Returned in
-    eval mode, like ``from_pretrained``.
+    ``path``: the saved folder, or a ``duollm train --hf`` run or step folder (its newest
+    complete step's ``model``, ``duollm.runs``). ``dtype``/``device``: cast/move after loading
+    (default: as saved, on the CPU). Returned in eval mode, like ``from_pretrained``.
     """
-    path = _check_folder(path)
+    path = _check_folder(resolve_model_folder(path, SPEC_FILE, "model"))
     record = _read_record(path)
     cls = getattr(transformers, record["model_class"])
     config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
@@ -441,9 +443,10 @@ def load_pretrained(path: PathLike, d_small: Optional[int] = None, *, init: str 
 
     A folder written by ``save_converted`` loads as is (``d_small``, when given, must match);
     a plain HF checkpoint folder is loaded with ``AutoModelForCausalLM`` and converted with
-    ``d_small`` (required), ``init`` and ``calibration`` (see ``convert``).
+    ``d_small`` (required), ``init`` and ``calibration`` (see ``convert``). A ``duollm train
+    --hf`` run or step folder loads its newest complete step's model (``duollm.runs``).
     """
-    path = _check_folder(path)
+    path = _check_folder(resolve_model_folder(path, "config.json", "model"))
     if (path / SPEC_FILE).exists():
         record = _read_record(path)
         if d_small is not None and d_small != record["d_small"]:
