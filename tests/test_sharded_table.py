@@ -79,8 +79,13 @@ _RANKS_SCRIPT = """
     table = build_local_table(model, tokens, chunk=3)
     stats = _stats(table)
     _, peak = tracemalloc.get_traced_memory()
+    from duollm.oracle import Exactly
+    from duollm.study.parallel import sharded_selected_losses
+    context_big = sharded_selected_losses(model, tokens, [Exactly(k) for k in range(4)],
+                                          "token", base="big")
     torch.save({"stats": stats, "rows": list(table.rows), "table_bytes": table.table_bytes,
-                "peak": peak}, os.path.join(sys.argv[1], f"rank{os.environ['RANK']}.pt"))
+                "peak": peak, "context_big": context_big},
+               os.path.join(sys.argv[1], f"rank{os.environ['RANK']}.pt"))
 """
 
 
@@ -103,6 +108,13 @@ def test_two_ranks_equal_one_process_and_each_keeps_its_share(tmp_path):
     assert ranks[0]["table_bytes"] == n * 6 * per_seq
     assert ranks[1]["table_bytes"] == n * 4 * per_seq
     assert one.table_bytes == n * B * per_seq
+    # the context-big oracle (base="big"): each rank walks its share, the selections gathered
+    from duollm.oracle import Exactly, pattern_losses
+
+    tab = pattern_losses(model, tokens, "token", base="big")
+    for r in ranks:
+        for k, loss in enumerate(r["context_big"]):
+            assert torch.equal(loss, tab.select(Exactly(k)).loss), k
 
 
 _KILL_SCRIPT = """
@@ -191,3 +203,61 @@ def test_work_done_once_across_ranks(tmp_path):
     assert torch.equal(r1["weight"], torch.full((2, 3), 2.0)) and torch.equal(r0["weight"],
                                                                              r1["weight"])
     assert r0["wrapped"] and r1["wrapped"]
+
+
+def _same(a, b, path="result"):
+    """Dataclass/dict/list trees equal exactly (NaN equal to NaN)."""
+    import dataclasses
+    import math
+
+    if dataclasses.is_dataclass(a):
+        a, b = dataclasses.asdict(a), dataclasses.asdict(b)
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), path
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for k in a:
+            _same(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            _same(x, y, f"{path}[{i}]")
+    elif isinstance(a, float) and math.isnan(a):
+        assert isinstance(b, float) and math.isnan(b), path
+    else:
+        assert a == b, path
+
+
+def test_the_analyses_read_the_per_rank_table_as_the_whole_one(monkeypatch):
+    """Every analysis of a holdout and the verdicts' tie-split usage give exactly the same
+    results from ``ReducedPatternLosses`` (what ``pattern_table`` returns per rank) as from
+    the whole ``PatternLosses``, on the same selection/evaluation split."""
+    from duollm.study import stats as S
+    from duollm.study import verdicts as V
+    from duollm.study.sharded_table import ReducedPatternLosses
+
+    model, tokens = _model_and_tokens()
+    monkeypatch.setenv("DUOLLM_ORACLE_TABLE", "per-rank")
+    reduced = St.pattern_table(model, tokens)
+    assert isinstance(reduced, ReducedPatternLosses)
+    monkeypatch.setenv("DUOLLM_ORACLE_TABLE", "whole")
+    whole = St.pattern_table(model, tokens)
+    assert isinstance(whole, St.PatternLosses)
+    sel_i, ev_i = S.split_indices(B, 0)
+    runs = []
+    for tab in (reduced, whole):
+        sel, ev = tab.subset(sel_i), tab.subset(ev_i)
+        out = {"curves": St.loss_curves(sel, ev, 5, 0, 50),
+               "capacity": St.capacity(ev, {}, [1, 2], 50, 0),
+               "skip": St.skip_profiles(ev, None, 50, 0),
+               "position": St.position_budget(ev, 50, 0),
+               "difficulty": St.difficulty(ev, tokens[ev_i], 50, 0),
+               "usage": V.oracle_usage(ev, ev.mask(1), 2),
+               "small": ev.losses[ev.index([1] * 3)]}
+        runs.append(out)
+    _same(runs[0], runs[1])
+    monkeypatch.setenv("DUOLLM_ORACLE_TABLE", "sideways")
+    with pytest.raises(ValueError, match="DUOLLM_ORACLE_TABLE"):
+        St.pattern_table(model, tokens)
+    with pytest.raises(TypeError, match="per-rank table"):
+        reduced.losses[0:2]

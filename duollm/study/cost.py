@@ -99,7 +99,7 @@ class Projection:
 
 def walks_of(job: OracleJob):
     """[(paths per layer p, FFN FLOPs per token of each path)] of the walks the job runs."""
-    from .stages import FULL_SKIP_LIMIT
+    from .sharded_table import FULL_SKIP_LIMIT
 
     d, L = job.d_model, job.n_layers
     big, small = 6 * d * job.d_big, 6 * d * job.d_small

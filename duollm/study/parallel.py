@@ -167,3 +167,25 @@ def once_across_ranks(fn):
         return torch.load(io.BytesIO(payload[0]), map_location=device, weights_only=False)
 
     return wrapper
+
+
+def sharded_selected_losses(model, tokens: torch.Tensor, budgets, granularity: str = "sequence",
+                            skip: bool = False, base="big", **kwargs):
+    """``[pattern_losses(model, tokens, ...).select(b).loss for b in budgets]`` with the
+    sequences shared among the ``torchrun`` ranks: each rank walks and keeps only its share's
+    table, and only the selected losses (one (B, ...) tensor per budget, CPU, batch order) are
+    gathered, so no rank holds the whole table. Equal to one process's (selection is per
+    sequence and position)."""
+    info = distributed.join(device_of(model))
+    if not info.enabled:
+        tab = pattern_losses(model, tokens, granularity, skip, base, **kwargs)
+        return [tab.select(b).loss.cpu() for b in budgets]
+    local_tokens, local_base, rows = _local_args(info, tokens, base)
+    kwargs["progress"] = kwargs.get("progress", False) and info.is_main
+    local = None
+    if len(rows):
+        tab = pattern_losses(model, local_tokens, granularity, skip, local_base, **kwargs)
+        local = [tab.select(b).loss.cpu() for b in budgets]
+        del tab
+    done = [p for p in distributed.gather_objects(info, local) if p is not None]
+    return [torch.cat([p[i] for p in done], dim=0) for i in range(len(budgets))]

@@ -42,7 +42,28 @@ import torch
 from .. import distributed
 from ..reference import BIG, SKIP, SMALL
 
-__all__ = ["LocalTable", "build_local_table", "chunk_ranges"]
+__all__ = ["FULL_SKIP_LIMIT", "LocalTable", "ReducedPatternLosses", "build_local_table",
+           "chunk_ranges", "table_mode"]
+
+# Beyond this many 3^L patterns the table is two 2^L walks (big/small and big/skip) instead of
+# one 3^L walk: 3^12 = 531,441 patterns (the paper's depth) against 2 * 4,096. (Re-exported
+# by duollm.study.stages, where the study reads it.)
+FULL_SKIP_LIMIT = 3 ** 10
+# DUOLLM_ORACLE_TABLE: "auto" (per rank under torchrun, whole in one process), "per-rank" or
+# "whole" (every rank gathers the whole table, duollm.study.parallel.sharded_pattern_losses).
+TABLE_MODES = ("auto", "per-rank", "whole")
+
+
+def table_mode() -> str:
+    """``"per-rank"`` or ``"whole"``: how ``stages.pattern_table`` keeps the oracle table,
+    from ``DUOLLM_ORACLE_TABLE`` (default ``auto``: per rank when ``WORLD_SIZE`` > 1)."""
+    mode = os.environ.get("DUOLLM_ORACLE_TABLE", "auto")
+    if mode not in TABLE_MODES:
+        raise ValueError(f"DUOLLM_ORACLE_TABLE: expected one of {', '.join(TABLE_MODES)}, "
+                         f"got {mode!r}")
+    if mode == "auto":
+        return "per-rank" if distributed.env_world_size() > 1 else "whole"
+    return mode
 
 
 def chunk_ranges(n_sequences: int, chunk: int) -> List[Tuple[int, int]]:
@@ -134,13 +155,121 @@ class LocalTable:
         """(B, T-1) float64: pattern ``i``'s per-token losses."""
         return self._gather_rows(self.losses[i].double(), 0)
 
+    def tie_usage(self, mask: torch.Tensor, route: int) -> torch.Tensor:
+        """(B, L) float64: per sequence and layer, the share of tokens the oracle over
+        ``mask`` sends to ``route``, ties split evenly among the tied patterns (as
+        ``duollm.study.verdicts.oracle_usage``), computed one sequence at a time."""
+        m = mask[:, None] if mask.dim() == 1 else mask  # (n, 1) or (n, T-1)
+        uses = (self.patterns == route).double()  # (n, L)
+        out = torch.empty(self.losses.shape[1], self.L, dtype=torch.float64)
+        for j in range(self.losses.shape[1]):
+            tab = torch.where(m, self.losses[:, j].double(),
+                              torch.full((), float("inf"), dtype=torch.float64))  # (n, T-1)
+            tied = (tab == tab.min(0).values[None]).double()
+            w = tied / tied.sum(0, keepdim=True)
+            out[j] = torch.einsum("nt,nl->tl", w, uses).mean(0)
+        return self._gather_rows(out, 0)
+
+
+class ReducedPatternLosses:
+    """``duollm.study.stages.PatternLosses``' interface over a ``LocalTable``: what the
+    study's analyses and verdicts read, served from the reductions instead of the whole
+    table, so no rank holds more than its share.
+
+    ``oracle``, ``oracle_usage`` and ``losses[i]`` (one pattern's tokens) gather (B, T-1)
+    statistics; ``losses[cand].mean(2)`` and ``.mean((1, 2))`` read the per-sequence pattern
+    means; ``subset`` selects sequences of those. Anything else on ``losses`` raises
+    TypeError. Every call is collective (the first time for a mask or pattern; results are
+    cached and shared by the subsets): every rank must make the same calls in the same order,
+    as the study's code, run alike on every rank, does.
+    """
+
+    def __init__(self, table: LocalTable, seqs: Optional[torch.Tensor] = None,
+                 cache: Optional[dict] = None):
+        self._table, self.patterns, self.L = table, table.patterns, table.L
+        self._seqs = torch.arange(table.n_sequences) if seqs is None else seqs
+        self._cache = {} if cache is None else cache
+        self.n_big = (self.patterns == BIG).sum(1)
+        self.n_small = (self.patterns == SMALL).sum(1)
+        self.n_skip = (self.patterns == SKIP).sum(1)
+        self.n_positions = int(table.losses.shape[2])
+
+    def _cached(self, key, compute):
+        if key not in self._cache:
+            self._cache[key] = compute()
+        return self._cache[key]
+
+    @staticmethod
+    def _key(name: str, mask: torch.Tensor, *extra):
+        return (name, tuple(mask.shape), mask.to(torch.bool).numpy().tobytes(), *extra)
+
+    def subset(self, seqs: torch.Tensor) -> "ReducedPatternLosses":
+        return ReducedPatternLosses(self._table, self._seqs[seqs], self._cache)
+
+    def mask(self, big: Optional[int] = None, at_most: bool = False, small: bool = True,
+             skip: bool = False) -> torch.Tensor:
+        return self._table.mask(big, at_most, small, skip)
+
+    def index(self, pattern) -> int:
+        return self._table.index(pattern)
+
+    def oracle(self, mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        loss, idx = self._cached(self._key("oracle", mask), lambda: self._table.oracle(mask))
+        return loss[self._seqs], idx[self._seqs]
+
+    def oracle_usage(self, mask: torch.Tensor, route: int) -> torch.Tensor:
+        u = self._cached(self._key("usage", mask, route),
+                         lambda: self._table.tie_usage(mask, route))
+        return u[self._seqs]
+
+    def routes(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.patterns[idx]
+
+    @property
+    def losses(self) -> "_Losses":
+        return _Losses(self)
+
+
+class _Losses:
+    """``ReducedPatternLosses.losses``: the reads of ``PatternLosses.losses`` the study makes."""
+
+    def __init__(self, owner: ReducedPatternLosses):
+        self._o = owner
+        self.shape = torch.Size([owner.patterns.shape[0], len(owner._seqs),
+                                 owner.n_positions])
+
+    def __getitem__(self, key):
+        o = self._o
+        if isinstance(key, (int,)) and not isinstance(key, bool):
+            tok = o._cached(("tokens", int(key)), lambda: o._table.token_losses(int(key)))
+            return tok[o._seqs]
+        if isinstance(key, torch.Tensor) and key.dim() == 1:
+            means = o._cached(("seq_means",), o._table.seq_means)  # (n, B)
+            return _PatternRows(means[key][:, o._seqs])
+        raise TypeError(f"ReducedPatternLosses.losses[{type(key).__name__}]: the per-rank "
+                        f"table serves one pattern's token losses (an int) or per-sequence "
+                        f"means of a set of patterns (a 1-D index tensor)")
+
+
+class _PatternRows:
+    """``losses[cand]``: the per-sequence means of the patterns ``cand`` (k, b)."""
+
+    def __init__(self, seq_means: torch.Tensor):
+        self._m = seq_means
+
+    def mean(self, dim):
+        if dim == 2:
+            return self._m
+        if tuple(dim) == (1, 2):  # over sequences and positions: every sequence has T-1
+            return self._m.mean(1)
+        raise TypeError(f"mean({dim!r}): the per-rank table holds per-sequence means only")
+
 
 def _walk(model, tokens: torch.Tensor, full: Optional[bool]):
     """(patterns, losses float32) of ``tokens`` in this process: ``stages.pattern_table``'s
     walks (one 3^L walk, or big/small and big/skip 2^L walks), without sharding."""
     from ..oracle import pattern_losses
     from ..stack import as_stack
-    from .stages import FULL_SKIP_LIMIT
 
     L = as_stack(model).n_layers
     full = 3 ** L <= FULL_SKIP_LIMIT if full is None else full
@@ -155,14 +284,16 @@ def _walk(model, tokens: torch.Tensor, full: Optional[bool]):
 
 
 def build_local_table(model, tokens: torch.Tensor, full: Optional[bool] = None,
-                      checkpoint_dir: Optional[str] = None, chunk: int = 8,
+                      checkpoint_dir: Optional[str] = None, chunk: Optional[int] = None,
                       log=None) -> LocalTable:
     """Walk this rank's sequences of ``tokens`` (B, T) and keep only their losses.
 
     Under ``torchrun`` the ``ceil(B / chunk)`` chunks are shared among the ranks as
     ``duollm.distributed.shard_range`` shares items (contiguous, sizes differing by one);
-    in one process it walks them all. ``checkpoint_dir``: save each finished chunk there and
-    reuse the chunks found (their tokens must match: ValueError otherwise).
+    in one process it walks them all. ``chunk`` (default: ``ceil(B / ranks)``, at most 8)
+    bounds the sequences one walk holds. ``checkpoint_dir``: save each finished chunk there
+    and reuse the chunks found (their tokens must match: ValueError otherwise); a resumed run
+    reuses them when it asks for the same chunk size.
     """
     from .parallel import device_of
 
@@ -170,6 +301,8 @@ def build_local_table(model, tokens: torch.Tensor, full: Optional[bool] = None,
         raise ValueError("tokens: expected a (B, T) integer tensor")
     info = distributed.join(device_of(model))
     B = tokens.shape[0]
+    if chunk is None:
+        chunk = max(1, min(8, -(-B // max(1, info.world_size))))
     chunks = chunk_ranges(B, chunk)
     mine = [chunks[i] for i in distributed.shard_range(info, len(chunks))]
     rows = range(mine[0][0], mine[-1][1]) if mine else range(0)

@@ -150,9 +150,10 @@ class PatternLosses:
         return self.patterns[idx]
 
 
-# Beyond this many 3^L patterns the table is two 2^L walks (big/small and big/skip) instead of
-# one 3^L walk: 3^12 = 531,441 patterns (the paper's depth) against 2 * 4,096.
-FULL_SKIP_LIMIT = 3 ** 10
+# Beyond FULL_SKIP_LIMIT 3^L patterns the table is two 2^L walks (big/small and big/skip)
+# instead of one 3^L walk (defined beside the per-rank table, which walks the same way).
+from .sharded_table import (FULL_SKIP_LIMIT, ReducedPatternLosses,  # noqa: E402
+                            build_local_table, table_mode)
 
 
 def pattern_table(model, tokens: torch.Tensor, progress: bool = False,
@@ -165,14 +166,18 @@ def pattern_table(model, tokens: torch.Tensor, progress: bool = False,
     ``FULL_SKIP_LIMIT``); otherwise two walks, big/small (2^L) and big/skip (2^L), which serve
     every figure except the full 3^L oracle of Figure 2d.
 
-    Under ``torchrun`` the walks share the sequences among the ranks
-    (``duollm.study.parallel.sharded_pattern_losses``): every rank gets the whole table, equal
-    to one process's."""
+    Under ``torchrun`` each rank walks and keeps only its share of the sequences and the
+    analyses read reductions across the ranks (``duollm.study.sharded_table``: a
+    ``ReducedPatternLosses``, equal to one process's numbers); ``DUOLLM_ORACLE_TABLE=whole``
+    gathers the whole table onto every rank instead
+    (``duollm.study.parallel.sharded_pattern_losses``)."""
     from ..stack import as_stack
     from .parallel import sharded_pattern_losses as pattern_losses
 
     L = as_stack(model).n_layers
     full = 3 ** L <= FULL_SKIP_LIMIT if full is None else full
+    if table_mode() == "per-rank":
+        return ReducedPatternLosses(build_local_table(model, tokens, full=full))
     if full:
         tab = pattern_losses(model, tokens, "token", base="pattern", skip=True,
                              progress=progress)
@@ -192,10 +197,12 @@ def context_big_curve(model, tokens: torch.Tensor, L: int, n_boot: int, seed: in
     changes, the context stays all big. A bound on per-token routing *given* a full-compute
     context; not realisable by running all tokens with their routes at once."""
     from ..oracle import Exactly
-    from .parallel import sharded_pattern_losses
+    from .parallel import sharded_selected_losses
 
-    tab = sharded_pattern_losses(model, tokens, "token", base="big", progress=progress)
-    vals = [tab.select(Exactly(k)).loss.double().mean(1) for k in range(L + 1)]
+    # Under torchrun each rank keeps only its sequences' table; the k-oracles are gathered.
+    sel = sharded_selected_losses(model, tokens, [Exactly(k) for k in range(L + 1)], "token",
+                                  base="big", progress=progress)
+    vals = [loss.double().mean(1) for loss in sel]
     return make_curve("oracle_context_big", "token oracle, context all big (base='big')", vals,
                       vals[L], n_boot, seed)
 

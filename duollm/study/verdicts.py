@@ -279,6 +279,8 @@ def oracle_usage(ev, mask: torch.Tensor, route: int) -> torch.Tensor:
     """(B, L) per-sequence, per-layer share of tokens the oracle over ``mask`` sends to
     ``route``, with ties split evenly among the tied patterns (in the null model every
     big/small pattern ties; an argmin would turn the tie-break order into a usage profile)."""
+    if hasattr(ev, "oracle_usage"):  # the per-rank table (duollm.study.sharded_table)
+        return ev.oracle_usage(mask, route)
     m = mask[:, None, None] if mask.dim() == 1 else mask[:, None, :]
     tab = torch.where(m, ev.losses, torch.full((), math.inf, dtype=torch.float64))
     best = tab.min(0).values
