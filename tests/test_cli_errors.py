@@ -781,3 +781,37 @@ def test_study_help_and_readme_give_the_same_demo_time():
     assert quiet and shared, "the README quickstart no longer gives the demo's time"
     said = re.search(r"about (\d+) min on 2 quiet cores, (\d+) when shared", EPILOG)
     assert said and said.groups() == (quiet.group(1), shared.group(1))
+
+
+@pytest.mark.slow  # a minute: the subprocess imports transformers; the handler itself is
+# covered in-process by test_ctrl_c_during_train_hf_names_the_checkpoint_and_the_resume_command
+def test_real_ctrl_c_during_train_hf(hf_dirs, workdir):
+    """A real SIGINT to ``python -m duollm train --hf``: exit 130, no traceback, the last
+    checkpoint (whole: it loads) and the exact resume command, as ``train`` does."""
+    from duollm import hf
+    from duollm.train import latest_checkpoint
+
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    argv = _resume_argv(str(hf_dirs / "plain"), "run", 100000, "--d-small", "8",
+                        "--checkpoint-every", "2", "--threads", "1")
+    proc = subprocess.Popen([sys.executable, "-m", "duollm", *argv], cwd=workdir, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while latest_checkpoint(str(workdir / "run")) is None:
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "no checkpoint appeared"
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == usage.EXIT_INTERRUPTED, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    assert "duollm train --hf: interrupted (Ctrl-C)" in err
+    ckpt = latest_checkpoint(str(workdir / "run"))
+    assert f"last checkpoint: {os.path.join('run', os.path.basename(ckpt))}" in err
+    assert hf.spec_of(hf.load_converted(ckpt)).d_small == 8  # whole and loadable
+    line = next(ln for ln in err.splitlines() if ln.startswith("resume with: "))
+    assert shlex.split(line[len("resume with: "):]) == ["duollm"] + argv + ["--resume"]
