@@ -122,6 +122,8 @@ def test_planted_big_effect_holds_against_the_null():
     null = _inputs(_table([0.0] * L, noise=0.0, seed=1))
     rec = _judge("4a", real, null)
     assert rec.verdict == S.HOLDS, rec
+    assert rec.precondition.startswith("all small minus all big 0.")  # measured, kept
+    assert V.record_dict(rec)["precondition"] == rec.precondition
     p = rec.parts[0]
     assert p.null.estimate == pytest.approx(0.0) and p.vs_null.low > 0
     # the same effect in the null as in the real model: indistinguishable from selection

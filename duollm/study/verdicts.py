@@ -138,6 +138,7 @@ class VerdictRecord:
     p_holm: Optional[float]
     verdict: str
     reason: str = ""
+    precondition: str = ""  # the measured precondition, when the claim has one and it passed
 
     @property
     def estimate(self) -> Optional[S.Interval]:
@@ -354,13 +355,16 @@ def schedules_l3(L: int, n_pos: int) -> Tuple[int, Dict[str, List[int]]]:
     return kc, {"decreasing": dec, "increasing": dec[::-1]}
 
 
-def _precondition_big(inp: VerdictInputs) -> None:
+def _precondition_big(inp: VerdictInputs) -> S.Interval:
+    """All small minus all big on the evaluation split; raises ``NotTestable`` unless its
+    interval lies above ``BIG_SMALL_MARGIN``."""
     d = all_route(inp.ev, SMALL) - all_route(inp.ev, BIG)
     iv, _ = hboot(_mean, [(d,)], n_boot=400, seed=inp.seed)
     if not iv.low > BIG_SMALL_MARGIN:
         raise NotTestable(f"all small minus all big is {fmt(iv, zero=False)} nats on the "
                           f"evaluation split: the big FFN is not measurably better than the "
                           f"small one")
+    return iv
 
 
 def _spearman(a, b):
@@ -584,8 +588,9 @@ def judge_one(spec: Spec, real: Sequence[VerdictInputs],
                         [], None, None, S.UNRESOLVED)
     try:
         if spec.needs_big:
-            for r in real:
-                _precondition_big(r)
+            rec.precondition = "; ".join(
+                f"all small minus all big {fmt(_precondition_big(r), zero=False)}"
+                for r in real)
         parts = [spec.parts(r) for r in real]
     except NotTestable as e:
         rec.verdict, rec.reason = NOT_TESTABLE, str(e)
@@ -700,7 +705,7 @@ def record_dict(r: VerdictRecord) -> Dict:
                        "null": iv(p.null), "vs_null": iv(p.vs_null),
                        "p_vs_null": _num(p.p_vs_null)} for p in r.parts],
             "p": _num(r.p), "p_holm": _num(r.p_holm), "level": ALPHA,
-            "verdict": r.verdict, "reason": r.reason}
+            "verdict": r.verdict, "reason": r.reason, "precondition": r.precondition}
 
 
 def _num(x):
