@@ -169,6 +169,9 @@ def test_sigkill_then_resume_gives_the_same_table(tmp_path):
 
     with pytest.raises(ValueError, match="another job"):
         build(model, tokens.flip(0), chunk=3, checkpoint_dir=str(tmp_path / "ck"))
+    other = DuoLLM(DuoConfig.from_name("tiny", n_layers=3)).eval()  # another init
+    with pytest.raises(ValueError, match="another model"):
+        build(other, tokens, chunk=3, checkpoint_dir=str(tmp_path / "ck"))
 
 
 _ONCE_SCRIPT = """

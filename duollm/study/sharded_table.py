@@ -22,7 +22,8 @@ exactly (bit for bit) what one process gives.
 
 Resume: with ``checkpoint_dir`` the walk runs in chunks of ``chunk`` sequences (at global
 offsets, so any number of ranks reads the same files) and saves each finished chunk's losses
-atomically (``rows_<start>_<stop>.pt``, with its tokens to refuse another job's files). A run
+atomically (``rows_<start>_<stop>.pt``, with digests of its tokens and of the model, to refuse
+another job's files). A run
 killed midway (even by SIGKILL) redoes only the chunks it had not saved.
 
 Memory per rank: its share of the table, ``n * ceil(B / R) * (T-1) * 4`` bytes (float32, as
@@ -75,6 +76,17 @@ def chunk_ranges(n_sequences: int, chunk: int) -> List[Tuple[int, int]]:
 
 def _digest(t: torch.Tensor) -> str:
     return hashlib.sha256(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+
+
+def model_digest(model) -> str:
+    """SHA-256 over a model's parameters and buffers (names, shapes, bytes): chunk files of
+    another model's walk are refused, not mixed in."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 @dataclass
@@ -306,8 +318,10 @@ def build_local_table(model, tokens: torch.Tensor, full: Optional[bool] = None,
     chunks = chunk_ranges(B, chunk)
     mine = [chunks[i] for i in distributed.shard_range(info, len(chunks))]
     rows = range(mine[0][0], mine[-1][1]) if mine else range(0)
+    model_key = None
     if checkpoint_dir is not None:
         os.makedirs(checkpoint_dir, exist_ok=True)
+        model_key = model_digest(model)
     device = next(iter(model.parameters()), torch.empty(0)).device \
         if isinstance(model, torch.nn.Module) else torch.device("cpu")
     pats, parts = None, []
@@ -317,9 +331,10 @@ def build_local_table(model, tokens: torch.Tensor, full: Optional[bool] = None,
                 if checkpoint_dir is not None else None)
         if path is not None and os.path.isfile(path):
             saved = torch.load(path, weights_only=True)
-            if saved["tokens_sha256"] != _digest(piece):
-                raise ValueError(f"checkpoint_dir: {path} holds another job's sequences "
-                                 f"{start}..{stop - 1}; use a fresh folder")
+            if saved["tokens_sha256"] != _digest(piece) or saved["model_sha256"] != model_key:
+                raise ValueError(f"checkpoint_dir: {path} holds another job's walk of "
+                                 f"sequences {start}..{stop - 1} (other tokens or another "
+                                 f"model); use a fresh folder")
             p, losses = saved["patterns"], saved["losses"]
             if log is not None:
                 log(f"oracle rows {start}..{stop - 1}: resumed from {path}")
@@ -327,8 +342,8 @@ def build_local_table(model, tokens: torch.Tensor, full: Optional[bool] = None,
             p, losses = _walk(model, piece.to(device), full)
             if path is not None:
                 tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-                torch.save({"patterns": p, "losses": losses,
-                            "tokens_sha256": _digest(piece)}, tmp)
+                torch.save({"patterns": p, "losses": losses, "tokens_sha256": _digest(piece),
+                            "model_sha256": model_key}, tmp)
                 os.replace(tmp, path)  # a chunk file is whole or absent
         if pats is not None and not torch.equal(p, pats):
             raise RuntimeError("chunks walked different patterns")
