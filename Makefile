@@ -67,7 +67,7 @@ $(VENV)/.duollm-installed: setup.py Makefile $(LOCK)
 	touch $@
 
 demo: $(READY)
-	$(PY) -m duollm study --out runs/demo $(DEMO_ARGS)
+	$(PY) -m duollm study --out runs/demo --overwrite $(DEMO_ARGS)
 
 # The full study (issue 16): 3 training seeds, 100 evaluation sequences per holdout, the null
 # control, the memory-task check; sized to about 90 minutes on 2 CPU cores (docs/study.md).

@@ -133,8 +133,8 @@ class RouteErrors:
     on a fresh flag share one; CPU updates are locked too. On a GPU the Triton kernels set their
     bit with an atomic OR; the torch ops that set it elsewhere (a read-modify-write) are ordered
     only within one stream, so two streams updating one model's flag at the same moment may
-    lose a bit: run one model's calls on one stream, or check after each stream. Pickling or deep-copying an owner
-    (a model saved whole, ``copy.deepcopy``) gives a fresh, clear one.
+    lose a bit: run one model's calls on one stream, or check after each stream. Pickling or
+    deep-copying an owner (a model saved whole, ``copy.deepcopy``) gives a fresh, clear one.
     """
 
     def __init__(self, source: str):
