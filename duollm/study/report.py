@@ -387,9 +387,9 @@ def markdown(res: StudyResult) -> str:
         f"{h.n_selection} to select baselines and router thresholds, {h.n_evaluation} to "
         f"evaluate" for h in res.holdouts) + ".")
     out += ["", "Every number below is on the evaluation sequences of its holdout, with a "
-            "bootstrap 95% interval over those sequences in brackets; a verdict holds or "
-            "fails only when its interval excludes zero, and is **not resolved** otherwise. "
-            "Losses are next-token cross-entropy in nats.", "",
+            "bootstrap 95% interval over those sequences in brackets (the verdicts' own rules, "
+            "Holm correction and null control are in their section). Losses are next-token "
+            "cross-entropy in nats.", "",
             "## The oracles and what they bound", "",
             "- **Oracle (the paper's, `base='pattern'`)**: every layer pattern runs over the "
             "whole sequence, and each token takes the pattern with the lowest loss on that "
