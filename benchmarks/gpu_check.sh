@@ -34,7 +34,8 @@
 #   summary.txt   the short summary, also printed last
 # Exit status 0 only if every step passed. --dry-run: TRITON_INTERPRET=1, float32, tiny
 # shapes, nothing timed (tests/test_gpu_check.py runs it); --quick: one token count and mix
-# per section. Copy results.json/results.csv into benchmarks/results/<gpu>/ and commit them.
+# per section. BUDGET=S sets the budget; GPU_CHECK_STEP_SCALE=k multiplies every step's own
+# limit (a full dry run on a slow CPU). Copy results.json/results.csv into benchmarks/results/<gpu>/ and commit them.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -62,6 +63,9 @@ PY=${PYTHON:-python3}
 BUDGET=${BUDGET:-470}
 case "$BUDGET" in ''|*[!0-9]*) echo "error: BUDGET: expected whole seconds, got $BUDGET" >&2
                               exit 2 ;; esac
+SCALE=${GPU_CHECK_STEP_SCALE:-1}  # every step's own limit times this (a slow CPU's dry run)
+case "$SCALE" in ''|0|*[!0-9]*) echo "error: GPU_CHECK_STEP_SCALE: expected a whole number \
+>= 1, got $SCALE" >&2; exit 2 ;; esac
 mkdir -p "$OUT_DIR" || { echo "error: OUT_DIR: cannot create $OUT_DIR" >&2; exit 2; }
 OUT_DIR=$(cd "$OUT_DIR" && pwd)
 rm -f "$OUT_DIR"/results.json "$OUT_DIR"/results.csv "$OUT_DIR"/logs.tar.gz \
@@ -89,9 +93,9 @@ fi
 t0=$SECONDS
 status=0
 
-left() {  # seconds a step may take: its own limit $1, never past the budget
-  local rest=$((BUDGET - (SECONDS - t0)))
-  [ "$1" -lt "$rest" ] && echo "$1" || echo "$rest"
+left() {  # seconds a step may take: its own limit $1 (x SCALE), never past the budget
+  local rest=$((BUDGET - (SECONDS - t0))) own=$(($1 * SCALE))
+  [ "$own" -lt "$rest" ] && echo "$own" || echo "$rest"
 }
 pack() {  # the logs so far and the summary (rewritten after every step)
   tar -czf "$WORK/logs.tar.gz" -C "$WORK" logs 2>/dev/null && mv "$WORK/logs.tar.gz" "$OUT_DIR/"

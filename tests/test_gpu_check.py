@@ -72,7 +72,9 @@ def test_dry_run_quick_every_step_and_four_files(tmp_path):
 
 @pytest.mark.slow
 def test_dry_run_full(tmp_path):
-    doc = _check_run(tmp_path, _run(tmp_path, "--dry-run"))
+    # every row of every section in the interpreter: minutes on a loaded CPU
+    doc = _check_run(tmp_path, _run(tmp_path, "--dry-run", BUDGET="3000",
+                                    GPU_CHECK_STEP_SCALE="8"))
     assert {r["N"] for r in doc["rows"] if r["name"] == "smoke"} == {1, 7, 40, 70}
 
 
@@ -103,6 +105,8 @@ def test_bad_arguments_exit_2_before_any_work(tmp_path):
     assert not (tmp_path / "b").exists()
     proc = _run(tmp_path / "c", "--dry-run", BUDGET="8m")
     assert proc.returncode == 2 and "BUDGET" in proc.stderr
+    proc = _run(tmp_path / "c", "--dry-run", GPU_CHECK_STEP_SCALE="0")
+    assert proc.returncode == 2 and "GPU_CHECK_STEP_SCALE" in proc.stderr
     assert not (tmp_path / "c").exists()
 
 
