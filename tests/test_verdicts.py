@@ -203,3 +203,18 @@ def test_router_position_is_not_the_4a_difference():
         rec = _judge("4a-router", real)
         assert rec.parts[0].interval.estimate == pytest.approx(frac - 0.5, abs=0.05)
         assert rec.verdict == want, frac
+
+
+def test_fig7_early_tokens_more_compute_per_mix_router():
+    tab = _table([0.1] * L)
+    early_big = torch.full((B, T, L), SMALL, dtype=torch.int64)
+    early_big[:, : T // 2] = BIG  # the 70/30 router spends its big layers on early tokens
+    late_skip = torch.full((B, T, L), BIG, dtype=torch.int64)
+    late_skip[:, T // 2:] = SKIP  # the big-or-skip router skips the later tokens
+    rec = _judge("7", _inputs(tab, routes={"mix-b70s30": early_big, V.BOS_ROUTER: late_skip}))
+    assert [p.outcome for p in rec.parts] == [S.HOLDS, S.HOLDS] and rec.verdict == S.HOLDS
+    assert rec.parts[0].interval.estimate == pytest.approx(1 - 16 / 64)
+    assert rec.parts[1].interval.estimate == pytest.approx(1.0)  # compute 1 early, 0 late
+    rec = _judge("7", _inputs(tab, routes={"mix-b70s30": early_big.flip(1)}))
+    assert rec.verdict == S.FAILS
+    assert _judge("7", _inputs(tab)).verdict == V.NOT_TESTABLE
