@@ -510,11 +510,13 @@ def test_llama_comparison_rows():
     # the full forward's) and decode what generate does, so the loop times cached decoding.
     from transformers import DynamicCache
 
+    from duollm.hf_compat import cache_keyword
+
     prompt = torch.randint(0, cfg.vocab_size, (1, 5), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
-        cache = DynamicCache()
-        llama(input_ids=prompt[:, :4], cache=cache, use_cache=True)
-        step = llama(input_ids=prompt[:, 4:], cache=cache, use_cache=True).logits[:, -1]
+        cache = {cache_keyword(llama.forward): DynamicCache()}  # cache= from 5.25, else past_
+        llama(input_ids=prompt[:, :4], **cache, use_cache=True)
+        step = llama(input_ids=prompt[:, 4:], **cache, use_cache=True).logits[:, -1]
         alone = llama(input_ids=prompt[:, 4:]).logits[:, -1]
         torch.testing.assert_close(step, llama(input_ids=prompt).logits[:, -1])
         assert not torch.allclose(step, alone, rtol=1e-6, atol=1e-6)  # the check can fail
