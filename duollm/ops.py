@@ -34,7 +34,7 @@ from .checks import (  # noqa: F401  (re-exported: duollm.ops is the documented 
     RouteErrors, cannot_sync, check_errors, check_mode, check_routes, check_tensor,
     device_key, env, errors_of, flag_exists, host_range_check, host_reads, raise_range,
     route_checks_enabled, sanitize_values, triton_interpreting)
-from .reference import FFNWeights, RouteGroups
+from .reference import FFNWeights, RouteGroups, gate_residual
 
 OPS = ("group_tokens", "gather", "scatter_combine", "swiglu_ffn", "duo_ffn")
 # os.environ's own storage (bytes to bytes on POSIX), read directly on the hot path (checks.env)
@@ -542,16 +542,7 @@ def _one_path(x: torch.Tensor, weights: Optional[FFNWeights], residual, gate,
         return out.view(x.shape)
     y = swiglu(x.reshape(-1, d), *weights)  # (N, d)
     y = y.to(x.dtype).view(x.shape)
-    in_place = not (torch.is_grad_enabled() and (y.requires_grad or (
-        residual is not None and residual.requires_grad)))
-    if gate is not None:
-        g = gate.to(y.dtype).unsqueeze(-1)
-        if residual is not None:
-            return torch.addcmul(residual, y, g)
-        return y.mul_(g) if in_place else y * g
-    if residual is None:
-        return y
-    return y.add_(residual) if in_place else residual + y
+    return gate_residual(y, residual, gate)
 
 
 # The CPU's backend is loaded up front: code compiled by torch.compile cannot import a module

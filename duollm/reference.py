@@ -169,3 +169,21 @@ def duo_ffn(
     if residual is not None:
         out = residual.to(out.dtype) + out
     return out
+
+
+def gate_residual(y: torch.Tensor, residual: Optional[torch.Tensor],
+                  gate: Optional[torch.Tensor]) -> torch.Tensor:
+    """One path's FFN output ``y`` (N, d) combined as ``scatter_combine`` combines a routed
+    row: ``residual + gate[:, None] * y`` (either term optional). Updates ``y`` in place where
+    autograd allows (the backends' single-path fast paths share this epilogue)."""
+    in_place = not (torch.is_grad_enabled() and (y.requires_grad or (
+        residual is not None and residual.requires_grad)))
+    if gate is not None:
+        g = gate.to(y.dtype).unsqueeze(-1)
+        if residual is not None:
+            return torch.addcmul(residual, y, g)
+        return y.mul_(g) if in_place else y * g
+    if residual is None:
+        return y
+    return y.add_(residual) if in_place else residual + y
+

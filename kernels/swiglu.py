@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from duollm.reference import gate_residual
+
 from ._common import (Slot, acc_dtypes, custom_op, int32_guard, interpreting as _interpreting,
                       precision)
 from .decode import DECODE_MAX_N
@@ -216,13 +218,4 @@ def one_path(x: torch.Tensor, weights, residual: Optional[torch.Tensor] = None,
         return duo_ffn(x, _zero_routes(x.shape[0], x.device), (tuple(weights),), residual,
                        gate, mode=mode)
     y = swiglu_ffn(x, *weights).to(x.dtype)
-    in_place = not (torch.is_grad_enabled() and (y.requires_grad or (
-        residual is not None and residual.requires_grad)))
-    if gate is not None:
-        g = gate.to(y.dtype).unsqueeze(-1)
-        if residual is not None:
-            return torch.addcmul(residual, y, g)
-        return y.mul_(g) if in_place else y * g
-    if residual is None:
-        return y
-    return y.add_(residual) if in_place else residual + y
+    return gate_residual(y, residual, gate)
