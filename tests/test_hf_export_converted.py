@@ -126,6 +126,8 @@ def test_converted_weight_names_tells_converted_from_plain_folders(tmp_path):
     ("buffer_dtypes", "float32"), ("buffer_dtypes", {"model.rotary_emb.inv_freq": "nope"}),
     ("buffer_dtypes", {"no.such.buffer": "float32"}),
     ("model_class", "LlamaConfig"), ("model_class", 7), ("model_class", "os"),
+    # a real model class of another config than config.json's (was an AttributeError)
+    ("model_class", "GPT2LMHeadModel"), ("model_class", "MistralForCausalLM"),
     ("d_small", "8"), ("d_small", 500), ("skip", "yes"), ("probs", [1, 2]),
     ("init", "zero"), ("n_layers", 7), ("d_big", True),
 ])

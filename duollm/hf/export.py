@@ -352,6 +352,9 @@ def load_converted(path: PathLike, *, dtype: Optional[torch.dtype] = None,
     record = _read_record(path)
     cls = getattr(transformers, record["model_class"])
     config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+    if not isinstance(config, cls.config_class):  # an edited record: fail here, not deep in HF
+        raise ValueError(f"path: {path / SPEC_FILE}: model_class must be a model class of its "
+                         f"config.json's {type(config).__name__}, got {record['model_class']!r}")
     saved_dtype = getattr(torch, record["dtype"])
     # Built directly in the saved dtype, as from_pretrained builds (its buffers, RoPE's inv_freq,
     # stay float32); then each non-persistent buffer gets the dtype it had when saved.
