@@ -252,20 +252,6 @@ def tokenizer_name(tokenizer) -> str:
     return describe_tokenizer(tokenizer)
 
 
-def announce_tokenizer(command: str, tokenizer, path: str) -> None:
-    """Say which tokenizer a command reads text with; a warning on stderr when the checkpoint
-    has none and bytes are used instead."""
-    import sys
-
-    if tokenizer is None:
-        print(f"warning: {path} holds no tokenizer; {command} reads the text as UTF-8 bytes "
-              f"(ids 0-255), which the model was probably not trained on. Save the "
-              f"tokenizer with the model (duollm convert and train --hf do when the source "
-              f"folder has one)", file=sys.stderr, flush=True)
-    else:
-        print(f"tokenizer: {tokenizer_name(tokenizer)} from {path}", flush=True)
-
-
 def calibration_tokens(n: int, tokenizer, vocab_size: int, max_positions: Optional[int]):
     """(B, T) token ids of the embedded corpus's start (about ``n`` tokens), or None for 0."""
     if n == 0:
@@ -505,7 +491,9 @@ def run_train_hf(args: argparse.Namespace) -> int:
                                           f"tokens, but the {split} split holds "
                                           f"{tokens.numel()}")
     # Said once the data is known to fit: a refused command prints its error alone.
-    announce_tokenizer("train --hf", tokenizer, plan.ckpt.path)
+    from duollm.shards import announce_tokenizer
+
+    announce_tokenizer("train --hf reads the text", tokenizer, plan.ckpt.path)
     calibration = None
     if plan.d_small is not None and plan.init == "prune":
         calibration = calibration_tokens(DEFAULT_CALIBRATION_TOKENS, tokenizer, vocab,

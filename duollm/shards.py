@@ -26,6 +26,7 @@ import codecs
 import hashlib
 import json
 import os
+import sys
 import shutil
 import tempfile
 import time
@@ -620,3 +621,17 @@ def describe_tokenizer(tokenizer) -> str:
     where = os.path.basename(os.path.normpath(str(getattr(tokenizer, "name_or_path", "")
                                                   or "")))
     return f"{where or 'unnamed'} ({type(tokenizer).__name__}, vocabulary {len(tokenizer)})"
+
+
+def announce_tokenizer(reader: str, tokenizer, path: str) -> None:
+    """Say which tokenizer ``reader`` (e.g. ``"train --hf reads the text"``) uses for the
+    checkpoint at ``path``; a warning on stderr when it has none and bytes are used instead.
+    Said whether or not progress lines are on: which ids are read decides the numbers."""
+    if tokenizer is None:
+        print(f"warning: {path} holds no tokenizer; {reader} as UTF-8 bytes (ids 0-255), "
+              f"which the model was probably not trained on. Save the tokenizer with the "
+              f"model (duollm convert and train --hf do when the source folder has one)",
+              file=sys.stderr, flush=True)
+    else:
+        print(f"tokenizer: {describe_tokenizer(tokenizer)} from {path}", flush=True)
+

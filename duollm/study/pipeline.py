@@ -6,7 +6,6 @@ import dataclasses
 import json
 import math
 import os
-import sys
 import time
 from typing import Dict, List, Optional, Sequence
 
@@ -435,15 +434,9 @@ def _load_hf_model(path: str, log, d_small: Optional[int] = None):
                              f"too small for byte ids; save the tokenizer with the model")
     # Said whether or not progress lines are on: which ids the study reads decides its numbers.
     if os.environ.get("RANK", "0") == "0":
-        from ..shards import describe_tokenizer
+        from ..shards import announce_tokenizer
 
-        if tok is None:
-            print(f"warning: {path} holds no tokenizer; the study reads the holdouts as UTF-8 "
-                  f"bytes (ids 0-255), which the model was probably not trained on. Save the "
-                  f"tokenizer with the model (duollm convert and train --hf do when the "
-                  f"source folder has one)", file=sys.stderr, flush=True)
-        else:
-            print(f"tokenizer: {describe_tokenizer(tok)} from {path}", flush=True)
+        announce_tokenizer("the study reads the holdouts", tok, path)
     return model, tok
 
 
