@@ -217,6 +217,7 @@ def test_rank_overlap_on_tensors_known_answers():
     (["--hf", "/nonexistent"], "--hf"),
     (["--full"], "--full"),
     (["--seeds", "0"], "--seeds"),
+    (["--oracle-chunks", __file__], "--oracle-chunks"),
 ])
 def test_bad_options_fail_before_any_work(argv, option, tmp_path, capsys):
     from duollm.cli import main
@@ -406,3 +407,41 @@ def test_study_two_seeds_gives_hierarchical_verdicts(tmp_path):
     assert "hierarchical bootstrap" in (tmp_path / "s2" / "report.md").read_text()
     with pytest.raises(ValueError, match="seeds"):
         run_study(quick=True, seeds=0, out=str(tmp_path / "never"), progress=False)
+
+
+def _without_times(v):
+    """A results.json value without its wall-clock fields (seconds differ run to run)."""
+    if isinstance(v, dict):
+        return {k: _without_times(x) for k, x in v.items()
+                if not (k.endswith("_s") or "second" in k or k in ("timings", "time"))}
+    if isinstance(v, list):
+        return [_without_times(x) for x in v]
+    return v
+
+
+@pytest.mark.slow  # two quick studies: about 2 min on a quiet core
+def test_study_oracle_chunks_are_kept_and_reused(tmp_path, capsys):
+    """--oracle-chunks: every oracle walk keeps its finished chunks (one folder per holdout
+    and model); the same study run again reuses them all, walks nothing, and reports the
+    same numbers. What a study killed midway relies on (the library's SIGKILL test covers
+    the kill itself: tests/test_sharded_table.py)."""
+    import json
+
+    from duollm.cli import main
+
+    chunks = tmp_path / "chunks"
+    argv = ["study", "--quick", "--steps", "3", "--router-steps", "2", "--n-random", "4",
+            "--oracle-batch", "4", "--oracle-chunks", str(chunks)]
+    assert main(argv + ["--out", str(tmp_path / "a")]) == 0
+    first = capsys.readouterr().out
+    files = sorted(p.relative_to(chunks).parts[0] for p in chunks.rglob("rows_*.pt"))
+    assert files and {"prose", "code"} <= set(files)
+    assert "resumed from" not in first
+    assert main(argv + ["--out", str(tmp_path / "b")]) == 0
+    again = capsys.readouterr().out
+    assert again.count("resumed from") == len(files)  # every chunk reused, none walked
+    a = json.loads((tmp_path / "a" / "results.json").read_text())
+    b = json.loads((tmp_path / "b" / "results.json").read_text())
+    assert a["verdicts"] == b["verdicts"]
+    assert _without_times(a["holdouts"]) == _without_times(b["holdouts"])
+

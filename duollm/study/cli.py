@@ -136,6 +136,10 @@ def add_study_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true",
                         help="no progress bars or stage lines (bars appear only on a "
                              "terminal anyway)")
+    parser.add_argument("--oracle-chunks", metavar="DIR", default=None,
+                        help="keep every oracle walk's finished chunks in DIR; run the same "
+                             "command again after a crash or kill and they are reused, not "
+                             "walked again (one subfolder per holdout and model)")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the oracle's projected time, memory per rank and disk "
                              "for this job (duollm.study.cost; WORLD_SIZE ranks under "
@@ -205,31 +209,6 @@ def _hf_layers(args: argparse.Namespace) -> int:
     return n_layers
 
 
-def _checkpoint_layers(args: argparse.Namespace) -> int:
-    """Check ``--checkpoint`` (and the options it excludes); its layer count."""
-    from ..checkpoint import read_meta
-    from .pipeline import resolve_study_checkpoint
-
-    for flag, value in (("--hf", args.hf), ("--preset", args.preset), ("--steps", args.steps),
-                        ("--d-small", args.d_small)):
-        if value is not None:
-            raise UsageError(flag, "not used with --checkpoint (the checkpoint fixes the "
-                                   "model; nothing is trained)")
-    if args.seeds > 1:
-        raise UsageError("--seeds", "with --checkpoint there is one model; drop --seeds")
-    try:
-        path = resolve_study_checkpoint(args.checkpoint)
-        config = read_meta(path)["config"]
-        n_layers = int(config["n_layers"])
-        vocab = int(config["vocab_size"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UsageError("--checkpoint", str(e).removeprefix("checkpoint: ")) from None
-    if vocab < 256:
-        raise UsageError("--checkpoint", f"{path} has a vocabulary of {vocab}; the study's "
-                                         f"holdouts are byte ids (256)")
-    return n_layers
-
-
 # What a folder holds when it is a model or a run, never a study's output: --overwrite
 # replaces a study's files, not these.
 CHECKPOINT_FILES = ("config.json", "meta.json", "duollm.json", "model.safetensors")
@@ -289,6 +268,31 @@ def check_study_data(path: str, quick: bool) -> None:
                                    f"a text of at least {need * 10} bytes")
 
 
+def _checkpoint_layers(args: argparse.Namespace) -> int:
+    """Check ``--checkpoint`` (and the options it excludes); its layer count."""
+    from ..checkpoint import read_meta
+    from .pipeline import resolve_study_checkpoint
+
+    for flag, value in (("--hf", args.hf), ("--preset", args.preset), ("--steps", args.steps),
+                        ("--d-small", args.d_small)):
+        if value is not None:
+            raise UsageError(flag, "not used with --checkpoint (the checkpoint fixes the "
+                                   "model; nothing is trained)")
+    if args.seeds > 1:
+        raise UsageError("--seeds", "with --checkpoint there is one model; drop --seeds")
+    try:
+        path = resolve_study_checkpoint(args.checkpoint)
+        config = read_meta(path)["config"]
+        n_layers = int(config["n_layers"])
+        vocab = int(config["vocab_size"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UsageError("--checkpoint", str(e).removeprefix("checkpoint: ")) from None
+    if vocab < 256:
+        raise UsageError("--checkpoint", f"{path} has a vocabulary of {vocab}; the study's "
+                                         f"holdouts are byte ids (256)")
+    return n_layers
+
+
 def validate(args: argparse.Namespace):
     """Every check of the study's options, before any work. Returns (device, budgets,
     preset)."""
@@ -304,6 +308,10 @@ def validate(args: argparse.Namespace):
 
         check_data_source("--data", args.data)  # a text file or a token shard folder
     check_out_dir("--out", args.out)
+    if args.oracle_chunks is not None and os.path.exists(args.oracle_chunks) and \
+            not os.path.isdir(args.oracle_chunks):
+        raise UsageError("--oracle-chunks", f"{args.oracle_chunks} is a file; name a folder "
+                                            f"(created if missing)")
     if args.steps is not None:
         check_int("--steps", args.steps, low=0 if args.hf else 1)
     if args.router_steps is not None:
@@ -313,6 +321,8 @@ def validate(args: argparse.Namespace):
         check_int("--oracle-batch", args.oracle_batch, low=4)
     check_int("--seed", args.seed, low=0)
     check_int("--seeds", args.seeds, low=1)
+    if args.full and args.quick:
+        raise UsageError("--full", "the full study's sizes and --quick exclude each other")
     if args.checkpoint is not None:
         n_layers = _checkpoint_layers(args)
     elif args.hf is not None:
@@ -324,8 +334,6 @@ def validate(args: argparse.Namespace):
             raise UsageError("--d-small", "only used with --hf (a DuoLLM's widths come from "
                                           "--preset)")
         n_layers = DuoConfig.from_name(preset).n_layers
-    if args.full and args.quick:
-        raise UsageError("--full", "the full study's sizes and --quick exclude each other")
     budgets = parse_budgets(args.budgets, n_layers)
     check_study_out(args)
     if args.data not in ("default", "synthetic"):
@@ -390,7 +398,8 @@ def run_cli(args: argparse.Namespace) -> int:
                     stage_lines=not args.no_progress,  # into a pipe too; bars only on a tty
                     synthetic_check=not args.no_synthetic_check, hf=args.hf,
                     hf_d_small=args.d_small, null_control=args.null_control,
-                    seeds=args.seeds, checkpoint=args.checkpoint, full=args.full)
+                    seeds=args.seeds, checkpoint=args.checkpoint, full=args.full,
+                    oracle_chunks=args.oracle_chunks)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun rank 0 alone reports
         return 0
     from .report import summary_text

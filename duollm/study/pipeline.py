@@ -47,9 +47,11 @@ def model_shape(model) -> Dict:
 def analyse_holdout(model, h: Holdout, routers: List[St.TrainedRouter], sizes: St.StudySizes,
                     budgets: List[int], n_random: int, n_sequences: int, seed: int,
                     device, progress: bool, log=print,
-                    collect: Optional[list] = None) -> HoldoutResult:
+                    collect: Optional[list] = None,
+                    chunks: Optional[str] = None) -> HoldoutResult:
     """Every oracle, baseline, router and difficulty result on one holdout. ``collect``: a
-    list that receives the holdout's ``duollm.study.verdicts.VerdictInputs``."""
+    list that receives the holdout's ``duollm.study.verdicts.VerdictInputs``; ``chunks``: a
+    folder where the oracle walk keeps its finished chunks (``stages.pattern_table``)."""
     shape = model_shape(model)
     L = shape["n_layers"]
     T = min(sizes.oracle_len, shape["max_seq_len"] - 1) + 1
@@ -58,7 +60,8 @@ def analyse_holdout(model, h: Holdout, routers: List[St.TrainedRouter], sizes: S
     sel_i, ev_i = S.split_indices(n_sequences, seed)
     nb = sizes.n_boot
     log(f"[{h.name}] oracle table over {n_sequences}x{T - 1} positions")
-    tab = St.pattern_table(model, toks.to(device), progress)
+    tab = St.pattern_table(model, toks.to(device), progress,
+                           checkpoint_dir=_chunk_dir(chunks, h.name), log=log)
     sel, ev = tab.subset(sel_i), tab.subset(ev_i)
     big_v = St.seq_mean(ev.losses[ev.index([BIG] * L)])
     small_v = St.seq_mean(ev.losses[ev.index([1] * L)])
@@ -136,7 +139,7 @@ def _verdict_inputs(h: Holdout, sel, ev, n_random: int, seed: int, budgets, shap
 
 def verdict_inputs(model, h: Holdout, routers: List[St.TrainedRouter], sizes: St.StudySizes,
                    budgets: List[int], n_random: int, n_sequences: int, seed: int, device,
-                   progress: bool, log=print):
+                   progress: bool, log=print, chunks: Optional[str] = None):
     """What the verdicts read on one holdout, without the rest of ``analyse_holdout``: the
     pattern table split as ``analyse_holdout`` splits it and the routers on the evaluation
     sequences (for the null model and for the seeds after the first)."""
@@ -145,7 +148,8 @@ def verdict_inputs(model, h: Holdout, routers: List[St.TrainedRouter], sizes: St
     toks = windows(h.val, n_sequences, T)
     sel_i, ev_i = S.split_indices(n_sequences, seed)
     log(f"[{h.name}] oracle table over {n_sequences}x{T - 1} positions (verdict inputs)")
-    tab = St.pattern_table(model, toks.to(device), progress)
+    tab = St.pattern_table(model, toks.to(device), progress,
+                           checkpoint_dir=_chunk_dir(chunks, h.name), log=log)
     r_vals, r_routes = {}, {}
     for tr in routers:
         _, r_vals[tr.name], r_routes[tr.name] = St.evaluate_router(
@@ -173,6 +177,10 @@ def resolve_study_checkpoint(path: str) -> str:
     return step
 
 
+def _chunk_dir(chunks: Optional[str], holdout: str) -> Optional[str]:
+    return None if chunks is None else os.path.join(chunks, holdout)
+
+
 def run_study(preset: Optional[str] = None, data="default", steps: Optional[int] = None,
               device: str = "cpu", out: Optional[str] = None,
               budgets: Optional[Sequence[int]] = None, router_steps: Optional[int] = None,
@@ -182,7 +190,7 @@ def run_study(preset: Optional[str] = None, data="default", steps: Optional[int]
               stage_lines: Optional[bool] = None,
               hf_d_small: Optional[int] = None, null_control: bool = False,
               seeds: int = 1, checkpoint: Optional[str] = None,
-              full: bool = False) -> StudyResult:
+              full: bool = False, oracle_chunks: Optional[str] = None) -> StudyResult:
     """Run every stage on both holdouts and write ``report.md``, PNG plots, ``results.json``
     and ``verdicts.json`` under ``out``; returns the ``StudyResult``.
 
@@ -197,6 +205,10 @@ def run_study(preset: Optional[str] = None, data="default", steps: Optional[int]
       hf: a converted Hugging Face checkpoint folder (``duollm.hf.load_pretrained``);
         with ``steps`` > 0 its small FFNs are trained first (``duollm.hf.train_small``).
       hf_d_small: with ``hf`` a plain (unconverted) checkpoint: the small FFNs' width.
+      oracle_chunks: a folder where every oracle walk keeps its finished chunks, one
+        subfolder per holdout and model; a study killed midway and run again with the same
+        folder (and so the same model: ``checkpoint``, or the same seed and sizes) reuses
+        them instead of walking them again.
       stage_lines: print one line per stage (default: as ``progress``). ``duollm study``
         prints them unless ``--no-progress``, into a pipe too, where no bar is drawn.
       null_control: also measure every verdict on the null model (``duollm.study.null``:
@@ -321,12 +333,13 @@ def run_study(preset: Optional[str] = None, data="default", steps: Optional[int]
     for h in holdouts:
         t0 = time.perf_counter()
         results.append(analyse_holdout(model, h, routers, sizes, budgets, n_random, n_seq,
-                                       seed, device, progress, log, collect=collected))
+                                       seed, device, progress, log, collect=collected,
+                                       chunks=oracle_chunks))
         timings[f"{h.name}_s"] = time.perf_counter() - t0
     real_in = {inp.holdout: [inp] for inp in collected}
     null_in = None
     run = dict(sizes=sizes, budgets=budgets, n_random=n_random, n_sequences=n_seq,
-               device=device, progress=progress, log=log)
+               device=device, progress=progress, log=log, chunks=oracle_chunks)
     if null_control:
         t0 = time.perf_counter()
         null_in = {h.name: [] for h in holdouts}

@@ -19,6 +19,7 @@ own path changes) is reported beside it, labelled.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -157,7 +158,8 @@ from .sharded_table import (FULL_SKIP_LIMIT, ReducedPatternLosses,  # noqa: E402
 
 
 def pattern_table(model, tokens: torch.Tensor, progress: bool = False,
-                  full: Optional[bool] = None) -> PatternLosses:
+                  full: Optional[bool] = None,
+                  checkpoint_dir: Optional[str] = None, log=None) -> PatternLosses:
     """Stage 2: every layer pattern over each whole sequence of ``tokens`` (B, T), as
     exhaustive prefix-sharing walks: the table of the paper's token oracle
     (``duollm.oracle.pattern_losses(..., "token", base="pattern")``).
@@ -170,14 +172,24 @@ def pattern_table(model, tokens: torch.Tensor, progress: bool = False,
     analyses read reductions across the ranks (``duollm.study.sharded_table``: a
     ``ReducedPatternLosses``, equal to one process's numbers); ``DUOLLM_ORACLE_TABLE=whole``
     gathers the whole table onto every rank instead
-    (``duollm.study.parallel.sharded_pattern_losses``)."""
+    (``duollm.study.parallel.sharded_pattern_losses``).
+
+    ``checkpoint_dir``: walk in chunks and keep each finished chunk under
+    ``checkpoint_dir/<the model's digest>/``; a run killed midway and started again with the
+    same folder reuses them (``duollm study --oracle-chunks``; ``log`` says which). One folder
+    per token set: a chunk of other tokens or of another model is refused, never mixed in."""
     from ..stack import as_stack
     from .parallel import sharded_pattern_losses as pattern_losses
 
     L = as_stack(model).n_layers
     full = 3 ** L <= FULL_SKIP_LIMIT if full is None else full
-    if table_mode() == "per-rank":
-        return ReducedPatternLosses(build_local_table(model, tokens, full=full))
+    if checkpoint_dir is not None:
+        from .sharded_table import model_digest
+
+        checkpoint_dir = os.path.join(checkpoint_dir, model_digest(model)[:16])
+    if table_mode() == "per-rank" or checkpoint_dir is not None:
+        return ReducedPatternLosses(build_local_table(model, tokens, full=full,
+                                                      checkpoint_dir=checkpoint_dir, log=log))
     if full:
         tab = pattern_losses(model, tokens, "token", base="pattern", skip=True,
                              progress=progress)
