@@ -107,6 +107,7 @@ def test_bad_options_fail_before_any_work(argv, option, tmp_path, capsys):
     assert not out.exists()
 
 
+@pytest.mark.slow  # among the suite's slowest (30-75 s); make test stays short
 def test_runs_shard_across_ranks_like_one_process(tmp_path):
     script = """
         import sys

@@ -624,6 +624,7 @@ def test_loaders_accept_a_run_folder(hf_dirs, workdir, capsys):
         hf.load_converted(workdir / "a_dir")
 
 
+@pytest.mark.slow  # among the suite's slowest (30-75 s); make test stays short
 def test_study_hf_run_folder_saves_its_model_names_it_and_prints_stages(hf_dirs, workdir,
                                                                         monkeypatch, capsys):
     """study --hf given a train --hf run folder, --steps 2, no --out and stdout a pipe: one

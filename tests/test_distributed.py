@@ -220,6 +220,7 @@ _STUDY_SCRIPT = """
 """
 
 
+@pytest.mark.slow  # among the suite's slowest (30-75 s); make test stays short
 def test_study_under_torchrun_shards_its_oracle_and_matches_one_process(tmp_path):
     """`torchrun -m duollm study`: each rank walks its share of the holdout sequences, the
     report is rank 0's and its oracle numbers are one process's. Training is data-parallel

@@ -28,6 +28,7 @@ def _dry_run(tmp_path, sections):
     return rows
 
 
+@pytest.mark.slow  # among the suite's slowest (30-75 s); make test stays short
 def test_bench_kernels_dry_run_decode(tmp_path):
     rows = _dry_run(tmp_path, "decode")
     names = {(r["name"], r.get("impl"), r.get("graph")) for r in rows}

@@ -391,6 +391,7 @@ def test_study_checkpoint_with_null_control(tiny_run_folder, which, tmp_path):
     assert any(v["vs_null"] is not None for v in judged)
 
 
+@pytest.mark.slow  # among the suite's slowest (30-75 s); make test stays short
 def test_study_two_seeds_gives_hierarchical_verdicts(tmp_path):
     """--seeds 2: two models trained (seeds 0 and 1); each verdict's interval covers both
     seeds' evaluation sequences."""
