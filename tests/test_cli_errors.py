@@ -309,18 +309,16 @@ def test_real_exit_status_and_stderr(argv, option, workdir):
     assert _tree(workdir) == before
 
 
-def test_ctrl_c_during_train_names_the_checkpoint_and_the_resume_command(workdir):
-    from duollm.checkpoint import load_checkpoint
+def _interrupt_after_first_checkpoint(argv, workdir, env):
+    """Run ``python -m duollm *argv`` in ``workdir`` and send it SIGINT once ``run/`` holds a
+    finished (renamed) checkpoint; returns ``(proc, stdout, stderr)``."""
     from duollm.train import latest_checkpoint
 
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    argv = ["train", "--steps", "100000", "--checkpoint-every", "2", "--out", "run",
-            "--threads", "1"] + SMALL
     proc = subprocess.Popen([sys.executable, "-m", "duollm", *argv], cwd=workdir, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 240
-        while latest_checkpoint(str(workdir / "run")) is None:  # a finished (renamed) one
+        while latest_checkpoint(str(workdir / "run")) is None:
             assert proc.poll() is None, proc.communicate()
             assert time.monotonic() < deadline, "no checkpoint appeared"
             time.sleep(0.1)
@@ -329,6 +327,17 @@ def test_ctrl_c_during_train_names_the_checkpoint_and_the_resume_command(workdir
     finally:
         if proc.poll() is None:
             proc.kill()
+    return proc, out, err
+
+
+def test_ctrl_c_during_train_names_the_checkpoint_and_the_resume_command(workdir):
+    from duollm.checkpoint import load_checkpoint
+    from duollm.train import latest_checkpoint
+
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    argv = ["train", "--steps", "100000", "--checkpoint-every", "2", "--out", "run",
+            "--threads", "1"] + SMALL
+    proc, out, err = _interrupt_after_first_checkpoint(argv, workdir, env)
     assert proc.returncode == usage.EXIT_INTERRUPTED, err
     assert "Traceback" not in err and "KeyboardInterrupt" not in err
     ckpt = latest_checkpoint(str(workdir / "run"))
@@ -795,19 +804,7 @@ def test_real_ctrl_c_during_train_hf(hf_dirs, workdir):
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     argv = _resume_argv(str(hf_dirs / "plain"), "run", 100000, "--d-small", "8",
                         "--checkpoint-every", "2", "--threads", "1")
-    proc = subprocess.Popen([sys.executable, "-m", "duollm", *argv], cwd=workdir, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 240
-        while latest_checkpoint(str(workdir / "run")) is None:
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "no checkpoint appeared"
-            time.sleep(0.1)
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    proc, out, err = _interrupt_after_first_checkpoint(argv, workdir, env)
     assert proc.returncode == usage.EXIT_INTERRUPTED, err
     assert "Traceback" not in err and "KeyboardInterrupt" not in err
     assert "duollm train --hf: interrupted (Ctrl-C)" in err
