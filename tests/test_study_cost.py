@@ -72,3 +72,20 @@ def test_dry_run_prints_and_runs_nothing(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("WORLD_SIZE")
     assert main(["study", "--quick", "--dry-run", "--oracle-batch", "2"]) == 2  # validated
     assert "--oracle-batch" in capsys.readouterr().err
+
+
+def test_dry_run_counts_full_sizes_seeds_and_the_null_model(capsys):
+    """--full projects the full study's holdout sequences, and --seeds/--null-control multiply
+    the tables walked (the first version projected the demo's 40 sequences and one table)."""
+    from duollm.study.stages import FULL
+
+    assert main(["study", "--full", "--preset", "tiny", "--dry-run"]) == 0
+    one = capsys.readouterr().out
+    assert f"x {FULL.n_sequences} sequences" in one and "tables" not in one
+    assert main(["study", "--full", "--preset", "tiny", "--seeds", "3", "--null-control",
+                 "--dry-run"]) == 0
+    six = capsys.readouterr().out
+    assert "tables     6 (3 seed(s) x (real + null model))" in six
+    minutes = float(six.split("tables")[1].split(":")[1].split("min")[0])
+    per_table = C.project(C.study_job("tiny", False, None, full=True)[0], "cpu").seconds
+    assert minutes == pytest.approx(6 * per_table / 60, abs=0.06)

@@ -364,12 +364,21 @@ def dry_run_text(args: argparse.Namespace, device, preset: str) -> str:
         else 2
     job, label = study_job(preset if args.hf is None else None, args.quick,
                            args.oracle_batch, hf=args.hf, d_small=args.d_small,
-                           n_holdouts=holdouts, ranks=ranks)
+                           n_holdouts=holdouts, ranks=ranks, full=args.full)
     dev = "cuda" if device.type == "cuda" else "cpu"
-    lines = [describe(job, project(job, dev), label)]
+    proj = project(job, dev)
+    lines = [describe(job, proj, label)]
     if dev == "cpu":
         gpu = project(job, "cuda")
         lines.append(f"  on H200s  {gpu.seconds / 60:.2f} min (projection: {gpu.assumption})")
+    # --seeds trains that many models and --null-control walks each one's null model too:
+    # one table per model, each the job above
+    tables = args.seeds * (2 if args.null_control else 1)
+    if tables > 1:
+        what = f"{args.seeds} seed(s)" + (" x (real + null model)" if args.null_control
+                                          else "")
+        lines.append(f"  tables     {tables} ({what}): {tables * proj.seconds / 60:.1f} min of "
+                     f"oracle walks in all on this device")
     lines.append("Not included: stage-1 training, router training and the bootstrap (see "
                  "docs/study.md). Nothing was run.")
     return "\n".join(lines)

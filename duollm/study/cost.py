@@ -203,17 +203,17 @@ def describe(job: OracleJob, proj: Projection, label: Optional[str] = None) -> s
 
 def study_job(preset: Optional[str], quick: bool, oracle_batch: Optional[int],
               hf: Optional[str] = None, d_small: Optional[int] = None,
-              n_holdouts: int = 2, ranks: int = 1) -> tuple:
+              n_holdouts: int = 2, ranks: int = 1, full: bool = False) -> tuple:
     """(OracleJob, label) of what ``duollm study`` with these options would run: the model
     from ``preset`` or the ``hf`` folder's config.json (no weights read), the holdout windows
-    from ``--quick``/``--oracle-batch``."""
+    from ``--quick``/``--full``/``--oracle-batch``."""
     import json
     import os
 
     from ..config import DuoConfig
-    from .stages import DEMO, QUICK
+    from .stages import DEMO, FULL, QUICK
 
-    sizes = QUICK if quick else DEMO
+    sizes = QUICK if quick else (FULL if full else DEMO)
     n_seq = sizes.n_sequences if oracle_batch is None else oracle_batch
     if hf is None:
         preset = preset or ("tiny" if quick else "small")
