@@ -21,6 +21,10 @@ shape (e.g. the paper's layer on sm90) is added above the generic ones without t
 The generic entries are the configurations the kernels shipped with (measured on an H100:
 ``benchmarks/results/h100``). ``programs_per_sm`` sizes the persistent grids (fixed grid =
 programs_per_sm x #SMs, every program loops over the device-side tile table).
+
+``BWD_TABLE`` holds the backward entries of the ``DUOLLM_TRITON_BWD=1`` switch
+(``kernels/ffn_gemm_bwd.py``): with ``bwd=True`` each replaces the ``TABLE`` entry of the same
+key; with the switch off (the default) ``TABLE`` alone is read, as before the switch existed.
 """
 from __future__ import annotations
 
@@ -98,6 +102,16 @@ TABLE: Dict[Key, GemmConfig] = {
     (None, "down", "16", None, None, None): C(64, 128, 64, 8, 4, 4, 1),
 }
 
+# DUOLLM_TRITON_BWD=1: BK = 64 (the K step of one 16-bit wgmma) where the default backward
+# entries above have 32, with 3 stages instead of 4 so that the doubled stages fit the 227 KB
+# a block may use on sm_90: gate/up backward stages x, dy (BM x BK) and Wg, Wu, Wd (BK x BN),
+# 64 KB each in 16 bits; large dx stages dg, du and Wg, Wu, also 64 KB; 3 stages = 193 KB
+# (4 would be 257 KB). Unmeasured; each key is one of TABLE's (tests/test_kernels_bwd_switch.py).
+BWD_TABLE: Dict[Key, GemmConfig] = {
+    (None, "gateup_bwd", "16", None, None, None): C(64, 128, 64, 8, 8, 3, 1),
+    (None, "dx", "16", "large", None, None): C(128, 128, 64, 8, 8, 3, 1),
+}
+
 
 def n_bucket(n_rows: int) -> str:
     """The token-count bucket of ``n_rows`` (see the module docstring)."""
@@ -128,10 +142,12 @@ def arch_of(device: Optional[torch.device]) -> str:
 
 
 @functools.lru_cache(maxsize=4096)
-def _lookup(arch: str, kind: str, dtype: str, bucket: str, d: int, width: int) -> GemmConfig:
+def _lookup(arch: str, kind: str, dtype: str, bucket: str, d: int, width: int,
+            bwd: bool = False) -> GemmConfig:
     want = (arch, kind, dtype, bucket, d, width)
     best, best_score = None, -1
-    for key, cfg in TABLE.items():
+    # BWD_TABLE's keys are TABLE's: the merged dict keeps TABLE's order, so ties break alike
+    for key, cfg in ({**TABLE, **BWD_TABLE} if bwd else TABLE).items():
         if (arch == "interp") != (key[0] == "interp"):
             continue  # the interpreter's entries are for it alone, and only for it
         if all(k is None or k == w for k, w in zip(key, want)):
@@ -144,7 +160,11 @@ def _lookup(arch: str, kind: str, dtype: str, bucket: str, d: int, width: int) -
 
 
 def gemm_config(kind: str, dtype: torch.dtype, n_rows: int, device: Optional[torch.device],
-                d: int = 0, width: int = 0) -> GemmConfig:
-    """The committed configuration of kernel family ``kind`` for these inputs."""
+                d: int = 0, width: int = 0, bwd: bool = False) -> GemmConfig:
+    """The committed configuration of kernel family ``kind`` for these inputs; ``bwd``: with
+    the backward switch's entries (``BWD_TABLE``)."""
+    if bwd:
+        return _lookup(arch_of(device), kind, dtype_key(dtype), n_bucket(n_rows), int(d),
+                       int(width), True)
     return _lookup(arch_of(device), kind, dtype_key(dtype), n_bucket(n_rows), int(d),
                    int(width))

@@ -34,7 +34,9 @@ this module is imported, or per call with ``duo_ffn(..., mode=...)``:
 Backward (``ffn_bwd`` in kernels/ffn_gemm_bwd.py) re-groups the routes, recomputes h per tile
 and produces dx, every path's weight gradients (split over tokens, deterministic),
 d(residual) (= dy) and d(gate) with 4 GEMM launches plus the grouping and a few small torch
-reductions; it is the same whichever forward path ran.
+reductions; it is the same whichever forward path ran. Its own switch,
+``DUOLLM_TRITON_BWD=1`` (BK = 64 configurations, per-path weight-gradient splits), is read
+there.
 """
 from __future__ import annotations
 

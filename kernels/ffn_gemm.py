@@ -325,12 +325,13 @@ def down_fwd(h: torch.Tensor, perm: Optional[torch.Tensor], offsets: Optional[to
 
 def dx_bwd(dg: torch.Tensor, du: torch.Tensor, perm: Optional[torch.Tensor],
            offsets: Optional[torch.Tensor], slots: Sequence[Slot], dx: torch.Tensor,
-           num_paths: int = 1) -> None:
+           num_paths: int = 1, bwd: bool = False) -> None:
     """dx[perm[i]] = dg_i Wg + du_i Wu per slot (dg, du (N, W_max) grouped rows); skip slots
-    write zero rows. The down kernel in DX mode."""
+    write zero rows. The down kernel in DX mode; ``bwd``: the configuration of the backward
+    switch (``DUOLLM_TRITON_BWD``, ``configs.BWD_TABLE``)."""
     N, d = dx.shape
     routed = perm is not None
-    cfg = gemm_config("dx", dx.dtype, N, dx.device, d)
+    cfg = gemm_config("dx", dx.dtype, N, dx.device, d, bwd=bwd)
     dummy = dx
     m_tiles = triton.cdiv(N, cfg.BM)
     for chunk in chunks(list(slots)):

@@ -9,9 +9,20 @@ The backward recomputes h (it is never saved); four launches plus small torch re
      fixed order (deterministic, no atomics), so a path with few rows still fills the GPU.
 For 16-bit inputs the workspaces read by step 3 carry a low part (v - round(v)) as well, so
 the weight gradients are as exact as with fp32 intermediates (see ``ffn_bwd``).
+
+Switch (off by default, unmeasured: it becomes the default only where a committed GPU
+measurement shows it faster). ``DUOLLM_TRITON_BWD=1``, read once, at import (``ENV_BWD``), or
+per call with ``ffn_bwd(..., bwd=True)``:
+
+* 16-bit gate/up backward and dx at >= 2048 tokens take ``configs.BWD_TABLE``'s BK = 64 (the
+  wgmma K step; 3 stages so the shared memory fits) instead of BK = 32;
+* each path's weight gradient is split over tokens in its own number of slices
+  (``_wgrad_pp_kernel``), so its fp32 partials take S_p x its weight's size, not the
+  largest S of the launch (which doubles the big path's partials at the paper's layer).
 """
 from __future__ import annotations
 
+import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -24,6 +35,16 @@ from .configs import gemm_config
 from .ffn_gemm import dx_bwd
 
 __all__ = ["ffn_bwd", "gateup_bwd", "wgrad_bwd"]
+
+
+def _env_bwd() -> bool:
+    val = os.environ.get("DUOLLM_TRITON_BWD", "0")
+    if val not in ("0", "1"):
+        raise ValueError(f"DUOLLM_TRITON_BWD: expected 0 or 1, got {val!r}")
+    return val == "1"
+
+
+ENV_BWD = _env_bwd()  # the switch, read once
 
 
 # --------------------------------------------------------------------------- kernels
@@ -135,33 +156,14 @@ def _gateup_bwd_kernel(
 
 
 @triton.jit
-def _wgrad_kernel(
-    a1_ptr,       # A rows: workspace (N, stride_h) grouped, or (N, d) token order if A_TOK
-    a2_ptr,       # second A (TWO): workspace, same layout as a1
-    b_ptr,        # B rows: (N, d) token order if B_TOK, else workspace (N, stride_h)
-    a1lo_ptr,     # low parts of the workspace operands (SPLIT): A1, A2 or B, whichever
-    a2lo_ptr,     #   is the workspace
-    blo_ptr,      #   (the two others are unused)
-    perm_ptr,     # (N,) token ids in grouped order
-    offsets_ptr,  # (P+1,)
-    p1_ptr,       # fp32 partials of C1 = A1^T B, per slot [S, M_s, N_s] at offset O_s
-    p2_ptr,       # fp32 partials of C2 = A2^T B (TWO)
-    N, P, d, stride_h, S,
-    R0, R1, R2, R3,
-    W0, W1, W2, W3,
-    T1, T2, T3,
-    O0, O1, O2, O3,  # element offset of each slot's partials
-    NSLOT: tl.constexpr, ROUTED: tl.constexpr,
-    A_TOK: tl.constexpr, B_TOK: tl.constexpr, TWO: tl.constexpr, SPLIT: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-    UPCAST: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
-):
-    # C (M_s, N_s) = sum over a slot's rows r of A[r, :M_s]^T B[r, :N_s]; the row (token)
-    # dimension is split in S slices so that small outputs still get many programs.
-    pid = tl.program_id(0)
-    s, W, local, start, cnt = slot_tile(pid, offsets_ptr, N, P, R0, R1, R2, R3, W0, W1, W2, W3,
-                                        T1, T2, T3, NSLOT, ROUTED)
-    off = pick(s, O0, O1, O2, O3, NSLOT).to(tl.int64)
+def _wgrad_tile(a1_ptr, a2_ptr, b_ptr, a1lo_ptr, a2lo_ptr, blo_ptr, perm_ptr, p1_ptr, p2_ptr,
+                d, stride_h, S, W, local, start, cnt, off,
+                ROUTED: tl.constexpr, A_TOK: tl.constexpr, B_TOK: tl.constexpr,
+                TWO: tl.constexpr, SPLIT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                BK: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+                ACC: tl.constexpr):
+    """One program of a weight gradient (arguments as in ``_wgrad_kernel``): tile ``local`` of
+    a slot whose rows are split in ``S`` slices; its partials start at element ``off``."""
     if A_TOK:
         Ma = d
         Nb = W
@@ -234,6 +236,65 @@ def _wgrad_kernel(
         tl.store(p2_ptr + poff, acc2, mask=pmask)
 
 
+@triton.jit
+def _wgrad_kernel(
+    a1_ptr,       # A rows: workspace (N, stride_h) grouped, or (N, d) token order if A_TOK
+    a2_ptr,       # second A (TWO): workspace, same layout as a1
+    b_ptr,        # B rows: (N, d) token order if B_TOK, else workspace (N, stride_h)
+    a1lo_ptr,     # low parts of the workspace operands (SPLIT): A1, A2 or B, whichever
+    a2lo_ptr,     #   is the workspace
+    blo_ptr,      #   (the two others are unused)
+    perm_ptr,     # (N,) token ids in grouped order
+    offsets_ptr,  # (P+1,)
+    p1_ptr,       # fp32 partials of C1 = A1^T B, per slot [S, M_s, N_s] at offset O_s
+    p2_ptr,       # fp32 partials of C2 = A2^T B (TWO)
+    N, P, d, stride_h, S,
+    R0, R1, R2, R3,
+    W0, W1, W2, W3,
+    T1, T2, T3,
+    O0, O1, O2, O3,  # element offset of each slot's partials
+    NSLOT: tl.constexpr, ROUTED: tl.constexpr,
+    A_TOK: tl.constexpr, B_TOK: tl.constexpr, TWO: tl.constexpr, SPLIT: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    UPCAST: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
+):
+    # C (M_s, N_s) = sum over a slot's rows r of A[r, :M_s]^T B[r, :N_s]; the row (token)
+    # dimension is split in S slices so that small outputs still get many programs.
+    pid = tl.program_id(0)
+    s, W, local, start, cnt = slot_tile(pid, offsets_ptr, N, P, R0, R1, R2, R3, W0, W1, W2, W3,
+                                        T1, T2, T3, NSLOT, ROUTED)
+    off = pick(s, O0, O1, O2, O3, NSLOT).to(tl.int64)
+    _wgrad_tile(a1_ptr, a2_ptr, b_ptr, a1lo_ptr, a2lo_ptr, blo_ptr, perm_ptr, p1_ptr, p2_ptr,
+                d, stride_h, S, W, local, start, cnt, off, ROUTED, A_TOK, B_TOK, TWO, SPLIT,
+                BM, BN, BK, UPCAST, PREC, ACC)
+
+
+@triton.jit
+def _wgrad_pp_kernel(
+    a1_ptr, a2_ptr, b_ptr, a1lo_ptr, a2lo_ptr, blo_ptr, perm_ptr, offsets_ptr, p1_ptr, p2_ptr,
+    N, P, d, stride_h,
+    S0, S1, S2, S3,  # token slices of each slot (DUOLLM_TRITON_BWD=1; else _wgrad_kernel's S)
+    R0, R1, R2, R3,
+    W0, W1, W2, W3,
+    T1, T2, T3,
+    O0, O1, O2, O3,
+    NSLOT: tl.constexpr, ROUTED: tl.constexpr,
+    A_TOK: tl.constexpr, B_TOK: tl.constexpr, TWO: tl.constexpr, SPLIT: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    UPCAST: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
+):
+    # _wgrad_kernel with one split count per slot: slot s has S_s x its output tiles
+    # programs, and its partials [S_s, M_s, N_s] start at O_s.
+    pid = tl.program_id(0)
+    s, W, local, start, cnt = slot_tile(pid, offsets_ptr, N, P, R0, R1, R2, R3, W0, W1, W2, W3,
+                                        T1, T2, T3, NSLOT, ROUTED)
+    off = pick(s, O0, O1, O2, O3, NSLOT).to(tl.int64)
+    S = pick(s, S0, S1, S2, S3, NSLOT)
+    _wgrad_tile(a1_ptr, a2_ptr, b_ptr, a1lo_ptr, a2lo_ptr, blo_ptr, perm_ptr, p1_ptr, p2_ptr,
+                d, stride_h, S, W, local, start, cnt, off, ROUTED, A_TOK, B_TOK, TWO, SPLIT,
+                BM, BN, BK, UPCAST, PREC, ACC)
+
+
 
 
 
@@ -246,12 +307,32 @@ def _split_count(out_tiles: int, n_rows: int, bk: int, device: torch.device) -> 
     return max(1, min(triton.cdiv(target, max(out_tiles, 1)), triton.cdiv(n_rows, 4 * bk), 64))
 
 
+def wgrad_plan(shapes: Sequence[Tuple[int, int]], n_rows: int, cfg, device: torch.device,
+               per_path: bool = False) -> Tuple[List[int], List[int], List[int], int]:
+    """Token slices of one weight-gradient launch over slots with outputs ``shapes``
+    ((M_s, N_s) each): (split count per slot, programs per slot, element offset of each
+    slot's fp32 partials [S_s, M_s, N_s], the partial buffer's total elements).
+
+    Default: every slot takes the launch's largest split count (``_wgrad_kernel``'s one S);
+    ``per_path`` (``DUOLLM_TRITON_BWD=1``): each slot keeps its own (``_wgrad_pp_kernel``)."""
+    out_tiles = [triton.cdiv(ma, cfg.BM) * triton.cdiv(nb, cfg.BN) for ma, nb in shapes]
+    splits = [_split_count(t, n_rows, cfg.BK, device) for t in out_tiles]
+    if not per_path:
+        splits = [max(splits)] * len(splits)
+    offs, tot = [], 0
+    for S, (ma, nb) in zip(splits, shapes):
+        offs.append(tot)
+        tot += S * ma * nb
+    return splits, [S * t for S, t in zip(splits, out_tiles)], offs, tot
+
+
 def gateup_bwd(x: torch.Tensor, dy: torch.Tensor, gate: Optional[torch.Tensor],
                perm: Optional[torch.Tensor], offsets: Optional[torch.Tensor],
-               slots: Sequence[Slot], num_paths: int = 1):
+               slots: Sequence[Slot], num_paths: int = 1, bwd: bool = False):
     """Recompute h per routed slot and form the gate/up gradients.
 
-    x, dy (N, d) token order; gate (N,) or None. Returns (h, dg, du, lo, dgp): the
+    x, dy (N, d) token order; gate (N,) or None; ``bwd``: the backward switch's configuration
+    (``configs.BWD_TABLE``). Returns (h, dg, du, lo, dgp): the
     workspaces (N, W_max) in grouped rows (h already times the gate), ``lo`` the three low
     parts for 16-bit inputs (else the workspaces themselves), and dgp (N, column tiles) the
     partials of d(gate) in grouped rows (zero rows for tokens of no routed slot)."""
@@ -269,7 +350,7 @@ def gateup_bwd(x: torch.Tensor, dy: torch.Tensor, gate: Optional[torch.Tensor],
     dg = torch.empty_like(h)
     du = torch.empty_like(h)
     lo = [torch.empty_like(h) for _ in range(3)] if split else [h, dg, du]
-    cfg = gemm_config("gateup_bwd", dtype, N, x.device, d, w_max)
+    cfg = gemm_config("gateup_bwd", dtype, N, x.device, d, w_max, bwd=bwd)
     n_wt = triton.cdiv(w_max, cfg.BN)
     has_gate = gate is not None
     dgp = torch.zeros((N, n_wt) if has_gate else (1, 1), dtype=acc_dtypes(dtype)[1],
@@ -293,11 +374,12 @@ def gateup_bwd(x: torch.Tensor, dy: torch.Tensor, gate: Optional[torch.Tensor],
 
 def wgrad_bwd(x: torch.Tensor, dy: torch.Tensor, h: torch.Tensor, dg: torch.Tensor,
               du: torch.Tensor, lo: Sequence[torch.Tensor], perm: Optional[torch.Tensor],
-              offsets: Optional[torch.Tensor], slots: Sequence[Slot], num_paths: int = 1
-              ) -> Dict[int, List[Optional[torch.Tensor]]]:
+              offsets: Optional[torch.Tensor], slots: Sequence[Slot], num_paths: int = 1,
+              bwd: bool = False) -> Dict[int, List[Optional[torch.Tensor]]]:
     """Weight gradients of every routed slot, ``{id(slot): [dWg, dWu, dWd]}``: dWg = dg^T x,
     dWu = du^T x, dWd = dy^T (gate * h), split over tokens into fp32 partials summed in a
-    fixed order. Workspaces as returned by ``gateup_bwd``."""
+    fixed order. Workspaces as returned by ``gateup_bwd``. ``bwd``: split counts per slot
+    (``wgrad_plan``)."""
     N, d = x.shape
     routed = perm is not None
     dtype, dummy = x.dtype, x
@@ -308,28 +390,24 @@ def wgrad_bwd(x: torch.Tensor, dy: torch.Tensor, h: torch.Tensor, dg: torch.Tens
         for which in ("gateup", "down"):
             a_tok = which == "down"   # dWd = (gate*dy)^T h; dWg/dWu = dg^T x, du^T x
             cfg = gemm_config("wgrad" if a_tok else "wgrad2", dtype, N, x.device, d)
-            bm, bn, bk = cfg.BM, cfg.BN, cfg.BK
             shapes = [((d, s.width) if a_tok else (s.width, d)) for s in chunk]
-            splits = [_split_count(triton.cdiv(ma, bm) * triton.cdiv(nb, bn), N, bk, x.device)
-                      for ma, nb in shapes]
-            S = max(splits)
-            tiles = [S * triton.cdiv(ma, bm) * triton.cdiv(nb, bn) for ma, nb in shapes]
+            splits, tiles, offs, tot = wgrad_plan(shapes, N, cfg, x.device, per_path=bwd)
             firsts, grid = starts(tiles)
-            offs, tot = [], 0
-            for ma, nb in shapes:
-                offs.append(tot)
-                tot += S * ma * nb
             p1 = torch.empty(tot, dtype=acc_torch, device=x.device)
             p2 = torch.empty(tot if not a_tok else 1, dtype=acc_torch, device=x.device)
             routes, widths = routes_widths(chunk)
-            _wgrad_kernel[(grid,)](
-                dy if a_tok else dg, du, h if a_tok else x, lo[1], lo[2], lo[0],
-                perm if routed else dummy, offsets if routed else dummy, p1, p2,
-                N, num_paths, d, h.stride(0), S, *routes, *widths, *firsts, *pad4(offs, 0),
-                NSLOT=len(chunk), ROUTED=routed, A_TOK=a_tok, B_TOK=not a_tok, TWO=not a_tok,
-                SPLIT=split, UPCAST=interpreting(), PREC=precision(dtype), ACC=acc_t,
-                **cfg.launch(group_m=False))
-            for s, (ma, nb), o in zip(chunk, shapes, offs):
+            args = (dy if a_tok else dg, du, h if a_tok else x, lo[1], lo[2], lo[0],
+                    perm if routed else dummy, offsets if routed else dummy, p1, p2,
+                    N, num_paths, d, h.stride(0))
+            rest = (*routes, *widths, *firsts, *pad4(offs, 0))
+            kw = dict(NSLOT=len(chunk), ROUTED=routed, A_TOK=a_tok, B_TOK=not a_tok,
+                      TWO=not a_tok, SPLIT=split, UPCAST=interpreting(),
+                      PREC=precision(dtype), ACC=acc_t, **cfg.launch(group_m=False))
+            if bwd:
+                _wgrad_pp_kernel[(grid,)](*args, *pad4(splits, 1), *rest, **kw)
+            else:  # every slot has the largest S
+                _wgrad_kernel[(grid,)](*args, splits[0], *rest, **kw)
+            for s, (ma, nb), o, S in zip(chunk, shapes, offs, splits):
                 part = p1[o:o + S * ma * nb].view(S, ma, nb)
                 if a_tok:
                     grads[id(s)][2] = part.sum(0).to(dtype)
@@ -341,22 +419,28 @@ def wgrad_bwd(x: torch.Tensor, dy: torch.Tensor, h: torch.Tensor, dg: torch.Tens
 
 def ffn_bwd(x: torch.Tensor, dy: torch.Tensor, gate: Optional[torch.Tensor],
             perm: Optional[torch.Tensor], offsets: Optional[torch.Tensor],
-            inv: Optional[torch.Tensor], slots: Sequence[Slot], num_paths: int = 1
+            inv: Optional[torch.Tensor], slots: Sequence[Slot], num_paths: int = 1,
+            bwd: Optional[bool] = None
             ) -> Tuple[torch.Tensor, List[Tuple[torch.Tensor, ...]], Optional[torch.Tensor]]:
     """Gradients of ``gate * swiglu_route(x)``, h recomputed, for every slot (skip slots,
-    width 0, only get zero rows of dx).
+    width 0, only get zero rows of dx). ``bwd``: the backward switch (None: ``ENV_BWD``,
+    from ``DUOLLM_TRITON_BWD``; see the module docstring).
 
     x, dy (N, d) token order; gate (N,) or None; perm, inv (N,) and offsets (P+1,) from
     ``group_tokens``, or all None for the plain op (one slot owning every row).
     Returns (dx (N, d); per routed slot (dWg, dWu, dWd); dgate (N,) in the accumulation
     dtype, or None).
     """
+    if bwd is None:
+        bwd = ENV_BWD
+    if not isinstance(bwd, bool):
+        raise TypeError(f"bwd: expected None or a bool, got {type(bwd).__name__}")
     routed = perm is not None
     routed_slots = [s for s in slots if s.width > 0]
-    h, dg, du, lo, dgp = gateup_bwd(x, dy, gate, perm, offsets, routed_slots, num_paths)
+    h, dg, du, lo, dgp = gateup_bwd(x, dy, gate, perm, offsets, routed_slots, num_paths, bwd)
     dx = torch.empty_like(x)
-    dx_bwd(dg, du, perm, offsets, list(slots), dx, num_paths)
-    grads = wgrad_bwd(x, dy, h, dg, du, lo, perm, offsets, routed_slots, num_paths)
+    dx_bwd(dg, du, perm, offsets, list(slots), dx, num_paths, bwd)
+    grads = wgrad_bwd(x, dy, h, dg, du, lo, perm, offsets, routed_slots, num_paths, bwd)
     dgate = None
     if gate is not None:
         dgate_rows = dgp.sum(1)  # (N,) grouped rows; rows of skip tokens were never written

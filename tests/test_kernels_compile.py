@@ -1,7 +1,8 @@
 """The new Triton kernels compile for an H100/H200 (sm_90) on a machine without a GPU:
 ``tests/triton_compile.py`` runs in a subprocess without the interpreter and compiles the
-decode, persistent and one-launch grouping kernels and the refactored default-path
-forward and backward kernels to cubin with the wheel's own ptxas,
+decode, persistent and one-launch grouping kernels, the refactored default-path
+forward and backward kernels and the backward switch's (BK = 64, per-path splits) to cubin
+with the wheel's own ptxas,
 including ints specialised to constants (an argument equal to 1), which the interpreter
 never sees, with the JIT's divisibility hints; no variant may spill or use more shared memory
 than sm_90 has. The same check against Triton 3.6.0 (the GPU image's) runs when
@@ -18,7 +19,7 @@ HERE = Path(__file__).resolve().parent
 PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
 # Triton 3.6.0, the GPU machine's, beside the locked one: `make compile-check-triton36`
 TRITON36 = HERE.parent / "build" / "triton36"
-N_VARIANTS = 13
+N_VARIANTS = 17  # 4 of them the backward switch's (DUOLLM_TRITON_BWD)
 
 
 def _compile_report(pythonpath=None):

@@ -156,6 +156,28 @@ def variants():
             bwd._wgrad_kernel, dict(R0=1, NSLOT=2, ROUTED=True, A_TOK=False, B_TOK=True,
                                     TWO=True, SPLIT=True, BM=128, BN=64, BK=64, **MMA),
             dict(i64, p1_ptr="*fp32", p2_ptr="*fp32"), 8, 3)),
+        # DUOLLM_TRITON_BWD=1 (configs.BWD_TABLE): BK = 64 gate/up backward and large dx (3
+        # stages: 4 would need 257 KB), the weight gradients with a split count per slot
+        # (the paper's layer at 16K tokens on 132 SMs: small 3 / big 1 for dWd, 2 / 1 for
+        # dWg and dWu, so the big slot's 1 is a constant)
+        ("gateup_bwd_switch", lambda: compile_kernel(
+            bwd._gateup_bwd_kernel, dict(R0=1, NSLOT=2, ROUTED=True, HAS_GATE=True, SPLIT=True,
+                                         BM=64, BN=128, BK=64, GROUP_M=8, **MMA),
+            dict(i64, dgp_ptr="*fp32"), 8, 3)),
+        ("dx_large_switch", lambda: compile_kernel(
+            fwd._down_kernel, dict(R1=1, NSLOT=3, ROUTED=True, DX=True, PERSISTENT=False,
+                                   HAS_RES=False, HAS_GATE=False, BM=128, BN=128, BK=64,
+                                   GROUP_M=8, **MMA), i64, 8, 3)),
+        ("wgrad_per_path_switch", lambda: compile_kernel(
+            bwd._wgrad_pp_kernel, dict(R0=1, S1=1, NSLOT=2, ROUTED=True, A_TOK=True,
+                                       B_TOK=False, TWO=False, SPLIT=True, BM=128, BN=128,
+                                       BK=64, **MMA),
+            dict(i64, p1_ptr="*fp32", p2_ptr="*fp32"), 8, 3)),
+        ("wgrad2_per_path_switch", lambda: compile_kernel(
+            bwd._wgrad_pp_kernel, dict(R0=1, S1=1, NSLOT=2, ROUTED=True, A_TOK=False,
+                                       B_TOK=True, TWO=True, SPLIT=True, BM=128, BN=64, BK=64,
+                                       **MMA),
+            dict(i64, p1_ptr="*fp32", p2_ptr="*fp32"), 8, 3)),
         ("group_one_launch", lambda: compile_kernel(
             grp._group_scatter_kernel, dict(BLOCK_N=4096, P_PAD=4, MODE=2, WRITE_INV=False,
                                             WRITE_ROUTES=False, HAS_FLAG=True), group_ptrs, 8,
