@@ -22,9 +22,11 @@
 #      FFN; decode N = 1, 16, 64 for the 1/12, big and small mixes, default vs decode path,
 #      eager and CUDA graph, against the dense layers and the active weights' read time; every
 #      row with its max_rel_err against the reference;
-#   4. the gpu-marked tests with DUOLLM_TRITON_DECODE=1 DUOLLM_TRITON_PERSISTENT=1 (the
-#      decode and persistent paths, generate(cuda_graph=True) on the decode path), then with
-#      the switches off; `-n 8 --dist loadfile` when pytest-xdist is importable, else serially.
+#   4. the gpu-marked tests with DUOLLM_TRITON_DECODE=1 DUOLLM_TRITON_PERSISTENT=1
+#      DUOLLM_TRITON_BWD=1 (the decode and persistent paths, generate(cuda_graph=True) on the
+#      decode path, the backward's BK = 64 configs and per-path weight-gradient splits), then
+#      with the switches off; `-n 8 --dist loadfile` when pytest-xdist is importable, else
+#      serially.
 # Writes four files into OUT_DIR (default $OUT, else /tmp/duollm-gpu), each rewritten as the run
 # goes, so a run cut short still leaves what it did:
 #   results.json  meta, steps (status, seconds, what was skipped), every smoke and benchmark
@@ -80,7 +82,8 @@ if [ -z "${DUOLLM_GIT_SHA:-}" ] && sha=$(git -C "$ROOT" rev-parse HEAD 2>/dev/nu
   [ -n "$(git -C "$ROOT" status --porcelain --untracked-files=no 2>/dev/null)" ] && sha+=-dirty
   export DUOLLM_GIT_SHA=$sha  # the staged package is outside the checkout: name the commit
 fi  # (a tree copied without .git: pass DUOLLM_GIT_SHA=<commit> to the script)
-unset DUOLLM_BACKEND DUOLLM_TRITON_DECODE DUOLLM_TRITON_PERSISTENT DUOLLM_CHECK_ROUTES
+unset DUOLLM_BACKEND DUOLLM_TRITON_DECODE DUOLLM_TRITON_PERSISTENT DUOLLM_TRITON_BWD \
+  DUOLLM_CHECK_ROUTES
 export PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1
 if [ "$DRY" = 1 ]; then
   export TRITON_INTERPRET=1
@@ -202,8 +205,11 @@ else
 fi
 # -P: the checkout root is not put first on sys.path (its duollm/ lacks duollm.kernels)
 PYTEST=("$PY" -P -m pytest -q -m gpu -p no:cacheprovider "${XDIST[@]}" "${GPU_TESTS[@]}")
-run tests-switched-on 150 env DUOLLM_TRITON_DECODE=1 DUOLLM_TRITON_PERSISTENT=1 "${PYTEST[@]}"
-"${REPORT[@]}" pytest "$RESULTS" "gpu tests, decode+persistent on" "$LOGS/tests-switched-on.log"
+# every unmeasured path's switch (docs/kernels.md, "Paths behind a switch"); the label says which
+SWITCHES=(DUOLLM_TRITON_DECODE=1 DUOLLM_TRITON_PERSISTENT=1 DUOLLM_TRITON_BWD=1)
+run tests-switched-on 150 env "${SWITCHES[@]}" "${PYTEST[@]}"
+"${REPORT[@]}" pytest "$RESULTS" "gpu tests, switched on: ${SWITCHES[*]}" \
+  "$LOGS/tests-switched-on.log"
 run tests-default 150 "${PYTEST[@]}"
 "${REPORT[@]}" pytest "$RESULTS" "gpu tests, default paths" "$LOGS/tests-default.log"
 

@@ -19,6 +19,7 @@ SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
 FILES = {"results.json", "results.csv", "logs.tar.gz", "summary.txt"}
 STEPS = ["smoke", "bench", "build", "tests-switched-on", "tests-default"]
 KERNELS = {"group_tokens", "gather", "scatter_combine", "swiglu_ffn fwd+bwd", "duo_ffn backward",
+           "duo_ffn backward[bwd]",
            *(f"{op}[{m}]" for op in ("duo_ffn", "one_path")
              for m in ("default", "decode", "persistent", "decode+persistent"))}
 
@@ -47,7 +48,9 @@ def _check_run(out, proc):
         (r["name"], r.get("graph")) for r in timed}
     layer = [r for r in timed if r["name"] in ("duo_ffn", "decode_layer")]
     assert layer and all(r["max_rel_err"] < 1e-4 for r in layer)
-    assert set(doc["tests"]) == {"gpu tests, decode+persistent on", "gpu tests, default paths"}
+    switched = ("gpu tests, switched on: DUOLLM_TRITON_DECODE=1 DUOLLM_TRITON_PERSISTENT=1 "
+                "DUOLLM_TRITON_BWD=1")  # the label names the environment the step ran in
+    assert set(doc["tests"]) == {switched, "gpu tests, default paths"}
     assert all(t["counts"].get("skipped") for t in doc["tests"].values())  # no GPU here
     csv_rows = (out / "results.csv").read_text().splitlines()
     assert len(csv_rows) == len(doc["rows"]) + 1 and "max_rel_err" in csv_rows[0]

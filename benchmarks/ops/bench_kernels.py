@@ -27,9 +27,10 @@ the L2 cache does not flatter; never zeros):
 ``smoke`` (not in the default list) is the correctness pass ``benchmarks/gpu_check.sh`` runs
 before any timing: every kernel variant (grouping, gather, scatter-combine, SwiGLU forward and
 backward, the routed layer in every mode for every mix including out-of-range routes, its
-backward, a policy route on one path) on random data against ``duollm/reference.py``, every
-buffer the kernels allocate poisoned first (NaN, or -2**30 for integers) so an element never
-written shows, each forward run twice and compared bit for bit. Nothing is timed there.
+backward with the backward switch off and on, a policy route on one path) on random data
+against ``duollm/reference.py``, every buffer the kernels allocate poisoned first (NaN, or
+-2**30 for integers) so an element never written shows, each forward run twice and compared
+bit for bit. Nothing is timed there.
 
 Writes ``results.json`` (``{"meta", "rows"}``: device, torch/triton versions, git SHA,
 dtype, shapes, every row with its derived fields: efficiency, ratios, ``max_rel_err``) and
@@ -164,6 +165,7 @@ def smoke(record, dev, dtype, g, d) -> None:
     outputs poisoned, forwards run twice and compared bit for bit (see the module doc)."""
     import duollm.kernels as K
     from duollm import reference
+    from duollm.kernels import ffn_gemm_bwd
     from duollm.kernels.swiglu import one_path
 
     tol = 1e-4 if dtype == torch.float32 else 3e-2  # fp32 (interpreter) / 16-bit on a GPU
@@ -265,6 +267,15 @@ def smoke(record, dev, dtype, g, d) -> None:
                     # a path with no tokens has zero gradients on both sides
                     return check([max_rel_err(a.grad, b.grad) for a, b in pairs])
                 record("smoke", bwd, kernel="duo_ffn backward", N=n, mix=mix_name)
+
+                def bwd_switched(rt=rt):  # DUOLLM_TRITON_BWD=1: BK 64, per-path splits
+                    was, ffn_gemm_bwd.ENV_BWD = ffn_gemm_bwd.ENV_BWD, True
+                    try:
+                        return bwd(rt)
+                    finally:
+                        ffn_gemm_bwd.ENV_BWD = was
+                record("smoke", bwd_switched, kernel="duo_ffn backward[bwd]", N=n,
+                       mix=mix_name)
 
             for mode in MODES:
                 def policy(mode=mode):  # generate(routes="big"): every token on one path
