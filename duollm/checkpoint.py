@@ -263,17 +263,69 @@ def load_into(path: str, model: torch.nn.Module,
             "optimizer": state["optimizer"], "rng": state["rng"]}
 
 
+SHA256SUMS = "SHA256SUMS"
+
+
+def _sha256(path: str) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_sha256sums(path: str) -> str:
+    """Write ``path/SHA256SUMS`` (``sha256sum`` format, so ``sha256sum -c`` reads it too) over
+    every file of the checkpoint folder ``path`` (a shipped checkpoint: ``load_checkpoint``
+    then refuses a folder whose files no longer match). Returns the file's path."""
+    path = os.fspath(path)
+    if not os.path.isfile(os.path.join(path, META)):
+        raise ValueError(f"path: {path} is not a checkpoint folder (no {META})")
+    names = sorted(n for n in os.listdir(path)
+                   if n != SHA256SUMS and os.path.isfile(os.path.join(path, n)))
+    out = os.path.join(path, SHA256SUMS)
+    with open(out, "w") as f:
+        f.writelines(f"{_sha256(os.path.join(path, n))}  {n}\n" for n in names)
+    return out
+
+
+def verify_sha256sums(path: str) -> bool:
+    """Check the checkpoint folder ``path`` against its ``SHA256SUMS``, when it has one.
+    Returns True when checked, False when there is no such file. Raises ValueError naming
+    the first file that is missing or whose digest differs, or a malformed line."""
+    sums = os.path.join(os.fspath(path), SHA256SUMS)
+    if not os.path.isfile(sums):
+        return False
+    with open(sums) as f:
+        lines = [ln.rstrip("\n") for ln in f if ln.strip()]
+    for ln in lines:
+        digest, sep, name = ln.partition("  ")
+        if not sep or len(digest) != 64 or os.sep in name or name in ("", ".", ".."):
+            raise ValueError(f"checkpoint: {sums}: malformed line {ln!r}")
+        file = os.path.join(os.fspath(path), name)
+        if not os.path.isfile(file):
+            raise ValueError(f"checkpoint: {file} is listed in {SHA256SUMS} but missing")
+        if _sha256(file) != digest.lower():
+            raise ValueError(f"checkpoint: {file} does not match its SHA-256 in {sums} (a "
+                             f"corrupted or replaced file)")
+    return True
+
+
 def load_checkpoint(path: str, device="cpu") -> Tuple[torch.nn.Module, Dict]:
     """Build the ``DuoLLM`` stored at ``path`` on ``device`` and load its weights.
 
     ``path``: a checkpoint (``step_N``) folder, or the run folder of ``duollm train --out``:
-    its newest complete step (``duollm.runs``).
+    its newest complete step (``duollm.runs``). A folder holding ``SHA256SUMS``
+    (``write_sha256sums``) is verified against it first.
     Returns: ``(model, state)`` with ``state`` as from ``load_into`` (``config`` a DuoConfig).
     """
     from .model import DuoLLM
     from .runs import resolve_model_folder
 
     path = resolve_model_folder(path, META)
+    verify_sha256sums(path)
     meta = read_meta(path)
     if meta["config"] is None:
         raise ValueError(f"path: the checkpoint at {path!r} holds no DuoConfig; use "

@@ -127,6 +127,11 @@ _PRESETS: Dict[str, DuoConfig] = {
     # CPU, seconds: unit tests and the quick demo.
     "tiny": DuoConfig(n_layers=4, d_model=64, n_heads=4, vocab_size=256, d_big=256,
                       d_small=16, max_seq_len=128),
+    # CPU, the full study (`make study`): the tiny preset's depth and width with a big FFN 16x
+    # d_model wide, so that all small and all big differ by more than 0.15 nats after 1,000
+    # CPU training steps (docs/study.md) while the 3^4 oracle table stays cheap.
+    "wide": DuoConfig(n_layers=4, d_model=64, n_heads=4, vocab_size=256, d_big=1024,
+                      d_small=16, max_seq_len=128),
     # CPU, minutes: the study in miniature.
     "small": DuoConfig(n_layers=6, d_model=192, n_heads=6, vocab_size=256, d_big=768,
                        d_small=48, max_seq_len=256),

@@ -446,3 +446,30 @@ def test_study_oracle_chunks_are_kept_and_reused(tmp_path, capsys):
     assert a["verdicts"] == b["verdicts"]
     assert _without_times(a["holdouts"]) == _without_times(b["holdouts"])
 
+
+def test_the_study_saves_its_trained_model(quick_run):
+    """The --quick run saved its trained model in out/model: verified on load, the run's
+    config and step."""
+    from duollm.checkpoint import load_checkpoint, verify_sha256sums
+
+    model_dir = quick_run / "model"
+    assert verify_sha256sums(str(model_dir))  # SHA256SUMS beside it
+    model, state = load_checkpoint(str(model_dir))
+    res = json.loads((quick_run / "results.json").read_text())
+    assert state["step"] == res["steps"] and model.config.to_dict() == res["config"]
+
+
+@pytest.mark.slow
+def test_the_saved_model_studied_again_gives_the_runs_losses(quick_run, tmp_path):
+    """--checkpoint out/model studies that model: its all-big and all-small losses are the
+    trained run's, on the same sequences; nothing is trained, so nothing is saved."""
+    from duollm.cli import main
+
+    again = tmp_path / "again"
+    assert main(["study", "--checkpoint", str(quick_run / "model"), "--quick", "--out",
+                 str(again), "--no-progress", "--n-random", "10"]) == 0
+    res = json.loads((quick_run / "results.json").read_text())
+    res2 = json.loads((again / "results.json").read_text())
+    assert not (again / "model").exists()
+    for h1, h2 in zip(res["holdouts"], res2["holdouts"]):
+        assert h1["all_big"] == h2["all_big"] and h1["all_small"] == h2["all_small"]

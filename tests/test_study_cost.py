@@ -89,3 +89,17 @@ def test_dry_run_counts_full_sizes_seeds_and_the_null_model(capsys):
     minutes = float(six.split("tables")[1].split(":")[1].split("min")[0])
     per_table = C.project(C.study_job("tiny", False, None, full=True)[0], "cpu").seconds
     assert minutes == pytest.approx(6 * per_table / 60, abs=0.06)
+
+
+def test_full_defaults_to_the_wide_preset_and_an_explicit_preset_wins(capsys):
+    from duollm import DuoConfig
+    from duollm.study.stages import default_preset
+
+    assert (default_preset(), default_preset(quick=True), default_preset(full=True)) == (
+        "small", "tiny", "wide")
+    wide = DuoConfig.from_name("wide")
+    assert (wide.n_layers, wide.d_model, wide.d_big, wide.d_small) == (4, 64, 1024, 16)
+    assert main(["study", "--full", "--dry-run"]) == 0
+    assert capsys.readouterr().out.startswith("study of wide: 4 layers")
+    assert main(["study", "--full", "--preset", "tiny", "--dry-run"]) == 0
+    assert capsys.readouterr().out.startswith("study of tiny: 4 layers")

@@ -78,9 +78,10 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
 
 def add_study_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default=None,
-                        help="model preset: tiny (4 layers), small (6), paper-12 (the paper's "
-                             "12 layers at small's width, a GPU job) or paper-1.4b; default "
-                             "small (tiny with --quick)")
+                        help="model preset: tiny (4 layers), wide (tiny with 16x-wide big "
+                             "FFNs), small (6), paper-12 (the paper's 12 layers at small's "
+                             "width, a GPU job) or paper-1.4b; default small (tiny with "
+                             "--quick, wide with --full)")
     parser.add_argument("--data", default="default",
                         help="'default' (prose + code holdouts from this interpreter), "
                              "'synthetic' (known difficulty) or a UTF-8 text file")
@@ -128,8 +129,9 @@ def add_study_args(parser: argparse.ArgumentParser) -> None:
                              "claim needing big != small holds only against it (roughly "
                              "doubles the run time)")
     parser.add_argument("--full", action="store_true",
-                        help="the full study's sizes (make study): 200 holdout sequences per "
-                             "holdout, 3000 training steps, a 2000-step synthetic check")
+                        help="the full study's sizes (make study): the wide preset, 1000 "
+                             "training steps, 200 holdout sequences per holdout, a 2000-step "
+                             "synthetic check")
     parser.add_argument("--seeds", type=int, default=1,
                         help="train this many models (seeds --seed, --seed+1, ...); the "
                              "verdicts' intervals cover seeds and sequences")
@@ -297,9 +299,10 @@ def validate(args: argparse.Namespace):
     """Every check of the study's options, before any work. Returns (device, budgets,
     preset)."""
     from ..config import DuoConfig
+    from .stages import default_preset
 
     device = check_device("--device", args.device)
-    preset = args.preset or ("tiny" if args.quick else "small")
+    preset = args.preset or default_preset(args.quick, args.full)
     if args.preset is not None and args.preset not in DuoConfig.presets():
         raise UsageError("--preset", f"unknown preset {args.preset!r}; choose one of "
                                      f"{', '.join(DuoConfig.presets())}")

@@ -211,12 +211,12 @@ def study_job(preset: Optional[str], quick: bool, oracle_batch: Optional[int],
     import os
 
     from ..config import DuoConfig
-    from .stages import DEMO, FULL, QUICK
+    from .stages import DEMO, FULL, QUICK, default_preset
 
     sizes = QUICK if quick else (FULL if full else DEMO)
     n_seq = sizes.n_sequences if oracle_batch is None else oracle_batch
     if hf is None:
-        preset = preset or ("tiny" if quick else "small")
+        preset = preset or default_preset(quick, full)
         c = DuoConfig.from_name(preset)
         T = min(sizes.oracle_len, c.max_seq_len - 1) + 1
         return job_of_config(c, n_seq, T, n_holdouts, ranks), f"study of {preset}"

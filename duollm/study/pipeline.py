@@ -237,7 +237,7 @@ def run_study(preset: Optional[str] = None, data="default", steps: Optional[int]
     if quick and full:
         raise ValueError("full: the full study's sizes and quick's exclude each other")
     sizes = St.QUICK if quick else (St.FULL if full else St.DEMO)
-    preset = preset or ("tiny" if quick else "small")
+    preset = preset or St.default_preset(quick, full)
     steps = sizes.steps if steps is None else steps
     router_steps = sizes.router_steps if router_steps is None else router_steps
     n_seq = sizes.n_sequences if oracle_batch is None else oracle_batch
@@ -314,6 +314,11 @@ def run_study(preset: Optional[str] = None, data="default", steps: Optional[int]
             f"{tdata.name} (skip/small/big {St.TRAIN_PROBS})")
         trained = St.train_model(preset, tdata, sizes, steps, seed, device, progress)
         model, train_val = trained.model, trained.val_loss
+        if dist_info.is_main:  # the trained model is the run's product: study it again with
+            # --checkpoint, generate with it, bench frontier --checkpoint it
+            save_study_model(model, out_dir, steps, seed, preset)
+            log(f"trained model saved in {os.path.join(out_dir, HF_MODEL_DIR)} (SHA256SUMS "
+                f"beside it; loads with duollm.load_checkpoint)")
     model = model.to(device).eval()
     shape = model_shape(model)
     L = shape["n_layers"]
@@ -409,7 +414,20 @@ def _add_null(model, tdata, holdouts, seq_len: int, router_steps: int, seed: int
         null_in[h.name].append(verdict_inputs(nm, h, rs, seed=seed, **run))
 
 
-HF_MODEL_DIR = "model"  # out/model: a study --hf --steps N run's trained model
+HF_MODEL_DIR = "model"  # out/model: a study run's trained model (seed --seed)
+
+
+def save_study_model(model, out_dir: str, steps: int, seed: int, preset: str) -> str:
+    """Save the study's stage-1 model (weights, config, no optimizer) as a checkpoint folder
+    ``out_dir/model`` with a ``SHA256SUMS`` that ``load_checkpoint`` verifies. Returns it."""
+    from ..checkpoint import save_checkpoint, write_sha256sums
+
+    path = os.path.join(out_dir, HF_MODEL_DIR)
+    save_checkpoint(path, model, step=steps,
+                    extra={"made_by": "duollm study", "preset": preset, "seed": seed,
+                           "train_probs": list(St.TRAIN_PROBS)})
+    write_sha256sums(path)
+    return path
 
 
 def default_name(preset: str, data, quick: bool, hf: Optional[str] = None) -> str:

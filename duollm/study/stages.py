@@ -57,12 +57,24 @@ DEMO = StudySizes(steps=300, batch_size=16, seq_len=128, lr=3e-3, n_sequences=40
 QUICK = StudySizes(steps=20, batch_size=8, seq_len=32, lr=3e-3, n_sequences=8, oracle_len=24,
                    router_steps=8, router_batch=2, n_tokens_synth=20_000, synth_steps=10,
                    n_boot=200)
-# FULL is `make study` (--full): 200 holdout sequences (100 to evaluate) per holdout and ten
-# times the demo's training, sized (from the demo's measured costs) to about 90 minutes on 2
-# CPU cores with --seeds 3 --null-control; not yet run end to end in the session that set it.
-FULL = StudySizes(steps=3000, batch_size=16, seq_len=128, lr=3e-3, n_sequences=200,
+# FULL is `make study` (--full): 200 holdout sequences (100 to evaluate) per holdout, trained
+# on the `wide` preset (default_preset). Measured in the session that set it (a pilot, 2
+# threads, not the study itself): `wide` at 800 steps had all small minus all big 0.184 nats
+# (prose) and 0.166 (code) on 40 validation windows, the `tiny` preset at 1,200 steps 0.134 and
+# 0.092, `small` costs 2.7x `wide` per step (1.48 s against 0.54 s) and 9x per oracle table.
+# 1,000 steps per seed: about 27 minutes of training for 3 seeds on 2 quiet cores; the whole
+# `make study` is estimated at about an hour there, not yet run end to end.
+FULL = StudySizes(steps=1000, batch_size=16, seq_len=128, lr=3e-3, n_sequences=200,
                   oracle_len=96, router_steps=100, router_batch=4, n_tokens_synth=400_000,
                   synth_steps=2000, n_boot=1000, synth_keys=128)
+
+
+def default_preset(quick: bool = False, full: bool = False) -> str:
+    """The model preset a study trains when none is given: ``tiny`` with ``--quick``,
+    ``wide`` (16x-wide big FFNs, a 0.15-nat big/small margin in 1,000 CPU steps) with
+    ``--full``, otherwise ``small``."""
+    return "tiny" if quick else ("wide" if full else "small")
+
 
 # (p_skip, p_small, p_big) of random-routing training. The paper trains big/small at 0.5
 # each; a skip share is added so the skip oracles (Figures 2d, 3d) route a model that has
