@@ -45,8 +45,9 @@ def _spec(key):
     return next(s for s in V.SPECS if s.key == key)
 
 
-def _judge(key, real, null=None, n_boot=300):
-    return V.judge_one(_spec(key), [real], None if null is None else [null], n_boot=n_boot)
+def _judge(key, real, null=None, n_boot=300, relabel=V.RELABEL_P):
+    return V.judge_one(_spec(key), [real], None if null is None else [null], n_boot=n_boot,
+                       relabel=relabel)
 
 
 NEEDS_BIG = [s.key for s in V.SPECS if s.needs_big and s.key != "3"]
@@ -120,14 +121,21 @@ def test_pure_noise_table_gives_no_holds_for_claims_that_need_big():
 def test_planted_big_effect_holds_against_the_null():
     real = _inputs(_table([0.05, 0.05, 0.1, 0.1], noise=0.02, seed=1))
     null = _inputs(_table([0.0] * L, noise=0.0, seed=1))
-    rec = _judge("4a", real, null)
+    # The null model alone (the relabelled control off): it holds against the null model ...
+    rec = _judge("4a", real, null, relabel=0)
     assert rec.verdict == S.HOLDS, rec
+    # ... but this plant helps every token alike, so the best fixed pattern (layers 2, 3) is
+    # every token's best and the oracle's edge over it is selection among noisy near-ties:
+    # the relabelled table, whose candidates differ by as much, shows the same edge.
+    both = _judge("4a", real, null)
+    assert both.verdict == V.SELECTION and "real minus relabelled null" in both.reason
+    assert both.parts[0].vs_null.low > 0  # still beyond the null model
     assert rec.precondition.startswith("all small minus all big 0.")  # measured, kept
     assert V.record_dict(rec)["precondition"] == rec.precondition
     p = rec.parts[0]
     assert p.null.estimate == pytest.approx(0.0) and p.vs_null.low > 0
     # the same effect in the null as in the real model: indistinguishable from selection
-    rec = _judge("4a", real, real)
+    rec = _judge("4a", real, real, relabel=0)
     assert rec.verdict == V.SELECTION and "real minus null" in rec.reason
     # a strong big effect: one big layer is far worse than all big (4b does not hold)
     assert _judge("4b", real, null).verdict == S.FAILS
@@ -218,3 +226,252 @@ def test_fig7_early_tokens_more_compute_per_mix_router():
     rec = _judge("7", _inputs(tab, routes={"mix-b70s30": early_big.flip(1)}))
     assert rec.verdict == S.FAILS
     assert _judge("7", _inputs(tab)).verdict == V.NOT_TESTABLE
+
+
+# --------------------------------------------------------------------------- relabelled table
+
+
+def _noise_inputs_passing_the_precondition(n=2):
+    """Pure-noise tables (big has no effect; every pattern's loss is iid noise per sequence
+    and position) on which, by chance, all big is measurably better than all small, so the
+    precondition passes and only a selection control can stop a claim."""
+    out = []
+    for seed in range(100):
+        inp = _inputs(_table([0.0] * L, noise=0.05, seed=seed))
+        try:
+            V._precondition_big(inp)
+        except V.NotTestable:
+            continue
+        out.append(inp)
+        if len(out) == n:
+            return out
+    raise AssertionError("no noise table passed the precondition")
+
+
+def test_relabelled_control_catches_selection_on_pure_noise():
+    """The issue's simulation with the precondition passing: without the relabelled control
+    4a, 4b (and 4c) "hold" by selection alone; with it none of them holds."""
+    for inp in _noise_inputs_passing_the_precondition():
+        for key in ("4a", "4b", "4c"):
+            raw = _judge(key, inp, relabel=0)
+            assert raw.verdict == S.HOLDS, (key, raw)  # selection alone: "holds"
+            assert all(p.interval.low > 0 for p in raw.parts)
+            rec = _judge(key, inp)
+            assert rec.verdict in (V.SELECTION, S.UNRESOLVED), (key, rec)
+            assert rec.n_relabel == V.RELABEL_P and "real minus relabelled null" in rec.reason
+            # the real model's raw interval is unchanged; the control adds the comparison
+            assert [p.interval for p in rec.parts] == [p.interval for p in raw.parts]
+            assert all(p.relabel_null is not None and p.p_vs_relabel_null is not None
+                       for p in rec.parts)
+        for key in ("2", "5/6"):
+            assert _judge(key, inp, n_boot=200).verdict != S.HOLDS, key
+
+
+def _two_kinds_of_token(seed=3, noise=0.01):
+    """A planted effect the paper's Figure 2a-c describes: per token, big helps layer 2 most;
+    40% of the tokens gain next from layer 3 (the other later layer), 60% from the early
+    layers 0 and 1 and not at all from layer 3. Later-minus-earlier half big usage of the
+    oracle: at k=1 +0.5 for every token (2a); at k=2 +1 for the first kind, 0 for the second
+    (2b: 0.4 on average); at k=3 +0.5 and -0.5 (2c: 0.4 * 0.5 - 0.6 * 0.5 = -0.1)."""
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.rand(B, T, generator=gen) < 0.4
+    kind_a = torch.tensor([0.01, 0.0, 0.12, 0.09], dtype=torch.float64)
+    kind_b = torch.tensor([0.08, 0.07, 0.12, 0.0], dtype=torch.float64)
+    g = torch.where(a[None], kind_a[:, None, None], kind_b[:, None, None])  # (L, B, T)
+    return _table(g, noise=noise, seed=seed)
+
+
+def _later_first_then_earlier(seed=3, noise=0.01):
+    """Figure 2a-c's claim planted exactly: every big layer lowers the loss by 0.1, and the
+    best set of k big layers is later-first at k=1 ({3}) and k=2 ({2, 3}) and earlier-heavy
+    at k=3 ({0, 1, 2}), each by 0.05 over the other sets of its size (an interaction: with
+    gains that only add up, a later-first set at k=2 stays in the best set at k=3)."""
+    gen = torch.Generator().manual_seed(seed)
+    base = 2.0 + 0.3 * torch.rand(B, T, generator=gen, dtype=torch.float64)
+    best = {(SMALL, SMALL, SMALL, BIG), (SMALL, SMALL, BIG, BIG), (BIG, BIG, BIG, SMALL)}
+    gain = torch.tensor([0.1 * p.count(BIG) + (0.05 if p in best else 0.0)
+                         for p in map(tuple, PATS.tolist())], dtype=torch.float64)
+    skip = (PATS == SKIP).double().sum(1) * 0.5
+    losses = base[None] + (skip - gain)[:, None, None]
+    losses = losses + noise * torch.randn(losses.shape, generator=gen, dtype=torch.float64)
+    return PatternLosses(PATS, losses)
+
+
+def test_planted_effect_holds_against_the_relabelled_control():
+    real = _inputs(_later_first_then_earlier())
+    null = _inputs(_table([0.0] * L, seed=3))  # the null model: big == small
+    rec = _judge("2", real, null)
+    assert rec.n_relabel == V.RELABEL_P
+    assert [p.expect for p in rec.parts] == [1, 1, -1]
+    want = [0.5, 1.0, -0.5]  # {3}: late 1/2; {2, 3}: late 1; {0, 1, 2}: 1/2 - 1
+    assert [p.interval.estimate for p in rec.parts] == pytest.approx(want, abs=0.01)
+    for p in rec.parts:
+        assert p.vs_relabel_null.sign() == p.expect, p
+        assert p.vs_null.sign() == p.expect, p
+        assert abs(p.relabel_null.estimate) < 0.3  # labels shuffled: no profile to speak of
+    assert rec.verdict == S.HOLDS, rec
+    # two kinds of token that prefer different big layers: the oracle's per-token choice
+    # beats any fixed pattern by more than selection among the same candidates does
+    rec = _judge("4a", _inputs(_two_kinds_of_token()), null)
+    assert rec.parts[0].vs_relabel_null.low > 0 and rec.verdict == S.HOLDS, rec
+
+
+def test_relabelling_permutes_labels_within_each_skip_class():
+    inp = _inputs(_two_kinds_of_token())
+    classes = V.skip_classes(PATS)
+    assert len(classes) == 2 ** L and sum(c.numel() for c in classes) == len(PATS)
+    assert sorted(c.numel() for c in classes)[-1] == 2 ** L  # no skip: every big/small mix
+    rel = V.relabelled_inputs(inp, 5, seed=7)
+    assert len(rel) == 5 and all(r.relabelled for r in rel)
+    moved = 0
+    for r in rel:
+        for tab, orig in ((r.sel, inp.sel), (r.ev, inp.ev)):
+            assert tab.losses is orig.losses  # the losses, unchanged and not copied
+            assert torch.equal(tab.patterns == SKIP, orig.patterns == SKIP)  # skip sets kept
+            assert torch.equal(tab.n_big, (tab.patterns == BIG).sum(1))  # recomputed
+            for c in classes:  # within a class: a permutation of the class's labels
+                got = sorted(map(tuple, tab.patterns[c].tolist()))
+                assert got == sorted(map(tuple, orig.patterns[c].tolist()))
+        assert torch.equal(r.sel.patterns, r.ev.patterns)  # one relabelling for both splits
+        moved += int((r.ev.patterns != inp.ev.patterns).any(1).sum())
+        assert torch.equal(r.router_loss.get("x", torch.zeros(1)), torch.zeros(1))
+    assert moved > 0
+    # deterministic given the study's and the model's seed; another seed, other labels
+    again = V.relabelled_inputs(inp, 5, seed=7)
+    assert all(torch.equal(a.ev.patterns, b.ev.patterns) for a, b in zip(rel, again))
+    other = V.relabelled_inputs(inp, 5, seed=8)
+    assert not all(torch.equal(a.ev.patterns, b.ev.patterns) for a, b in zip(rel, other))
+    # the two-walk layout (big/small, big/skip): a big/skip pattern is its class's only one
+    two = torch.tensor([p for p in itertools.product((SMALL, BIG), repeat=L)]
+                       + [p for p in itertools.product((SKIP, BIG), repeat=L)
+                          if SKIP in p])
+    perm = V.relabel_permutation(two, torch.Generator().manual_seed(0))
+    assert torch.equal(perm[2 ** L:], torch.arange(2 ** L, len(two)))
+    with pytest.raises(ValueError, match="n"):
+        V.relabelled_inputs(inp, 0)
+    with pytest.raises(ValueError, match="relabel"):
+        _judge("4a", inp, relabel=-1)
+    with pytest.raises(TypeError, match="relabel"):
+        V.relabel_table(object(), perm)
+
+
+def test_relabelled_control_applies_only_to_claims_on_the_table_that_need_big():
+    real = _inputs(_two_kinds_of_token(),
+                   routes={"k2": torch.full((B, T, L), BIG, dtype=torch.int64)})
+    for spec in V.SPECS:
+        rec = V.judge_one(spec, [real], n_boot=100)
+        if spec.key in ("3", "4a-router", "2d", "3d", "7"):  # routers or skips: none
+            assert not spec.relabels and rec.n_relabel == 0, spec.key
+            assert all(p.relabel_null is None for p in rec.parts), spec.key
+        else:
+            assert spec.relabels and rec.n_relabel == V.RELABEL_P, spec.key
+
+
+def test_linear_parts_are_linear_and_their_fast_bootstrap_is_the_slow_one():
+    """``Part.linear`` lets ``relabel_boot`` average the relabellings' arrays instead of
+    their statistics: exact only for a statistic affine in its arrays."""
+    real = _inputs(_two_kinds_of_token(noise=0.03))
+    rel = V.relabelled_inputs(real, 4)
+    n_linear = 0
+    for spec in V.SPECS:
+        if not spec.relabels:
+            continue
+        parts = spec.parts(real)
+        rparts = [spec.parts(r) for r in rel]
+        for j, p in enumerate(parts):
+            null = [[tuple(rp[j].arrays) for rp in rparts]]
+            if p.linear:
+                n_linear += 1
+                fast = V.relabel_boot(p.stat, [p.arrays], null, 200, 0, linear=True)
+                slow = V.relabel_boot(p.stat, [p.arrays], null, 200, 0, linear=False)
+                for a, b in zip(fast[:2], slow[:2]):
+                    assert (a.estimate, a.low, a.high) == pytest.approx(
+                        (b.estimate, b.low, b.high), abs=1e-12)
+            else:  # 5/6's Spearman: the statistic of the mean is not the mean statistic
+                arrs = [tuple(rp[j].arrays) for rp in rparts]
+                mean = tuple(sum(t[a] for t in arrs) / len(arrs) for a in range(len(arrs[0])))
+                assert p.stat(*mean) != pytest.approx(
+                    sum(p.stat(*t) for t in arrs) / len(arrs), abs=1e-9)
+    assert n_linear == 7  # 4a, 4b, 2a-c (3), 4c (2)
+
+
+def test_relabel_boot_pairs_sequences_and_carries_the_relabelling_error():
+    gen = torch.Generator().manual_seed(0)
+    real = (torch.randn(30, generator=gen, dtype=torch.float64) + 1.0,)
+    # nulls equal to the real arrays: real minus null is exactly zero on every resample
+    null_iv, diff, p = V.relabel_boot(_mean_stat, [real], [[real, real]], 200, 0, linear=True)
+    assert diff.estimate == 0 and diff.low == 0 and diff.high == 0 and p == 1.0
+    assert null_iv.estimate == pytest.approx(float(real[0].mean()))
+    # nulls spread far apart: resampling the relabellings widens real minus null
+    shift = [(real[0] + d,) for d in (-1.0, 1.0)]
+    _, wide, _ = V.relabel_boot(_mean_stat, [real], [shift], 400, 0, linear=True)
+    assert wide.estimate == pytest.approx(0.0, abs=1e-12) and wide.high - wide.low > 1.0
+    with pytest.raises(ValueError, match="null"):
+        V.relabel_boot(_mean_stat, [real], [[]], 10, 0)
+    with pytest.raises(ValueError, match="null"):
+        V.relabel_boot(_mean_stat, [real], [[(real[0][:5],)]], 10, 0)
+
+
+def _mean_stat(v):
+    return float(v.mean())
+
+
+def test_a_relabelled_table_that_cannot_be_judged_leaves_a_hold_unresolved():
+    def parts(inp):
+        if inp.relabelled:
+            raise V.NotTestable("nothing to compare")
+        return [V.Part("always above zero", _mean_stat,
+                       (torch.full((inp.ev.losses.shape[1],), 1.0, dtype=torch.float64),))]
+
+    spec = V.Spec("x", "x", "c", "m", V.Setting("p", "o"), True, parts)
+    rec = V.judge_one(spec, [_inputs(_two_kinds_of_token())], n_boot=50)
+    assert rec.verdict == S.UNRESOLVED and "relabelled table: nothing to compare" in rec.reason
+
+
+def test_per_rank_table_relabels_like_the_whole_table():
+    """``ReducedPatternLosses`` (the per-rank table under torchrun, and the resumable one of
+    ``--oracle-chunks``) relabelled gives the verdicts the whole table gives."""
+    from duollm import distributed
+    from duollm.study.sharded_table import LocalTable, ReducedPatternLosses
+
+    tab = _two_kinds_of_token(noise=0.03)
+    whole = PatternLosses(tab.patterns, tab.losses.float().double())
+    reduced = ReducedPatternLosses(LocalTable(tab.patterns, tab.losses.float(), range(B), B,
+                                              distributed.DistInfo()))
+    perm = V.relabel_permutation(PATS, torch.Generator().manual_seed(1))
+    rw, rr = V.relabel_table(whole, perm), V.relabel_table(reduced, perm)
+    assert torch.equal(rr.patterns, rw.patterns) and torch.equal(rr.n_big, rw.n_big)
+    assert torch.equal(rr.mask(2), rw.mask(2)) and rr.index([BIG] * L) == rw.index([BIG] * L)
+    assert torch.equal(V.oracle_usage(rr, rr.mask(1), BIG), V.oracle_usage(rw, rw.mask(1), BIG))
+    # the real table's usage is not served to the relabelled one (its labels differ)
+    assert not torch.equal(V.oracle_usage(reduced, reduced.mask(1), BIG),
+                           V.oracle_usage(rr, rr.mask(1), BIG))
+    for key in ("4a", "4b", "2", "4c", "5/6"):
+        a, b = _judge(key, _inputs(whole), n_boot=60), _judge(key, _inputs(reduced), n_boot=60)
+        assert a.verdict == b.verdict, key
+        for pa, pb in zip(a.parts, b.parts):
+            assert (pa.vs_relabel_null.estimate, pa.vs_relabel_null.low) == pytest.approx(
+                (pb.vs_relabel_null.estimate, pb.vs_relabel_null.low), abs=1e-12), key
+
+
+def test_verdicts_json_and_report_carry_the_relabelled_control():
+    real = _inputs(_two_kinds_of_token())
+    rec = _judge("2", real)
+    d = V.record_dict(rec)
+    assert d["n_relabel"] == V.RELABEL_P
+    assert d["relabel_null"] == d["parts"][0]["relabel_null"] is not None
+    assert d["vs_relabel_null"] == d["parts"][0]["vs_relabel_null"] is not None
+    for part in d["parts"]:
+        assert set(part["vs_relabel_null"]) == {"estimate", "low", "high", "n", "level"}
+        assert isinstance(part["p_vs_relabel_null"], float)
+    router = V.record_dict(_judge("2d", real))  # a claim it does not apply to
+    assert router["relabel_null"] is None and router["n_relabel"] == 0
+    table = V.markdown_table([d, router], null=False)
+    assert "| relabelled null | real minus relabelled |" in table[0]
+    assert all(r.count("|") == table[0].count("|") for r in table)
+    assert V.fmt(rec.parts[0].vs_relabel_null) in table[2]
+    line = V.summary_lines([d])[0]
+    assert "minus relabelled null" in line
+    old = {**d, "parts": [{k: v for k, v in p.items() if "relabel" not in k}
+                          for p in d["parts"]]}
+    assert V.markdown_table([old], null=True)[2].count("| - |") >= 1  # older entries: "-"

@@ -124,15 +124,7 @@ class LocalTable:
              skip: bool = False) -> torch.Tensor:
         """(n,) patterns with exactly (or at most) ``big`` big layers (as
         ``duollm.study.stages.PatternLosses.mask``)."""
-        n_big = (self.patterns == BIG).sum(1)
-        m = torch.ones(self.patterns.shape[0], dtype=torch.bool)
-        if big is not None:
-            m &= (n_big <= big) if at_most else (n_big == big)
-        if not small:
-            m &= (self.patterns == SMALL).sum(1) == 0
-        if not skip:
-            m &= (self.patterns == SKIP).sum(1) == 0
-        return m
+        return _mask_of(self.patterns, big, at_most, small, skip)
 
     def _gather_rows(self, local: torch.Tensor, dim: int) -> torch.Tensor:
         """Per-rank pieces along the sequence dimension ``dim``, in sequence order."""
@@ -167,12 +159,16 @@ class LocalTable:
         """(B, T-1) float64: pattern ``i``'s per-token losses."""
         return self._gather_rows(self.losses[i].double(), 0)
 
-    def tie_usage(self, mask: torch.Tensor, route: int) -> torch.Tensor:
+    def tie_usage(self, mask: torch.Tensor, route: int,
+                  patterns: Optional[torch.Tensor] = None) -> torch.Tensor:
         """(B, L) float64: per sequence and layer, the share of tokens the oracle over
         ``mask`` sends to ``route``, ties split evenly among the tied patterns (as
-        ``duollm.study.verdicts.oracle_usage``), computed one sequence at a time."""
+        ``duollm.study.verdicts.oracle_usage``), computed one sequence at a time.
+        ``patterns``: the rows' labels (default the walk's; a relabelled table's
+        otherwise)."""
         m = mask[:, None] if mask.dim() == 1 else mask  # (n, 1) or (n, T-1)
-        uses = (self.patterns == route).double()  # (n, L)
+        pats = self.patterns if patterns is None else patterns
+        uses = (pats == route).double()  # (n, L)
         out = torch.empty(self.losses.shape[1], self.L, dtype=torch.float64)
         for j in range(self.losses.shape[1]):
             tab = torch.where(m, self.losses[:, j].double(),
@@ -194,19 +190,30 @@ class ReducedPatternLosses:
     TypeError. Every call is collective (the first time for a mask or pattern; results are
     cached and shared by the subsets): every rank must make the same calls in the same order,
     as the study's code, run alike on every rank, does.
+
+    ``relabelled(perm)``: the same losses under permuted pattern labels (the verdicts'
+    relabelled-table control, ``duollm.study.verdicts.relabelled_inputs``): its statistics
+    that depend on the losses only (oracles over a mask of rows, one row's tokens,
+    per-sequence means) are read from this table's cache and its own results are kept in a
+    cache of its own, dropped with it.
     """
 
     def __init__(self, table: LocalTable, seqs: Optional[torch.Tensor] = None,
-                 cache: Optional[dict] = None):
-        self._table, self.patterns, self.L = table, table.patterns, table.L
+                 cache: Optional[dict] = None, patterns: Optional[torch.Tensor] = None,
+                 base_cache: Optional[dict] = None):
+        self._table, self.L = table, table.L
+        self.patterns = table.patterns if patterns is None else patterns
         self._seqs = torch.arange(table.n_sequences) if seqs is None else seqs
         self._cache = {} if cache is None else cache
+        self._base = {} if base_cache is None else base_cache  # read-only: the real table's
         self.n_big = (self.patterns == BIG).sum(1)
         self.n_small = (self.patterns == SMALL).sum(1)
         self.n_skip = (self.patterns == SKIP).sum(1)
         self.n_positions = int(table.losses.shape[2])
 
     def _cached(self, key, compute):
+        if key in self._base:
+            return self._base[key]
         if key not in self._cache:
             self._cache[key] = compute()
         return self._cache[key]
@@ -216,22 +223,37 @@ class ReducedPatternLosses:
         return (name, tuple(mask.shape), mask.to(torch.bool).numpy().tobytes(), *extra)
 
     def subset(self, seqs: torch.Tensor) -> "ReducedPatternLosses":
-        return ReducedPatternLosses(self._table, self._seqs[seqs], self._cache)
+        return ReducedPatternLosses(self._table, self._seqs[seqs], self._cache, self.patterns,
+                                    self._base)
+
+    def relabelled(self, perm: torch.Tensor) -> "ReducedPatternLosses":
+        """This table with row ``i`` labelled ``patterns[perm[i]]`` (the losses unchanged)."""
+        perm = torch.as_tensor(perm, dtype=torch.int64)
+        if perm.shape != (self.patterns.shape[0],):
+            raise ValueError(f"perm: expected ({self.patterns.shape[0]},) row indices, got "
+                             f"{tuple(perm.shape)}")
+        # What this table has computed is read, never written, by the relabelled one: an
+        # oracle depends on its mask of rows only, a usage profile's key carries the labels.
+        shared = {**self._base, **self._cache}
+        return ReducedPatternLosses(self._table, self._seqs, {}, self.patterns[perm], shared)
 
     def mask(self, big: Optional[int] = None, at_most: bool = False, small: bool = True,
              skip: bool = False) -> torch.Tensor:
-        return self._table.mask(big, at_most, small, skip)
+        return _mask_of(self.patterns, big, at_most, small, skip)
 
     def index(self, pattern) -> int:
-        return self._table.index(pattern)
+        hit = (self.patterns == torch.as_tensor(list(pattern))).all(1).nonzero()
+        if hit.numel() == 0:
+            raise ValueError(f"pattern {list(pattern)} is not in the table")
+        return int(hit[0])
 
     def oracle(self, mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         loss, idx = self._cached(self._key("oracle", mask), lambda: self._table.oracle(mask))
         return loss[self._seqs], idx[self._seqs]
 
     def oracle_usage(self, mask: torch.Tensor, route: int) -> torch.Tensor:
-        u = self._cached(self._key("usage", mask, route),
-                         lambda: self._table.tie_usage(mask, route))
+        u = self._cached(self._key("usage", mask, route, self.patterns.numpy().tobytes()),
+                         lambda: self._table.tie_usage(mask, route, self.patterns))
         return u[self._seqs]
 
     def routes(self, idx: torch.Tensor) -> torch.Tensor:
@@ -275,6 +297,20 @@ class _PatternRows:
         if tuple(dim) == (1, 2):  # over sequences and positions: every sequence has T-1
             return self._m.mean(1)
         raise TypeError(f"mean({dim!r}): the per-rank table holds per-sequence means only")
+
+
+def _mask_of(patterns: torch.Tensor, big: Optional[int], at_most: bool, small: bool,
+             skip: bool) -> torch.Tensor:
+    """``PatternLosses.mask`` over the labels ``patterns`` (n, L)."""
+    n_big = (patterns == BIG).sum(1)
+    m = torch.ones(patterns.shape[0], dtype=torch.bool)
+    if big is not None:
+        m &= (n_big <= big) if at_most else (n_big == big)
+    if not small:
+        m &= (patterns == SMALL).sum(1) == 0
+    if not skip:
+        m &= (patterns == SKIP).sum(1) == 0
+    return m
 
 
 def _walk(model, tokens: torch.Tensor, full: Optional[bool]):

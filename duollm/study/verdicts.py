@@ -9,17 +9,25 @@ interval is then a hierarchical bootstrap (seeds resampled, then sequences withi
 With ``--null-control`` the same inputs are measured on the null model
 (``duollm.study.null.null_model``: big == small exactly) over the same sequences, and every part
 also gets the null's estimate and the interval of real minus null, paired over sequences.
+Every claim that needs big != small and reads the pattern table is also judged against the
+*relabelled table* (always, no extra model runs): ``RELABEL_P`` copies of each seed's table
+whose big/small labels are permuted among the patterns that skip the same layers
+(``relabelled_inputs``), so that selection among candidates works exactly as on the real
+table while "big" carries no systematic effect; its estimate and the interval of real minus
+it (``relabel_boot``: paired over sequences, relabellings resampled) are reported per part.
 
 Outcomes: ``holds`` / ``does not hold`` when the 95% interval of every part excludes zero on
 the claimed / other side *and* the Holm-corrected p across the family is below 0.05; ``not
 resolved`` otherwise; ``not distinguishable from selection`` when a claim that needs big !=
-small holds on the real model but the interval of real minus null does not exclude zero on the
-claimed side; ``not testable`` when the claim's precondition fails (the reason names the
+small holds on the real model but the interval of real minus the relabelled table (or, with
+``--null-control``, minus the null model) does not exclude zero on the claimed side, for some
+part; ``not testable`` when the claim's precondition fails (the reason names the
 measured numbers). The family is every verdict of one study run (both holdouts, and the
 synthetic check when it runs).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -41,6 +49,14 @@ ALPHA = 0.05
 SKIP_EQUIV_MARGIN = 0.10
 SPEARMAN_MAX = 0.5
 BIG_SMALL_MARGIN = 0.0  # the interval of all small - all big must lie above this (nats)
+# The relabelled-table control (fixed in code): relabellings per seed, and the base of the
+# seed of their generator (combined with the study's and the model's seeds).
+RELABEL_P = 20
+RELABEL_SEED = 16_001
+# Resamples of the relabelled control's bootstrap for a part whose statistic is not linear in
+# its arrays (5/6's Spearman: one ranking per relabelling and resample, the control's main
+# cost); linear parts use the study's n_boot (docs/study.md, "The relabelled table").
+RELABEL_NONLINEAR_BOOT = 250
 
 
 # --------------------------------------------------------------------------- inputs
@@ -64,6 +80,7 @@ class VerdictInputs:
     widths: Tuple[int, int]
     router_loss: Dict[str, torch.Tensor] = field(default_factory=dict)
     router_routes: Dict[str, torch.Tensor] = field(default_factory=dict)
+    relabelled: bool = False  # a relabelled copy (``relabelled_inputs``), not the model's table
 
 
 class NotTestable(Exception):
@@ -75,13 +92,16 @@ class Part:
     """One part of a verdict: ``stat(*arrays)`` over per-sequence arrays (first axis the
     evaluation sequences). ``expect`` +1 / -1: the claim says the statistic is above / below
     zero; ``margin`` > 0: a two-sided equivalence claim (the interval inside (-margin,
-    margin))."""
+    margin)); ``linear``: ``stat`` is affine in its arrays (a mean over sequences of a linear
+    function of them), so a weighted mean of its values over several tables equals its value
+    on the weighted mean of their arrays (``relabel_boot``'s fast path)."""
 
     name: str
     stat: Callable[..., float]
     arrays: Tuple[torch.Tensor, ...]
     expect: int = 1
     margin: float = 0.0
+    linear: bool = False
 
 
 @dataclass(frozen=True)
@@ -94,7 +114,9 @@ class Setting:
 @dataclass
 class Spec:
     """A verdict of the family: ``parts(inp)`` returns its parts (or raises ``NotTestable``);
-    ``needs_big``: the claim rests on big != small (judged against the null)."""
+    ``needs_big``: the claim rests on big != small (judged against the null); ``relabel``:
+    such a claim reads the pattern table, so the relabelled-table control applies (False for
+    a claim about the routers alone, which relabelling leaves as they are)."""
 
     key: str
     figure: str
@@ -103,6 +125,12 @@ class Spec:
     setting: Setting
     needs_big: bool
     parts: Callable[[VerdictInputs], List[Part]]
+    relabel: bool = True
+
+    @property
+    def relabels(self) -> bool:
+        """Judged against the relabelled table."""
+        return self.needs_big and self.relabel
 
 
 @dataclass
@@ -116,6 +144,9 @@ class PartResult:
     null: Optional[S.Interval] = None
     vs_null: Optional[S.Interval] = None
     p_vs_null: Optional[float] = None
+    relabel_null: Optional[S.Interval] = None
+    vs_relabel_null: Optional[S.Interval] = None
+    p_vs_relabel_null: Optional[float] = None
 
 
 @dataclass
@@ -139,6 +170,7 @@ class VerdictRecord:
     verdict: str
     reason: str = ""
     precondition: str = ""  # the measured precondition, when the claim has one and it passed
+    n_relabel: int = 0  # relabellings per seed of the relabelled-table control (0: not run)
 
     @property
     def estimate(self) -> Optional[S.Interval]:
@@ -199,6 +231,78 @@ def _normal_p(est: float, b: torch.Tensor, shift: float = 0.0) -> float:
     if math.isnan(sd) or sd == 0:
         return 1.0 if d == 0 or math.isnan(sd) else 0.0
     return math.erfc(d / sd / math.sqrt(2))
+
+
+def relabel_boot(stat: Callable[..., float], real: Sequence[Sequence[torch.Tensor]],
+                 null: Sequence[Sequence[Sequence[torch.Tensor]]], n_boot: int = 1000,
+                 seed: int = 0, level: float = 0.95, linear: bool = False
+                 ) -> Tuple[S.Interval, S.Interval, float]:
+    """The relabelled null's interval, and the interval and p of real minus it, from one
+    nested bootstrap.
+
+    ``real``: one tuple of arrays per seed (first axis that seed's sequences); ``null``: per
+    seed, one such tuple per relabelling of that seed's table (the same sequences). The
+    null of a seed is the mean of ``stat`` over its relabellings. Each resample draws the
+    seeds with replacement (when there is more than one), then for each drawn seed its
+    sequences with replacement, the *same* sequences for the real table and all its
+    relabellings (they are one set of sequences: paired), and its relabellings with
+    replacement (their mean is a Monte Carlo estimate of the permutation mean, and this
+    carries its error). ``linear``: ``stat`` is affine in its arrays (``Part.linear``), so
+    the weighted mean of the relabellings' values is computed as ``stat`` of the weighted
+    mean of their arrays, one call instead of one per relabelling.
+
+    Returns (null interval, real-minus-null interval, two-sided p of "real minus null is
+    zero", as ``hboot``'s)."""
+    if not real or len(real) != len(null) or any(not g for g in null):
+        raise ValueError("null: expected at least one relabelling for every seed of real")
+    rs = [tuple(torch.as_tensor(a, dtype=torch.float64) for a in g) for g in real]
+    ns = [[tuple(torch.as_tensor(a, dtype=torch.float64) for a in t) for t in g] for g in null]
+    for r, g in zip(rs, ns):
+        n = r[0].shape[0]
+        if n < 1 or any(a.shape[0] != n for t in [r] + g for a in t) or \
+                any(len(t) != len(r) for t in g):
+            raise ValueError("null: every table of a seed needs the same arrays and sequences")
+    stacked = [tuple(torch.stack([t[a] for t in g]) for a in range(len(g[0]))) for g in ns]
+    real_v = [float(stat(*r)) for r in rs]
+    null_v = [sum(float(stat(*t)) for t in g) / len(g) for g in ns]
+    null_est = sum(null_v) / len(null_v)
+    diff_est = sum(a - b for a, b in zip(real_v, null_v)) / len(rs)
+    gen = torch.Generator().manual_seed(seed)
+    n_s = len(rs)
+    nb, db = [], []
+    for _ in range(n_boot):
+        seeds = torch.randint(0, n_s, (n_s,), generator=gen).tolist() if n_s > 1 else [0]
+        nv, dv = [], []
+        for si in seeds:
+            r, g, st = rs[si], ns[si], stacked[si]
+            n, P = r[0].shape[0], len(g)
+            idx = torch.randint(0, n, (n,), generator=gen)
+            w = torch.bincount(torch.randint(0, P, (P,), generator=gen),
+                               minlength=P).double() / P
+            if linear:
+                x = float(stat(*(torch.tensordot(w, a, 1)[idx] for a in st)))
+            else:
+                x = sum(float(wj) * float(stat(*(a[idx] for a in g[j])))
+                        for j, wj in enumerate(w.tolist()) if wj > 0)
+            nv.append(x)
+            dv.append(float(stat(*(a[idx] for a in r))) - x)
+        nb.append(sum(nv) / len(nv))
+        db.append(sum(dv) / len(dv))
+    a = (1 - level) / 2
+    q = torch.tensor([a, 1 - a], dtype=torch.float64)
+    n_seq = sum(r[0].shape[0] for r in rs)
+
+    def interval(est, boots):
+        b = torch.tensor(boots, dtype=torch.float64)
+        b = b[~torch.isnan(b)]
+        if b.numel() == 0 or math.isnan(est):
+            return S.Interval(est, math.nan, math.nan, n_seq, level), math.nan
+        lo, hi = torch.quantile(b, q).tolist()
+        return S.Interval(est, lo, hi, n_seq, level), _normal_p(est, b)
+
+    null_iv, _ = interval(null_est, nb)
+    diff_iv, p = interval(diff_est, db)
+    return null_iv, diff_iv, p
 
 
 def equivalence_p(stat, groups, margin: float, n_boot: int, seed: int) -> float:
@@ -368,9 +472,88 @@ def _precondition_big(inp: VerdictInputs) -> S.Interval:
 
 
 def _spearman(a, b):
-    from ..difficulty import rank_overlap
+    """``duollm.difficulty.rank_overlap(a, b).spearman`` (the same ranks, ties by position,
+    and the same arithmetic) without the overlap counts it also makes: the relabelled
+    control's bootstrap calls it some 10^4 times per holdout."""
+    x, y = a.reshape(-1).double(), b.reshape(-1).double()
+    if x.shape != y.shape or x.numel() < 2:
+        raise ValueError(f"spearman: expected two equal sets of >= 2 tokens, got {x.numel()} "
+                         f"and {y.numel()}")
 
-    return rank_overlap(a, b, 0.75, low=0.5).spearman
+    def ranks(v):
+        r = torch.empty(v.numel(), dtype=torch.int64)
+        r[v.argsort(stable=True)] = torch.arange(v.numel())
+        return r.double()
+
+    rl, rg = ranks(x), ranks(y)
+    return float(((rl - rl.mean()) * (rg - rg.mean())).sum()
+                 / ((rl - rl.mean()).norm() * (rg - rg.mean()).norm()))
+
+
+# --------------------------------------------------------------------------- the relabelled table
+
+
+def skip_classes(patterns: torch.Tensor) -> List[torch.Tensor]:
+    """The row indices of ``patterns`` (n, L) grouped by their set of skipped layers (the
+    patterns with no skip are one class), each class in row order, classes in order of first
+    row."""
+    if not isinstance(patterns, torch.Tensor) or patterns.dim() != 2:
+        raise ValueError("patterns: expected an (n, L) tensor")
+    keys: Dict[Tuple[bool, ...], List[int]] = {}
+    for i, row in enumerate((patterns == SKIP).tolist()):
+        keys.setdefault(tuple(row), []).append(i)
+    return [torch.tensor(v, dtype=torch.int64) for v in keys.values()]
+
+
+def relabel_permutation(patterns: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """(n,) a uniformly random permutation of the rows of ``patterns`` within each skip
+    class: row ``i`` of a relabelled table is labelled ``patterns[perm[i]]``, a pattern that
+    skips the same layers as ``patterns[i]``."""
+    perm = torch.arange(patterns.shape[0])
+    for rows in skip_classes(patterns):
+        perm[rows] = rows[torch.randperm(rows.numel(), generator=gen)]
+    return perm
+
+
+def relabel_table(tab, perm: torch.Tensor):
+    """``tab`` (``stages.PatternLosses`` or the per-rank ``ReducedPatternLosses``) with row
+    ``i`` labelled ``tab.patterns[perm[i]]``; the losses are the same (not copied)."""
+    from .stages import PatternLosses
+
+    if isinstance(tab, PatternLosses):
+        perm = torch.as_tensor(perm, dtype=torch.int64)
+        if perm.shape != (tab.patterns.shape[0],):
+            raise ValueError(f"perm: expected ({tab.patterns.shape[0]},) row indices, got "
+                             f"{tuple(perm.shape)}")
+        return PatternLosses(tab.patterns[perm], tab.losses)  # n_big etc. recomputed
+    if hasattr(tab, "relabelled"):  # duollm.study.sharded_table.ReducedPatternLosses
+        return tab.relabelled(perm)
+    raise TypeError(f"tab: cannot relabel a {type(tab).__name__}")
+
+
+def relabelled_inputs(inp: VerdictInputs, n: int = RELABEL_P,
+                      seed: int = 0) -> List[VerdictInputs]:
+    """``n`` relabelled copies of ``inp``: the permutation null of "big has no effect".
+
+    Under that hypothesis which layers of a pattern are big and which small is exchangeable
+    among the patterns that skip the same layers, so each copy permutes the pattern labels
+    at random within every skip class (``relabel_permutation``), the same permutation for
+    the selection and the evaluation table (a pattern chosen on the one is scored on the
+    other under the same labels). The losses stay, so the spread of losses among candidates,
+    and with it selection, is exactly the real table's; only the link between "big" labels
+    and loss is broken. Routers are left as they are. Deterministic: the generator is seeded
+    from ``RELABEL_SEED``, ``seed`` (the study's) and ``inp.seed`` (the model's)."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n: expected an int >= 1, got {n!r}")
+    if not torch.equal(inp.sel.patterns, inp.ev.patterns):
+        raise ValueError("inp: the selection and evaluation tables hold different patterns")
+    gen = torch.Generator().manual_seed(RELABEL_SEED + 1_000_003 * int(seed) + int(inp.seed))
+    out = []
+    for _ in range(n):
+        perm = relabel_permutation(inp.ev.patterns, gen)
+        out.append(dataclasses.replace(inp, sel=relabel_table(inp.sel, perm),
+                                       ev=relabel_table(inp.ev, perm), relabelled=True))
+    return out
 
 
 # --------------------------------------------------------------------------- the family
@@ -380,7 +563,7 @@ def _p4a(inp):
     k = max(1, inp.ev.L // 2)
     o = oracle_loss(inp.ev, inp.ev.mask(k))
     return [Part(f"best random minus oracle, k={k}", lambda r, o_: float((r - o_).mean()),
-                 (best_random(inp, k), o))]
+                 (best_random(inp, k), o), linear=True)]
 
 
 def _p4a_router(inp):
@@ -410,7 +593,8 @@ def _router_at(inp, k):
 def _p4b(inp):
     o1 = oracle_loss(inp.ev, inp.ev.mask(1))
     return [Part("all big minus the oracle with exactly 1 big layer",
-                 lambda b, o: float((b - o).mean()), (all_route(inp.ev, BIG), o1))]
+                 lambda b, o: float((b - o).mean()), (all_route(inp.ev, BIG), o1),
+                 linear=True)]
 
 
 def _cap_ks(L):
@@ -424,7 +608,8 @@ def _p2(inp):
     out = []
     for k, exp, tag in ((lo, 1, "2a"), (mid, 1, "2b"), (hi, -1, "2c")):
         u = late_minus_early(oracle_usage(ev, ev.mask(k), BIG))
-        out.append(Part(f"{tag}: later minus earlier half big usage, k={k}", _mean, (u,), exp))
+        out.append(Part(f"{tag}: later minus earlier half big usage, k={k}", _mean, (u,), exp,
+                        linear=True))
     return out
 
 
@@ -472,7 +657,8 @@ def _p4c(inp):
         kt = torch.tensor(ks)
         m = (ev.n_big[:, None] == kt[None, :]) & (ev.n_skip == 0)[:, None]
         out.append(Part(f"{name} ({ks[0]}->{ks[-1]}) minus constant {kc}",
-                        lambda v, c: float((v - c).mean()), (oracle_loss(ev, m), const)))
+                        lambda v, c: float((v - c).mean()), (oracle_loss(ev, m), const),
+                        linear=True))
     return out
 
 
@@ -480,10 +666,13 @@ def _p56(inp):
     ev = inp.ev
     small = ev.losses[ev.index([SMALL] * ev.L)]
     gain = small - ev.oracle(ev.mask(None))[0]
-    g, _ = hboot(lambda x: float(x.mean()), [(seq_mean(gain),)], 400, inp.seed)
-    if not g.low > 0:
-        raise NotTestable(f"the oracle's gain over all small is {fmt(g)}: with no gain there "
-                          f"is nothing to rank")
+    # The precondition is the model's; a relabelled copy is the null it is compared with (its
+    # "all small" is a random big/small pattern, which may be the best one).
+    if not inp.relabelled:
+        g, _ = hboot(lambda x: float(x.mean()), [(seq_mean(gain),)], 400, inp.seed)
+        if not g.low > 0:
+            raise NotTestable(f"the oracle's gain over all small is {fmt(g)}: with no gain "
+                              f"there is nothing to rank")
     return [Part(f"Spearman(small-model loss, gain) minus {SPEARMAN_MAX}",
                  lambda a, b: _spearman(a, b) - SPEARMAN_MAX, (small, gain), -1)]
 
@@ -539,7 +728,8 @@ SPECS: List[Spec] = [
          True, _p2),
     Spec("3", "3a-c", "the router gives later layers more big compute at every budget",
          "router's later-minus-earlier half big usage > 0 at every budget",
-         Setting("routers at 4, 6, 8 of 12", "routers at the --budgets", ""), True, _p3),
+         Setting("routers at 4, 6, 8 of 12", "routers at the --budgets", ""), True, _p3,
+         relabel=False),
     Spec("2d", "2d", "the oracle's skipping is neither an early exit nor early-layer skipping",
          f"big-or-skip oracle (k=L/2), later-minus-earlier half skip rate inside "
          f"(-{SKIP_EQUIV_MARGIN}, {SKIP_EQUIV_MARGIN}) (two-sided equivalence; margin fixed in "
@@ -576,9 +766,18 @@ SPECS: List[Spec] = [
 
 def judge_one(spec: Spec, real: Sequence[VerdictInputs],
               null: Optional[Sequence[VerdictInputs]] = None, n_boot: int = 1000,
-              seed: int = 0) -> VerdictRecord:
+              seed: int = 0, relabel: int = RELABEL_P) -> VerdictRecord:
     """One verdict of ``spec`` on a holdout: ``real`` one ``VerdictInputs`` per seed, ``null``
-    the null model's for the same seeds and sequences (or None). Outcome before Holm."""
+    the null model's for the same seeds and sequences (or None). Outcome before Holm.
+
+    ``relabel``: relabellings per seed of the relabelled-table control (``RELABEL_P``; 0
+    turns it off, which only a test of what the control changes should do). It applies to
+    the specs that need big != small and read the table (``Spec.relabels``); each part then
+    gets the relabelled null's estimate (the mean over relabellings) and the interval of real
+    minus it (``relabel_boot``: seeds, then sequences paired between the real table and its
+    relabellings, and the relabellings)."""
+    if isinstance(relabel, bool) or not isinstance(relabel, int) or relabel < 0:
+        raise ValueError(f"relabel: expected an int >= 0, got {relabel!r}")
     holdout = real[0].holdout
     rec = VerdictRecord(spec.key, spec.figure, holdout, spec.claim, spec.criterion,
                         spec.setting.ours, spec.setting.paper, spec.setting.why,
@@ -599,6 +798,14 @@ def judge_one(spec: Spec, real: Sequence[VerdictInputs],
             nparts = [spec.parts(r) for r in null]
         except NotTestable as e:
             rec.reason = f"null model: {e}"
+    rparts, rel_error = None, ""  # rparts: one list of parts per (seed, relabelling)
+    if relabel and spec.relabels:
+        try:
+            rparts = [[spec.parts(ri) for ri in relabelled_inputs(r, relabel, seed)]
+                      for r in real]
+            rec.n_relabel = relabel
+        except NotTestable as e:  # no spec of SPECS does this; a claim then is not judged
+            rel_error = f"relabelled table: {e}"
     ps = []
     for j, p0 in enumerate(parts[0]):
         groups = [tuple(pp[j].arrays) for pp in parts]
@@ -610,13 +817,14 @@ def judge_one(spec: Spec, real: Sequence[VerdictInputs],
         if nparts is not None:
             ngroups = [tuple(pp[j].arrays) for pp in nparts]
             pr.null, _ = hboot(p0.stat, ngroups, n_boot, seed)
-            m = len(groups[0])
-
-            def diff(*a, f=p0.stat, m=m):
-                return f(*a[:m]) - f(*a[m:])
-
-            pr.vs_null, pr.p_vs_null = hboot(diff, [g + n for g, n in zip(groups, ngroups)],
+            pr.vs_null, pr.p_vs_null = hboot(_diff(p0.stat, len(groups[0])),
+                                             [g + n for g, n in zip(groups, ngroups)],
                                              n_boot, seed)
+        if rparts is not None:
+            pr.relabel_null, pr.vs_relabel_null, pr.p_vs_relabel_null = relabel_boot(
+                p0.stat, groups, [[tuple(rp[j].arrays) for rp in rel] for rel in rparts],
+                n_boot if p0.linear else min(n_boot, RELABEL_NONLINEAR_BOOT), seed,
+                linear=p0.linear)
         rec.parts.append(pr)
         ps.append(pr)
     outs = [p.outcome for p in ps]
@@ -626,18 +834,36 @@ def judge_one(spec: Spec, real: Sequence[VerdictInputs],
     elif all(o == S.HOLDS for o in outs):
         rec.verdict = S.HOLDS
         rec.p = max(p.p for p in ps)
+        controls = []  # (what, interval of real minus it, its p) per part
         if spec.needs_big and nparts is not None:
-            sel = [p for p in ps if p.vs_null is None or p.vs_null.sign() != p.expect]
-            rec.p = max([rec.p] + [p.p_vs_null for p in ps if p.p_vs_null is not None])
-            if sel:
-                rec.verdict = SELECTION
-                rec.reason = ("real minus null " + "; ".join(
-                    f"{p.name}: {fmt(p.vs_null)}" for p in sel)
-                    + " does not exclude zero on the claimed side")
+            controls.append(("null", "vs_null", "p_vs_null"))
+        if rparts is not None:
+            controls.append(("relabelled null", "vs_relabel_null", "p_vs_relabel_null"))
+        sel = []
+        for what, iv_name, p_name in controls:
+            rec.p = max([rec.p] + [getattr(p, p_name) for p in ps
+                                   if getattr(p, p_name) is not None])
+            sel += [f"real minus {what} ({p.name}) {fmt(getattr(p, iv_name))}" for p in ps
+                    if getattr(p, iv_name) is None or getattr(p, iv_name).sign() != p.expect]
+        if sel:
+            rec.verdict = SELECTION
+            rec.reason = "; ".join(sel) + ": does not exclude zero on the claimed side"
+        elif rel_error:  # it holds on the real model but could not be judged against selection
+            rec.verdict = S.UNRESOLVED
+            rec.reason = f"{rel_error}; not judged against selection"
     else:
         rec.verdict = S.UNRESOLVED
         rec.p = max(p.p for p in ps)
     return rec
+
+
+def _diff(f, m: int):
+    """The paired statistic real minus null: ``f`` of the first ``m`` arrays minus ``f`` of
+    the rest."""
+    def diff(*a):
+        return f(*a[:m]) - f(*a[m:])
+
+    return diff
 
 
 def apply_holm(records: List[VerdictRecord], alpha: float = ALPHA) -> List[VerdictRecord]:
@@ -659,10 +885,12 @@ def apply_holm(records: List[VerdictRecord], alpha: float = ALPHA) -> List[Verdi
 def judge_family(real: Dict[str, List[VerdictInputs]],
                  null: Optional[Dict[str, List[VerdictInputs]]] = None, n_boot: int = 1000,
                  seed: int = 0, specs: Sequence[Spec] = SPECS,
-                 extra: Sequence[VerdictRecord] = ()) -> List[VerdictRecord]:
+                 extra: Sequence[VerdictRecord] = (),
+                 relabel: int = RELABEL_P) -> List[VerdictRecord]:
     """Every spec on every holdout (``real[holdout]``: one input per seed), and the ``extra``
-    records (the synthetic check), Holm-corrected across all of them: the family."""
-    recs = [judge_one(s, real[h], None if null is None else null[h], n_boot, seed)
+    records (the synthetic check), Holm-corrected across all of them: the family.
+    ``relabel``: relabellings per seed of the relabelled-table control (``judge_one``)."""
+    recs = [judge_one(s, real[h], None if null is None else null[h], n_boot, seed, relabel)
             for h in real for s in specs]
     return apply_holm(recs + list(extra))
 
@@ -698,10 +926,16 @@ def record_dict(r: VerdictRecord) -> Dict:
             "estimate": iv(r.estimate), "interval": iv(r.estimate),
             "null_estimate": iv(r.parts[0].null) if r.parts else None,
             "vs_null": iv(r.parts[0].vs_null) if r.parts else None,
+            "relabel_null": iv(r.parts[0].relabel_null) if r.parts else None,
+            "vs_relabel_null": iv(r.parts[0].vs_relabel_null) if r.parts else None,
+            "n_relabel": r.n_relabel,
             "parts": [{"name": p.name, "expect": p.expect, "margin": p.margin,
                        "interval": iv(p.interval), "p": _num(p.p), "outcome": p.outcome,
                        "null": iv(p.null), "vs_null": iv(p.vs_null),
-                       "p_vs_null": _num(p.p_vs_null)} for p in r.parts],
+                       "p_vs_null": _num(p.p_vs_null),
+                       "relabel_null": iv(p.relabel_null),
+                       "vs_relabel_null": iv(p.vs_relabel_null),
+                       "p_vs_relabel_null": _num(p.p_vs_relabel_null)} for p in r.parts],
             "p": _num(r.p), "p_holm": _num(r.p_holm), "level": ALPHA,
             "verdict": r.verdict, "reason": r.reason, "precondition": r.precondition}
 
@@ -717,11 +951,15 @@ def _iv_of(d: Optional[Dict]) -> Optional[S.Interval]:
     return S.Interval(f[0], f[1], f[2], d["n"], d["level"])
 
 
-def markdown_table(entries: List[Dict], null: bool) -> List[str]:
+def markdown_table(entries: List[Dict], null: bool, relabel: bool = True) -> List[str]:
     """The report's verdict table from ``verdicts.json`` entries: one row per part (the
-    verdict, its setting and its Holm p on the part's first row)."""
+    verdict, its setting and its Holm p on the part's first row). ``null``: the null model's
+    columns; ``relabel``: the relabelled table's (``-`` for a claim it does not apply to, and
+    for entries written before it existed)."""
     head = ("| figure, holdout | claim | setting: paper / ours (why) | part | estimate [95% CI]"
-            + (" | null model | real minus null" if null else "") + " | Holm p | verdict |")
+            + (" | null model | real minus null" if null else "")
+            + (" | relabelled null | real minus relabelled" if relabel else "")
+            + " | Holm p | verdict |")
     out = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in entries:
         st = r["setting"]
@@ -731,7 +969,8 @@ def markdown_table(entries: List[Dict], null: bool) -> List[str]:
         where = f"{r['figure']}, {r['holdout']}"
         if not r["parts"]:
             out.append(f"| {where} | {r['claim']} | {setting} | - | - "
-                       + ("| - | - " if null else "") + f"| {ph} | {verdict} |")
+                       + ("| - | - " if null else "") + ("| - | - " if relabel else "")
+                       + f"| {ph} | {verdict} |")
             continue
         for i, p in enumerate(r["parts"]):
             first = i == 0
@@ -739,6 +978,8 @@ def markdown_table(entries: List[Dict], null: bool) -> List[str]:
                 f"| {where if first else ''} | {r['claim'] if first else ''} | "
                 f"{setting if first else ''} | {p['name']} | {fmt(_iv_of(p['interval']))}"
                 + (f" | {fmt(_iv_of(p['null']))} | {fmt(_iv_of(p['vs_null']))}" if null else "")
+                + (f" | {fmt(_iv_of(p.get('relabel_null')))} | "
+                   f"{fmt(_iv_of(p.get('vs_relabel_null')))}" if relabel else "")
                 + f" | {ph if first else ''} | {verdict if first else p['outcome']} |")
     return out
 
@@ -751,6 +992,9 @@ def summary_lines(entries: List[Dict]) -> List[str]:
         extra = ""
         if r["parts"] and r["parts"][0]["vs_null"] is not None:
             extra = f"; minus null {fmt(_iv_of(r['parts'][0]['vs_null']))}"
+        if r["parts"] and r["parts"][0].get("vs_relabel_null") is not None:
+            extra += (f"; minus relabelled null "
+                      f"{fmt(_iv_of(r['parts'][0]['vs_relabel_null']))}")
         out.append(f"Fig {r['figure']:<5} {r['holdout']:<9} {r['verdict']:<14} {r['claim']}: "
                    f"{fmt(iv)}{extra}" + (f" ({r['reason']})" if r["reason"] else ""))
     return out
