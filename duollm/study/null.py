@@ -18,7 +18,12 @@ Running an analysis on the null model beside the real one is the study's *null c
 analysis (selection among patterns that skip, the choice of a minimum, the criterion itself),
 not from the big FFN. What the null does *not* reproduce is selection among big/small patterns
 whose losses differ by chance: in the null those patterns tie exactly, so for a claim that
-compares big/small patterns only, the null's estimate is zero (see docs/study.md).
+compares big/small patterns only, the null's estimate is zero. That selection is what the
+study's second control reproduces, the *relabelled table*
+(``duollm.study.verdicts.relabelled_inputs``): the real model's table with its big/small
+labels shuffled among the patterns that skip the same layers, so the candidates' losses
+spread as on the real table while "big" carries no effect. It needs no model run and is
+applied to every claim that needs big != small (docs/study.md, *The relabelled table*).
 """
 from __future__ import annotations
 

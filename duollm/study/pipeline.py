@@ -371,8 +371,12 @@ def run_study(preset: Optional[str] = None, data="default", steps: Optional[int]
         timings["synthetic_s"] = time.perf_counter() - t0
     from . import verdicts as V
 
+    t0 = time.perf_counter()
+    log(f"verdicts: the family, each claim that needs big != small also against "
+        f"{V.RELABEL_P} relabelled copies of every pattern table")
     records = V.judge_family(real_in, null_in, n_boot=sizes.n_boot, seed=seed,
                              extra=[V.synthetic_record(synth)] if synth is not None else [])
+    timings["verdicts_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - t_start
     # CPU seconds of this process: on a machine shared with other jobs, the wall time above
     # stretches while this stays what a quiet machine would take (one thread on the CPU).

@@ -452,8 +452,26 @@ def _verdicts_md(res: StudyResult) -> List[str]:
                 "ties, so for claims about big/small patterns its estimate is zero (no "
                 "selection among ties); selection among skip patterns remains.", ""]
     else:
-        out += ["No null control in this run (`--null-control` adds it).", ""]
-    return out + markdown_table(res.verdicts, res.null_control)
+        out += ["No null model in this run (`--null-control` adds it).", ""]
+    relabel = any("n_relabel" in v for v in res.verdicts)  # results from before it: none
+    if relabel:
+        from .verdicts import RELABEL_P
+
+        out += ["**Two controls for selection.** The *null model* (`--null-control`) makes "
+                "big == small, so its big/small patterns tie and there is no selection among "
+                "them: it catches what the analysis does without the big FFN (skip patterns, "
+                "routers, the criterion), not the oracle's minimum over noisy candidates. The "
+                f"*relabelled table* (every run, no extra model runs) keeps that selection: "
+                f"{RELABEL_P} copies of each seed's table whose big/small labels are shuffled "
+                "among the patterns that skip the same layers, so the candidates' losses "
+                "spread exactly as on the real table but \"big\" carries no effect. *relabelled "
+                "null* is the mean over the copies, *real minus relabelled* its paired interval "
+                "(sequences shared, copies resampled). A claim that needs big != small holds "
+                "only when, for every part, real minus each control excludes zero on the "
+                "claimed side; otherwise it is **not distinguishable from selection**, and the "
+                "reason names the part. It applies to the claims read from the pattern table "
+                "(4a, 4b, 2a-c, 4c, 5/6), not to those about routers or skipping (`-`).", ""]
+    return out + markdown_table(res.verdicts, res.null_control, relabel)
 
 
 def _holdout_md(res: StudyResult, h: HoldoutResult) -> List[str]:
