@@ -518,16 +518,15 @@ def relabel_permutation(patterns: torch.Tensor, gen: torch.Generator) -> torch.T
 def relabel_table(tab, perm: torch.Tensor):
     """``tab`` (``stages.PatternLosses`` or the per-rank ``ReducedPatternLosses``) with row
     ``i`` labelled ``tab.patterns[perm[i]]``; the losses are the same (not copied)."""
-    from .stages import PatternLosses
-
-    if isinstance(tab, PatternLosses):
+    if hasattr(tab, "relabelled"):  # duollm.study.sharded_table.ReducedPatternLosses
+        return tab.relabelled(perm)
+    # stages.PatternLosses, by its shape (stages imports this module: no import back)
+    if type(tab).__name__ == "PatternLosses" and hasattr(tab, "losses"):
         perm = torch.as_tensor(perm, dtype=torch.int64)
         if perm.shape != (tab.patterns.shape[0],):
             raise ValueError(f"perm: expected ({tab.patterns.shape[0]},) row indices, got "
                              f"{tuple(perm.shape)}")
-        return PatternLosses(tab.patterns[perm], tab.losses)  # n_big etc. recomputed
-    if hasattr(tab, "relabelled"):  # duollm.study.sharded_table.ReducedPatternLosses
-        return tab.relabelled(perm)
+        return type(tab)(tab.patterns[perm], tab.losses)  # n_big etc. recomputed
     raise TypeError(f"tab: cannot relabel a {type(tab).__name__}")
 
 
