@@ -1,5 +1,6 @@
 """duollm.study.verdicts on constructed loss tables whose answer is known: the null table,
 the issue's pure-noise table, planted effects, Holm, precondition failures, formatting."""
+import dataclasses
 import itertools
 import math
 
@@ -475,3 +476,20 @@ def test_verdicts_json_and_report_carry_the_relabelled_control():
     old = {**d, "parts": [{k: v for k, v in p.items() if "relabel" not in k}
                           for p in d["parts"]]}
     assert V.markdown_table([old], null=True)[2].count("| - |") >= 1  # older entries: "-"
+
+
+def test_selection_reason_keeps_what_the_null_model_said():
+    """A claim whose null model is not testable (its own precondition) and that the
+    relabelled table then finds indistinguishable from selection keeps both reasons."""
+    inp = _noise_inputs_passing_the_precondition(1)[0]
+    null = _inputs(_table([0.0] * L))  # big == small: no gain, 5/6's null is not testable
+
+    def parts(i):
+        if i.ev.losses is null.ev.losses:
+            raise V.NotTestable("no gain to rank")
+        return _spec("4b").parts(i)
+
+    spec = dataclasses.replace(_spec("4b"), parts=parts)
+    rec = V.judge_one(spec, [inp], [null], n_boot=200)
+    assert rec.verdict == V.SELECTION
+    assert rec.reason.startswith("null model: no gain to rank; real minus relabelled null")

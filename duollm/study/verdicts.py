@@ -844,12 +844,15 @@ def judge_one(spec: Spec, real: Sequence[VerdictInputs],
                                    if getattr(p, p_name) is not None])
             sel += [f"real minus {what} ({p.name}) {fmt(getattr(p, iv_name))}" for p in ps
                     if getattr(p, iv_name) is None or getattr(p, iv_name).sign() != p.expect]
+        why = ""
         if sel:
             rec.verdict = SELECTION
-            rec.reason = "; ".join(sel) + ": does not exclude zero on the claimed side"
+            why = "; ".join(sel) + ": does not exclude zero on the claimed side"
         elif rel_error:  # it holds on the real model but could not be judged against selection
             rec.verdict = S.UNRESOLVED
-            rec.reason = f"{rel_error}; not judged against selection"
+            why = f"{rel_error}; not judged against selection"
+        if why:  # after what was already said (the null model's own precondition)
+            rec.reason = f"{rec.reason}; {why}" if rec.reason else why
     else:
         rec.verdict = S.UNRESOLVED
         rec.p = max(p.p for p in ps)
