@@ -493,3 +493,44 @@ def test_selection_reason_keeps_what_the_null_model_said():
     rec = V.judge_one(spec, [inp], [null], n_boot=200)
     assert rec.verdict == V.SELECTION
     assert rec.reason.startswith("null model: no gain to rank; real minus relabelled null")
+
+
+_TWO_RANKS = """
+    import json, os, sys
+    sys.path.insert(0, sys.argv[2])
+    import torch
+    from duollm import distributed
+    from duollm.study import verdicts as V
+    from duollm.study.sharded_table import LocalTable, ReducedPatternLosses
+    from test_verdicts import B, _inputs, _records_of, _two_kinds_of_token
+    info = distributed.join("cpu")
+    tab = _two_kinds_of_token(noise=0.03)
+    rows = distributed.shard_range(info, B)
+    local = LocalTable(tab.patterns, tab.losses[:, rows.start:rows.stop].float(), rows, B, info)
+    recs = _records_of(_inputs(ReducedPatternLosses(local)))
+    with open(os.path.join(sys.argv[1], f"rank{info.rank}.json"), "w") as f:
+        json.dump(recs, f)
+"""
+
+
+def _records_of(inp):
+    """The relabelled verdicts of the table-read claims on ``inp``, as ``verdicts.json``."""
+    return [V.record_dict(_judge(key, inp, n_boot=40)) for key in ("4a", "4b", "2", "5/6")]
+
+
+def test_relabelled_verdicts_under_two_ranks_equal_one_process(tmp_path):
+    """Under torchrun each rank holds half the table: the relabelled copies' oracles and
+    usage profiles are collective reductions, made alike on both ranks, and the verdicts
+    equal one process's whole table's exactly."""
+    import json
+    import os
+
+    from multiproc import torchrun
+
+    torchrun(_TWO_RANKS, tmp_path, str(tmp_path), os.path.dirname(__file__))
+    tab = _two_kinds_of_token(noise=0.03)
+    want = _records_of(_inputs(PatternLosses(tab.patterns, tab.losses.float().double())))
+    want = json.loads(json.dumps(want))
+    assert all(r["n_relabel"] == V.RELABEL_P for r in want)
+    for r in (0, 1):
+        assert json.loads((tmp_path / f"rank{r}.json").read_text()) == want, r
