@@ -356,7 +356,9 @@ def test_study_checkpoint_refuses_what_it_does_not_use(tiny_run_folder, extra, o
     assert rc == 2 and "--checkpoint" in capsys.readouterr().err and not out.exists()
 
 
-@pytest.mark.parametrize("which", ["run", "step"])
+# the step-folder case walks the same pipeline as the run folder's (30 s each on 2 cores):
+# slow; resolve_study_checkpoint's step/run resolution is tested fast above
+@pytest.mark.parametrize("which", ["run", pytest.param("step", marks=pytest.mark.slow)])
 def test_study_checkpoint_with_null_control(tiny_run_folder, which, tmp_path):
     """study --checkpoint on a run folder (its newest step) and on a step folder, with the
     null control: the checkpoint's weights are studied (no training), every verdict has the
