@@ -266,20 +266,12 @@ def load_into(path: str, model: torch.nn.Module,
 SHA256SUMS = "SHA256SUMS"
 
 
-def _sha256(path: str) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def write_sha256sums(path: str) -> str:
     """Write ``path/SHA256SUMS`` (``sha256sum`` format, so ``sha256sum -c`` reads it too) over
     every file of the checkpoint folder ``path`` (a shipped checkpoint: ``load_checkpoint``
     then refuses a folder whose files no longer match). Returns the file's path."""
+    from .shards import sha256_file
+
     path = os.fspath(path)
     if not os.path.isfile(os.path.join(path, META)):
         raise ValueError(f"path: {path} is not a checkpoint folder (no {META})")
@@ -287,7 +279,7 @@ def write_sha256sums(path: str) -> str:
                    if n != SHA256SUMS and os.path.isfile(os.path.join(path, n)))
     out = os.path.join(path, SHA256SUMS)
     with open(out, "w") as f:
-        f.writelines(f"{_sha256(os.path.join(path, n))}  {n}\n" for n in names)
+        f.writelines(f"{sha256_file(os.path.join(path, n))}  {n}\n" for n in names)
     return out
 
 
@@ -295,6 +287,8 @@ def verify_sha256sums(path: str) -> bool:
     """Check the checkpoint folder ``path`` against its ``SHA256SUMS``, when it has one.
     Returns True when checked, False when there is no such file. Raises ValueError naming
     the first file that is missing or whose digest differs, or a malformed line."""
+    from .shards import sha256_file
+
     sums = os.path.join(os.fspath(path), SHA256SUMS)
     if not os.path.isfile(sums):
         return False
@@ -307,7 +301,7 @@ def verify_sha256sums(path: str) -> bool:
         file = os.path.join(os.fspath(path), name)
         if not os.path.isfile(file):
             raise ValueError(f"checkpoint: {file} is listed in {SHA256SUMS} but missing")
-        if _sha256(file) != digest.lower():
+        if sha256_file(file) != digest.lower():
             raise ValueError(f"checkpoint: {file} does not match its SHA-256 in {sums} (a "
                              f"corrupted or replaced file)")
     return True

@@ -96,7 +96,7 @@ def tokenizer_digest(folder: str) -> Optional[str]:
     path = os.path.join(folder, "tokenizer.json")
     if not os.path.isfile(path):
         return None
-    return _sha256_file(path)
+    return sha256_file(path)
 
 
 def load_tokenizer(spec: Union[str, os.PathLike]) -> ShardTokenizer:
@@ -131,7 +131,8 @@ def load_tokenizer(spec: Union[str, os.PathLike]) -> ShardTokenizer:
 # --------------------------------------------------------------------------- writing
 
 
-def _sha256_file(path: str) -> str:
+def sha256_file(path: str) -> str:
+    """The SHA-256 hex digest of the file ``path``, read in 1 MiB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
@@ -505,7 +506,7 @@ def verify_shards(folder) -> Dict:
     """Re-hash every shard and compare with meta.json; ValueError on a mismatch."""
     meta = read_meta(folder)
     for s in meta["shards"]:
-        digest = _sha256_file(os.path.join(os.fspath(folder), s["file"]))
+        digest = sha256_file(os.path.join(os.fspath(folder), s["file"]))
         if digest != s["sha256"]:
             raise ValueError(f"shards: {s['file']} fails its checksum (meta.json "
                              f"{s['sha256'][:12]}..., file {digest[:12]}...)")
